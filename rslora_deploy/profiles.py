@@ -1,0 +1,96 @@
+"""Device profiles: the memory budget and runtime facts of one edge target.
+
+The data lives in ``profiles/*.toml`` at the top of the repository (or in ``$RSLORA_DEPLOY_PROFILES``);
+this module only defines and loads the schema. ``--profile`` takes a profile name or a path to a
+``.toml`` file of the same shape.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rslora_deploy.config import validation_message
+from rslora_deploy.errors import ConfigError
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+class Device(str, Enum):
+    """Accelerator family of the target."""
+
+    CUDA = "cuda"
+    NPU = "npu"
+    CPU = "cpu"
+
+
+class DeviceProfile(BaseModel):
+    """Memory budget and runtime limits of one deployment target. Required fields have no default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Profile name, the file stem.")
+    description: str = Field(description="One line for `profiles list`.")
+    device: Device = Field(description="cuda, npu or cpu.")
+    runtime: str = Field(description="Runtime that loads the package (onnxruntime-genai).")
+    execution_provider: str = Field(description="ONNX Runtime execution provider on the device.")
+    memory_bytes: int = Field(gt=0, description="Memory the deployed model may use, in bytes.")
+    reserved_bytes: int = Field(
+        ge=0, description="Runtime overhead charged before weights: context, kernels, workspace."
+    )
+    supported_bits: list[int] = Field(description="Weight bit widths the runtime executes.")
+    max_seq_len: int = Field(gt=0, description="Context length the KV cache is sized for.")
+    batch_size: int = Field(gt=0, description="Concurrent sequences the KV cache is sized for.")
+    kv_dtype: str = Field(description="KV cache dtype: float16 or float32.")
+    notes: str = Field(default="", description="Caveats shown in the budget report.")
+
+    @property
+    def kv_bytes_per_element(self) -> int:
+        """Bytes per KV-cache element."""
+        return {"float16": 2, "bfloat16": 2, "float32": 4}[self.kv_dtype]
+
+
+def profiles_dir() -> Path:
+    """Where the named profiles live: ``$RSLORA_DEPLOY_PROFILES`` or the repository's profiles/."""
+    env = os.environ.get("RSLORA_DEPLOY_PROFILES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "profiles"
+
+
+def list_profiles() -> list[DeviceProfile]:
+    """All named profiles, sorted by name."""
+    return [load_profile(p.stem) for p in sorted(profiles_dir().glob("*.toml"))]
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """Load a profile by name (``t4-2gb``) or from a ``.toml`` path.
+
+    Raises:
+        ConfigError: unknown name (lists the known ones), unreadable file or invalid field.
+    """
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = profiles_dir() / f"{name_or_path}.toml"
+        if not path.is_file():
+            known = ", ".join(p.stem for p in sorted(profiles_dir().glob("*.toml"))) or "none"
+            raise ConfigError(
+                f"unknown profile {name_or_path!r}; known profiles: {known} "
+                "(or pass a path to a .toml profile)"
+            )
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read profile {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"profile {path} is not valid TOML: {exc}") from None
+    data.setdefault("name", path.stem)
+    try:
+        return DeviceProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid profile {path}: {validation_message(exc)}") from None
