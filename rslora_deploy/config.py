@@ -46,7 +46,12 @@ class AdapterConfig(_Section):
     path: Path | None = Field(
         default=None,
         description="Adapter directory (RS-LoRA v1, PEFT LoRA or PEFT VeRA; detected from its "
-        "files). None merges nothing and deploys the base model as it is.",
+        "files). None: the embedded demo adapter for the default base, nothing for other bases.",
+    )
+    use_demo_adapter: bool = Field(
+        default=True,
+        description="With no path and the default SmolLM2 base, merge the embedded RS-LoRA demo "
+        "adapter. False deploys the base model as it is.",
     )
     allow_base_mismatch: bool = Field(
         default=False, description="Downgrade E010 (adapter trained on another base) to a warning."

@@ -39,6 +39,9 @@ class DeviceProfile(BaseModel):
     device: Device = Field(description="cuda, npu or cpu.")
     runtime: str = Field(description="Runtime that loads the package (onnxruntime-genai).")
     execution_provider: str = Field(description="ONNX Runtime execution provider on the device.")
+    export_target: str = Field(
+        description="onnxruntime-genai builder target (-e): cuda (fp16 activations) or cpu (fp32)."
+    )
     memory_bytes: int = Field(gt=0, description="Memory the deployed model may use, in bytes.")
     reserved_bytes: int = Field(
         ge=0, description="Runtime overhead charged before weights: context, kernels, workspace."

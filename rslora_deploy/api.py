@@ -1,0 +1,232 @@
+"""``build()``: run the stage list load -> merge -> quantize -> export -> verify -> budget -> package.
+
+Each stage is artifact in, artifact out, and writes only into its own directory under a staging
+folder beside the output path; the finished package is renamed into place at the end
+(:func:`rslora_deploy.stages.package.staged_output`). Per-stage wall time and peak RSS go into
+``reports/build.json``; ``benchmarks/bench_build.py`` turns them into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rslora_deploy.artifact import Artifact
+from rslora_deploy.assets import sha256_file
+from rslora_deploy.config import BuildConfig
+from rslora_deploy.model_view import model_view
+from rslora_deploy.profiles import DeviceProfile, load_profile
+from rslora_deploy.stages.base import StageRecord, measured
+
+logger = logging.getLogger(__name__)
+
+StageCallback = Callable[[str, str], None]
+"""Called as ``on_stage(stage_name, "start" | "end")``; the CLI uses it for progress display."""
+
+
+@dataclass
+class BuildResult:
+    """What a finished build produced."""
+
+    package_dir: Path
+    manifest: dict[str, Any]
+    budget: dict[str, Any]
+    stages: list[StageRecord] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        """Whether the estimate is within the profile's memory budget."""
+        return bool(self.budget["fits"])
+
+
+def _describe_dir(path: Path, name: str | None = None) -> dict[str, Any]:
+    """Name, path and per-file sha256 of the weight/config files of a model or adapter dir."""
+    files = {
+        p.name: sha256_file(p)
+        for p in sorted(path.iterdir())
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".gguf")
+    }
+    return {"name": name or path.name, "path": str(path), "sha256": files}
+
+
+class _Runner:
+    """Runs stages in order, measuring each and reporting progress."""
+
+    def __init__(self, on_stage: StageCallback | None) -> None:
+        self.records: list[StageRecord] = []
+        self.on_stage = on_stage or (lambda name, event: None)
+
+    def run(self, name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.on_stage(name, "start")
+        logger.info("stage %s: start", name)
+        with measured(name) as record:
+            result = func(*args, **kwargs)
+        self.records.append(record)
+        logger.info(
+            "stage %s: done in %.1f s, peak RSS %.0f MiB", name, record.seconds,
+            record.peak_rss_bytes / 2**20,
+        )
+        self.on_stage(name, "end")
+        return result
+
+
+def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> BuildResult:
+    """Build a deployable package from ``config``.
+
+    Args:
+        config: the resolved build configuration.
+        on_stage: optional progress callback.
+
+    Returns:
+        The package location, its manifest and the budget verdict. A package that does not fit
+        is still written; the caller decides what that means (the CLI exits 3).
+
+    Raises:
+        RsloraDeployError: any stage failed; nothing is left at ``config.out``.
+    """
+    from rslora_deploy.stages import budget as budget_stage
+    from rslora_deploy.stages.export_onnx import cpu_view, export_onnx
+    from rslora_deploy.stages.load import load_inputs
+    from rslora_deploy.stages.package import staged_output, write_manifest, write_model_card
+    from rslora_deploy.stages.verify import smoke_generate
+
+    profile = load_profile(config.profile)
+    runner = _Runner(on_stage)
+    inputs = runner.run("load", load_inputs, config)
+    with staged_output(config.out, config.overwrite) as staging:
+        work, reports = staging / "_work", staging / "reports"
+        work.mkdir()
+        reports.mkdir()
+        merged = _merge(runner, inputs.base, inputs.adapter_dir, work, config, reports)
+        quantized = _quantize(runner, merged, work, config)
+        onnx = runner.run(
+            "export_onnx", export_onnx, quantized, staging / "model", config.export, profile,
+            work / "export.log",
+        )
+        view_dir = cpu_view(onnx.path, work / "cpu_view") if profile.export_target != "cpu" else onnx.path
+        smoke = runner.run("verify", smoke_generate, view_dir)
+        quality = _evaluate(runner, merged, quantized, view_dir, inputs.base.path, config, reports)
+        view = model_view(merged.path)
+        budget = runner.run("check_budget", budget_stage.estimate, onnx.path, view, profile)
+        budget["measured_cpu"] = {
+            "peak_rss_bytes": smoke["peak_rss_bytes"],
+            "note": "peak RSS of onnxruntime-genai on this build machine's CPU generating "
+            f"{smoke['new_tokens']} tokens: a sanity check, not the device's memory",
+        }
+        _write_json(reports / "budget.json", budget)
+        _write_json(reports / "build.json", _build_report(runner.records, config, profile))
+        shutil.rmtree(work)
+        manifest_body = _manifest_body(config, profile, inputs, merged, quantized, onnx, budget,
+                                       smoke, quality)
+        runner.run("package", _package, staging, manifest_body, write_manifest, write_model_card)
+    manifest = json.loads((Path(config.out) / "manifest.json").read_text())
+    return BuildResult(Path(config.out), manifest, budget, runner.records)
+
+
+def _merge(
+    runner: _Runner, base: Artifact, adapter_dir: Path | None, work: Path, config: BuildConfig,
+    reports: Path,
+) -> Artifact:
+    if adapter_dir is None:
+        logger.info("merge: no adapter, deploying the base model as it is")
+        return base
+    from rslora_deploy.stages.merge import merge_adapter
+
+    merged: Artifact = runner.run(
+        "merge_adapter", merge_adapter, base.path, adapter_dir, work / "merged", config.merge,
+        config.adapter,
+    )
+    report = merged.path / "merge_report.json"
+    if report.is_file():
+        shutil.copy2(report, reports / "merge_report.json")
+    return merged
+
+
+def _quantize(runner: _Runner, merged: Artifact, work: Path, config: BuildConfig) -> Artifact:
+    from rslora_deploy.stages.quantize import is_prequantized, quantize_model
+
+    if is_prequantized(merged.path):
+        logger.info("quantize: %s is already quantized, skipping to export", merged.path)
+        return Artifact("hf-quantized", merged.path, {"method": "prequantized"})
+    result: Artifact = runner.run("quantize", quantize_model, merged, work / "quantized",
+                                  config.quantize)
+    return result
+
+
+def _evaluate(
+    runner: _Runner, merged: Artifact, quantized: Artifact, onnx_dir: Path, base_dir: Path,
+    config: BuildConfig, reports: Path,
+) -> dict[str, Any] | None:
+    if not config.eval.enabled:
+        return None
+    from rslora_deploy.evaluation import evaluate_build
+
+    survival_base = base_dir if merged.path != base_dir else None
+    quality: dict[str, Any] = runner.run(
+        "evaluate", evaluate_build, merged.path, quantized.path, onnx_dir, config.eval,
+        survival_base,
+    )
+    _write_json(reports / "quality.json", quality)
+    return quality
+
+
+def _package(staging: Path, body: dict[str, Any], write_manifest: Any, write_card: Any) -> None:
+    card_manifest = {**body, "tool": {"version": _version()}, "created_utc": "", "files": []}
+    write_card(staging, card_manifest)
+    write_manifest(staging, body)
+
+
+def _version() -> str:
+    from rslora_deploy import __version__
+
+    return __version__
+
+
+def _manifest_body(
+    config: BuildConfig, profile: DeviceProfile, inputs: Any, merged: Artifact,
+    quantized: Artifact, onnx: Artifact, budget: dict[str, Any], smoke: dict[str, Any],
+    quality: dict[str, Any] | None,
+) -> dict[str, Any]:
+    adapter = None
+    if inputs.adapter_dir is not None:
+        adapter = {**_describe_dir(inputs.adapter_dir), **merged.meta.get("adapter", {})}
+    base_name = "SmolLM2-135M-Instruct" if inputs.is_default_base else inputs.base.path.name
+    return {
+        "profile": profile.model_dump(mode="json"),
+        "inputs": {"base": _describe_dir(inputs.base.path, base_name), "adapter": adapter},
+        "quantization": {k: v for k, v in quantized.meta.items() if k != "seconds"},
+        "export": onnx.meta,
+        "budget": {k: budget[k] for k in ("fits", "budget_bytes", "estimate_bytes")},
+        "smoke_test": {k: smoke[k] for k in ("prompt", "text", "runtime")},
+        "quality": _quality_summary(quality),
+        "config": config.to_json_dict(),
+    }
+
+
+def _quality_summary(quality: dict[str, Any] | None) -> dict[str, Any]:
+    if not quality:
+        return {}
+    keys = ("perplexity_merged", "perplexity_quantized", "perplexity_onnx",
+            "onnx_vs_torch_relative_logit_error", "greedy_agreement", "adapter_survival")
+    return {k: quality[k] for k in keys if k in quality and not isinstance(quality[k], dict)}
+
+
+def _build_report(records: list[StageRecord], config: BuildConfig,
+                  profile: DeviceProfile) -> dict[str, Any]:
+    return {
+        "profile": profile.name,
+        "stages": [
+            {"name": r.name, "seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
+            for r in records
+        ],
+        "config": config.to_json_dict(),
+    }
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

