@@ -1,0 +1,89 @@
+"""Config and profile schemas: round-trips, validation errors that name the field."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from rslora_deploy.config import BuildConfig, load_recipe, make_config
+from rslora_deploy.errors import ConfigError
+from rslora_deploy.profiles import list_profiles, load_profile
+
+
+def _to_toml(data: dict) -> str:
+    """Tiny TOML writer for flat sections (enough for BuildConfig)."""
+    top = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    lines = top
+    for section, body in data.items():
+        if isinstance(body, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in body.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def test_recipe_round_trip(tmp_path: Path) -> None:
+    config = make_config({"profile": "t4-2gb", "quantize": {"method": "rtn", "group_size": 32}})
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(_to_toml(config.to_json_dict()))
+    assert tomllib.loads(recipe.read_text())["quantize"]["method"] == "rtn"
+    assert load_recipe(recipe) == config
+
+
+def test_cli_overrides_beat_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('profile = "t4-2gb"\n[quantize]\nmethod = "gptq"\n')
+    config = load_recipe(recipe, **{"quantize.method": "rtn", "profile": None})
+    assert config.quantize.method.value == "rtn"
+    assert config.profile == "t4-2gb"
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"profile": "t4-2gb", "quantize": {"bits": 3}}, "quantize.bits"),
+        ({"profile": "t4-2gb", "quantize": {"group_size": 100}}, "quantize.group_size"),
+        ({"profile": "t4-2gb", "quantize": {"metod": "rtn"}}, "quantize.metod"),
+        ({"quantize": {}}, "profile"),
+    ],
+)
+def test_invalid_config_names_field(data: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        make_config(data)
+
+
+def test_bad_recipe_toml(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("profile = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_recipe(recipe)
+
+
+def test_every_profile_loads_and_is_sane() -> None:
+    profiles = list_profiles()
+    assert {p.name for p in profiles} >= {"t4-2gb", "ascend-310p-2gb", "ascend-310b-2gb"}
+    for profile in profiles:
+        assert profile.memory_bytes == 2 * 1024**3
+        assert 0 < profile.reserved_bytes < profile.memory_bytes
+        assert 4 in profile.supported_bits
+        assert profile.export_target in ("cuda", "cpu")
+
+
+def test_unknown_profile_lists_known() -> None:
+    with pytest.raises(ConfigError, match="known profiles: .*t4-2gb"):
+        load_profile("t5-9gb")
+
+
+def test_profile_missing_required_field(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('description = "x"\ndevice = "cuda"\n')
+    with pytest.raises(ConfigError, match="memory_bytes"):
+        load_profile(str(path))
+
+
+def test_build_config_is_frozen() -> None:
+    config = BuildConfig(profile="t4-2gb")
+    with pytest.raises(Exception, match="frozen"):
+        config.profile = "x"  # type: ignore[misc]
