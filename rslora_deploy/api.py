@@ -120,6 +120,8 @@ def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> Buil
         }
         _write_json(reports / "budget.json", budget)
         _write_json(reports / "build.json", _build_report(runner.records, config, profile))
+        if config.package.keep_quantized_checkpoint and quantized.path.is_relative_to(work):
+            shutil.move(quantized.path, staging / "quantized")
         shutil.rmtree(work)
         manifest_body = _manifest_body(config, profile, inputs, merged, quantized, onnx, budget,
                                        smoke, quality)
