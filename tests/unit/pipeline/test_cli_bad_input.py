@@ -1,0 +1,109 @@
+"""Bad input to ``rslora-deploy build``: exit 1, one line naming the problem, nothing at --out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rslora_deploy.cli.app import main
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def _assert_clean_failure(code: int, err: str, out: Path, *needles: str) -> None:
+    assert code == 1, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))
+
+
+def test_unknown_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pkg"
+    code, err = _run(["build", "--profile", "jetson-9gb", "--out", str(out)], capsys)
+    _assert_clean_failure(code, err, out, "jetson-9gb", "known profiles")
+
+
+def test_missing_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pkg"
+    missing = tmp_path / "no-such-model"
+    code, err = _run(["build", "--profile", "t4-2gb", "--base", str(missing), "--out", str(out)],
+                     capsys)
+    _assert_clean_failure(code, err, out, str(missing), "does not exist")
+
+
+def test_base_with_only_pickle_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    out = tmp_path / "pkg"
+    code, err = _run(["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)],
+                     capsys)
+    _assert_clean_failure(code, err, out, "pytorch_model.bin", "pickle")
+
+
+def test_base_file_not_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "model.txt"
+    base.write_text("hello")
+    out = tmp_path / "pkg"
+    code, err = _run(["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)],
+                     capsys)
+    _assert_clean_failure(code, err, out, "not a .gguf")
+
+
+def test_unreadable_base_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"")
+    (base / "config.json").write_text("{not json")
+    out = tmp_path / "pkg"
+    code, err = _run(["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)],
+                     capsys)
+    _assert_clean_failure(code, err, out, "config.json", "not valid JSON")
+
+
+def test_missing_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pkg"
+    adapter = tmp_path / "no-adapter"
+    code, err = _run(["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out",
+                      str(out)], capsys)
+    _assert_clean_failure(code, err, out, str(adapter), "does not exist")
+
+
+def test_adapter_dir_without_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "notes.txt").write_text("x")
+    out = tmp_path / "pkg"
+    code, err = _run(["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out",
+                      str(out)], capsys)
+    _assert_clean_failure(code, err, out, "rslora_config.json", "adapter_config.json")
+
+
+def test_existing_out_is_not_touched(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    code, err = _run(["build", "--profile", "t4-2gb", "--no-adapter", "--out", str(out)], capsys)
+    assert code == 1 and "--overwrite" in err
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build"]) == 2
+    assert main(["build", "--profile", "t4-2gb", "--method", "gptq", "--no-such-flag"]) == 2
+
+
+def test_debug_env_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSLORA_DEPLOY_DEBUG", "1")
+    code, err = _run(["build", "--profile", "nope", "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and "Traceback" in err
