@@ -148,22 +148,31 @@ def export(
 
 @app.command()
 def budget(
-    package: Annotated[Path, typer.Argument(help="A package directory (or an ONNX model folder).")],
+    path: Annotated[Path, typer.Argument(help="A package, an ONNX folder, or a HF model dir (dry).")],
     profile: Annotated[str, typer.Option(help="Profile to check against.")],
+    bits: Annotated[int, typer.Option(help="Dry estimate: weight bits.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Dry estimate: group size.")] = 64,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
 ) -> None:
-    """Estimate the memory of a built package against a (possibly different) profile."""
+    """Memory estimate against a profile: measured for a built package, predicted for a HF model."""
     from rslora_deploy.errors import InputError
     from rslora_deploy.model_view import model_view
     from rslora_deploy.profiles import load_profile
-    from rslora_deploy.stages.budget import estimate
+    from rslora_deploy.stages.budget import estimate, estimate_from_weights, predict_weight_bytes
 
-    onnx_dir = package / "model" if (package / "model").is_dir() else package
-    if not (onnx_dir / "genai_config.json").is_file():
-        raise InputError(f"{package} is not a package or onnxruntime-genai folder "
-                         "(no genai_config.json); pass the output of `rslora-deploy build`")
-    view = _view_from_genai(onnx_dir) if not (onnx_dir / "config.json").is_file() else model_view(onnx_dir)
-    result = estimate(onnx_dir, view, load_profile(profile))
+    prof = load_profile(profile)
+    onnx_dir = path / "model" if (path / "model").is_dir() else path
+    if (onnx_dir / "genai_config.json").is_file():
+        view = model_view(onnx_dir) if (onnx_dir / "config.json").is_file() else _view_from_genai(onnx_dir)
+        result = estimate(onnx_dir, view, prof)
+    elif (path / "config.json").is_file():
+        view = model_view(path)
+        predicted = predict_weight_bytes(view, bits, group_size, prof)
+        result = estimate_from_weights(sum(predicted.values()), view, prof)
+        result["weights_source"] = f"predicted for int{bits} g{group_size}: {predicted}"
+    else:
+        raise InputError(f"{path} is neither a package, an onnxruntime-genai folder nor a Hugging "
+                         "Face model directory; pass the output of `rslora-deploy build` or a model")
     text = "\n".join(
         [f"{k:12s} {v / 2**20:10.1f} MiB" for k, v in result["terms_bytes"].items()]
         + [f"{'total':12s} {result['estimate_bytes'] / 2**20:10.1f} MiB of "

@@ -53,10 +53,17 @@ def io_bytes(profile: DeviceProfile) -> int:
 
 
 def estimate(onnx_dir: Path, view: ModelView, profile: DeviceProfile) -> dict[str, Any]:
+    """The budget report of an exported model (weights measured on disk)."""
+    report = estimate_from_weights(weight_bytes(onnx_dir), view, profile)
+    report["weights_source"] = "measured: bytes of the exported ONNX files"
+    return report
+
+
+def estimate_from_weights(weights: int, view: ModelView, profile: DeviceProfile) -> dict[str, Any]:
     """The budget report: every term, the total, the budget and the verdict."""
     seq, batch, io = profile.max_seq_len, profile.batch_size, io_bytes(profile)
     terms = {
-        "weights": weight_bytes(onnx_dir),
+        "weights": weights,
         "kv_cache": kv_cache_bytes(view, profile),
         "logits": batch * seq * view.vocab * io,
         "activations": batch * seq * (4 * view.hidden + 3 * view.intermediate) * io
@@ -87,4 +94,42 @@ def estimate(onnx_dir: Path, view: ModelView, profile: DeviceProfile) -> dict[st
         "formula": "weights + kv_cache + logits + activations + reserved <= memory_bytes "
         "(docs/budget.md)",
         "notes": profile.notes,
+    }
+
+
+def decoder_linear_params(view: ModelView) -> int:
+    """Weights of the quantized decoder projections (Llama family: q, k, v, o, gate, up, down)."""
+    attn = view.hidden * view.head_dim * (2 * view.heads + 2 * view.kv_heads)
+    mlp = 3 * view.hidden * view.intermediate
+    return view.layers * (attn + mlp)
+
+
+def predict_weight_bytes(
+    view: ModelView, bits: int, group_size: int, profile: DeviceProfile, lm_head_int4: bool = False,
+    context_length: int = 8192,
+) -> dict[str, int]:
+    """Predict the exported ONNX weight bytes before quantizing (``rslora-deploy budget --model``).
+
+    Mirrors what the onnxruntime-genai builder writes for a GPTQ/AWQ checkpoint:
+
+        projections  = P * bits/8 + P/g * (scale_bytes + bits/8)         (MatMulNBits, zero points)
+        embedding    = V*H/2 + V*H/32 * scale_bytes                         (int4, block 32)
+        lm_head      = V*H * io_bytes, or as the embedding when lm_head_int4
+        rope_cache   = 2 * context_length * head_dim/2 * io_bytes          (cos and sin tables)
+        norms        = (2*layers + 1) * H * io_bytes
+
+    with P = decoder projection weights, g = group size, V = vocab, H = hidden, and scales stored
+    in the activation dtype (fp16 for a cuda target, fp32 for cpu).
+    """
+    io = io_bytes(profile)
+    params = decoder_linear_params(view)
+    group = group_size if group_size > 0 else view.hidden
+    vocab_hidden = view.vocab * view.hidden
+    int4_table = vocab_hidden // 2 + vocab_hidden // 32 * io
+    return {
+        "projections": params * bits // 8 + params // group * io + params // group * bits // 8,
+        "embedding": int4_table,
+        "lm_head": int4_table if lm_head_int4 else vocab_hidden * io,
+        "rope_cache": 2 * context_length * (view.head_dim // 2) * io,
+        "norms": (2 * view.layers + 1) * view.hidden * io,
     }

@@ -84,6 +84,18 @@ def test_onnx_logits_match_torch_quantized(package: Path) -> None:
     assert error < 0.02
 
 
+def test_dry_prediction_matches_exported_weights(package: Path, smollm2_dir: Path) -> None:
+    from rslora_deploy.model_view import model_view
+    from rslora_deploy.profiles import load_profile
+    from rslora_deploy.stages.budget import predict_weight_bytes
+
+    budget = json.loads((package / "reports" / "budget.json").read_text())
+    predicted = sum(predict_weight_bytes(model_view(smollm2_dir), 4, 64,
+                                         load_profile("t4-2gb")).values())
+    measured = budget["terms_bytes"]["weights"]
+    assert abs(predicted - measured) / measured < 0.02
+
+
 def test_verify_command_rehashes(package: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", str(package), "--no-generate"]) == 0
     (package / "README.md").write_text("tampered")

@@ -61,3 +61,14 @@ def test_over_budget_is_reported(tmp_path: Path) -> None:
     report = estimate(tmp_path, SMOL, load_profile("t4-2gb"))
     assert report["fits"] is False
     assert report["headroom_bytes"] < 0
+
+
+def test_predicted_weights_by_hand() -> None:
+    from rslora_deploy.stages.budget import decoder_linear_params, predict_weight_bytes
+
+    params = decoder_linear_params(SMOL)
+    # q,o: 576x576; k,v: 576x192; gate, up, down: 576x1536 -> 3,538,944 per layer
+    assert params == 30 * 3_538_944
+    terms = predict_weight_bytes(SMOL, 4, 64, load_profile("t4-2gb"))
+    assert terms["projections"] == params // 2 + params // 64 * 2 + params // 64 // 2
+    assert terms["lm_head"] == 49152 * 576 * 2
