@@ -1,0 +1,110 @@
+"""Import PEFT LoRA adapters into :class:`ModuleDelta` (spec 6.1).
+
+LoRA (Hu et al. 2021, arXiv 2106.09685): dW = s * B A with s = alpha/r; rank-stabilized LoRA
+(Kalajdzievski 2023, arXiv 2312.03732, PEFT ``use_rslora``): s = alpha/sqrt(r). Per-module r and alpha
+come from ``rank_pattern``/``alpha_pattern``. Embedding adapters (``lora_embedding_A/B``) use the
+embedding layout, ``fan_in_fan_out`` the conv1d layout.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rslora_deploy.adapters.delta import ModuleDelta
+from rslora_deploy.adapters.peft_common import (
+    pattern_value,
+    read_config,
+    read_weights,
+    reject_unsupported,
+    strip_prefix,
+)
+from rslora_deploy.errors import (
+    AdapterFormatError,
+    NonFiniteError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
+
+_SUFFIXES = {
+    ".lora_A.weight": ("A", False),
+    ".lora_B.weight": ("B", False),
+    ".lora_embedding_A": ("A", True),
+    ".lora_embedding_B": ("B", True),
+}
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """alpha/sqrt(r) for rank-stabilized LoRA, else alpha/r."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _split_key(module_key: str, path: Path) -> tuple[str, str, bool]:
+    if module_key.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in module_key:
+        raise UnsupportedError(f"{path}: tensor {module_key!r} is a DoRA magnitude vector; DoRA's "
+                               "merge is not W + BA. Retrain without use_dora", code="E070")
+    for suffix, (factor, embedding) in _SUFFIXES.items():
+        if module_key.endswith(suffix):
+            return module_key[: -len(suffix)], factor, embedding
+    raise AdapterFormatError(f"{path}: unexpected tensor {module_key!r} in a LoRA adapter "
+                             "(expected *.lora_A.weight / *.lora_B.weight)", code="E023")
+
+
+def load_peft_lora(directory: Path) -> tuple[list[ModuleDelta], dict[str, Any]]:
+    """Read a PEFT LoRA directory.
+
+    Returns:
+        (deltas, summary) where summary has r, alpha, use_rslora, trainable parameter count.
+
+    Raises:
+        UnsupportedError: E070 for DoRA, lora_bias, modules_to_save and the other rejections.
+        AdapterFormatError: E023 (tensor set), ShapeMismatchError: E022, NonFiniteError: E030.
+    """
+    directory = Path(directory)
+    cfg = read_config(directory)
+    reject_unsupported(cfg, directory / "adapter_config.json")
+    tensors, path = read_weights(directory)
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    embedding_modules = set()
+    for key, array in tensors.items():
+        module, factor, embedding = _split_key(strip_prefix(key, path), path)
+        groups.setdefault(module, {})[factor] = array
+        if embedding:
+            embedding_modules.add(module)
+    r_default = int(cfg.get("r", 8))
+    alpha_default = float(cfg.get("lora_alpha", 8))
+    use_rslora = bool(cfg.get("use_rslora", False))
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+    deltas = []
+    for module, factors in groups.items():
+        for factor in ("A", "B"):
+            if factor not in factors:
+                raise AdapterFormatError(f"{path}: missing tensor for {module} factor {factor} "
+                                         f"(lora_{factor})", code="E023")
+        a_mat, b_mat = factors["A"], factors["B"]
+        embedding = module in embedding_modules
+        r_m = int(pattern_value(cfg.get("rank_pattern"), module, r_default))
+        alpha_m = float(pattern_value(cfg.get("alpha_pattern"), module, alpha_default))
+        if a_mat.ndim != 2 or b_mat.ndim != 2 or a_mat.shape[0] != r_m or b_mat.shape[1] != r_m:
+            raise ShapeMismatchError(
+                f"{path}: {module} has lora_A {list(a_mat.shape)} and lora_B "
+                f"{list(b_mat.shape)}, expected rank r={r_m} (A [r, d_in], B [d_out, r]) from "
+                "r/rank_pattern in adapter_config.json")
+        for factor, array in (("A", a_mat), ("B", b_mat)):
+            if not np.all(np.isfinite(array)):
+                raise NonFiniteError(f"{path}: {module} lora_{factor} contains NaN/Inf")
+        layout = "embedding" if embedding else ("conv1d" if fan_in_fan_out else None)
+        deltas.append(ModuleDelta(
+            name=module, layout=layout, d_in=int(a_mat.shape[1]), d_out=int(b_mat.shape[0]),
+            B=b_mat, A=a_mat, scale=lora_scale(alpha_m, r_m, use_rslora),
+            source={"format": "peft-lora", "r": r_m, "alpha": alpha_m, "use_rslora": use_rslora},
+        ))
+    if not deltas:
+        raise AdapterFormatError(f"{path} holds no LoRA tensors", code="E023")
+    summary = {"r": r_default, "lora_alpha": alpha_default, "use_rslora": use_rslora,
+               "trainable_parameters": int(sum(t.size for t in tensors.values())),
+               "weights_file": path.name}
+    return deltas, summary

@@ -1,0 +1,312 @@
+"""Merge ModuleDeltas into a loaded torch model (spec sections 5.2-5.4).
+
+Per weight W (stored layout) and its deltas dW_i (logical d_out x d_in, computed in fp64 and rounded
+once to fp32):
+
+    W32 = fp32(W);   linear: W32[slice] += dW;   conv1d/embedding: W32[:, slice] += dW^T
+    W'  = round_to(target_dtype, W32)           # ONE rounding (spec 5.4, golden TV7)
+
+PEFT's safe_merge casts dW to the base dtype before adding, which rounds twice: for W = 1 and
+dW = 2^-8 + 2^-20 in bf16 it gives 1.0 where a single rounding gives 1.0078125. Several deltas on
+the same weight are summed in fp32 and still rounded once. Biases are never touched.
+
+Each merged weight gets fidelity statistics because a small dW can vanish when rounded to bf16
+and later to 4 bits: max|dW|, ||dW||_F/||W||_F, the share of entries with dW != 0 whose stored
+value did not change ("lost"), and the relative merge error ||(W' - W) - dW||_F / ||dW||_F.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rslora_deploy.adapters.delta import ModuleDelta
+from rslora_deploy.errors import (
+    AdapterFormatError,
+    BaseMismatchError,
+    MergeError,
+    NonFiniteError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
+
+logger = logging.getLogger(__name__)
+
+# Class names of packed/quantized linear layers from GPTQ/AWQ/bitsandbytes/HQQ/torchao backends:
+# matching by name avoids importing any of those backends just to refuse them.
+_QUANTIZED_NAMES = ("QuantLinear", "Linear4bit", "Linear8bitLt", "WQLinear", "HQQLinear",
+                    "QLinear", "GPTQ", "AWQ", "Marlin", "ExllamaV2", "TorchaoLinear")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class ModuleStats:
+    """Fidelity of one merged weight (one row of merge_report.json)."""
+
+    module: str
+    layout: str
+    deltas: int
+    out_slices: list[list[int] | None]
+    base_dtype: str
+    out_dtype: str
+    max_abs_delta: float
+    delta_to_weight_norm: float
+    lost_fraction: float
+    relative_merge_error: float
+
+
+def layer_layout(module: nn.Module, name: str) -> str:
+    """``linear``, ``conv1d`` or ``embedding`` for a supported layer (spec 5.2 step 2).
+
+    Raises:
+        UnsupportedError: E060 for an already-quantized layer, E021 for other types.
+    """
+    cls_name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    weight_cls = type(weight).__name__ if weight is not None else ""
+    if (any(q in cls_name for q in _QUANTIZED_NAMES) or hasattr(module, "qweight")
+            or weight_cls in ("Params4bit", "Int8Params")
+            or (isinstance(weight, torch.Tensor) and weight.dtype not in _FLOAT_DTYPES)):
+        dtype = getattr(weight, "dtype", None) if weight is not None else None
+        raise UnsupportedError(
+            f"{name} is already quantized ({cls_name}, weight dtype {dtype}); merge into the "
+            "fp32/fp16/bf16 base first, then quantize", code="E060")
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if cls_name == "Conv1D" and weight is not None and weight.ndim == 2:
+        return "conv1d"
+    raise UnsupportedError(f"{name} is a {cls_name}; supported targets are nn.Linear, "
+                           "transformers Conv1D and nn.Embedding", code="E021")
+
+
+def logical_shape(module: nn.Module, layout: str) -> tuple[int, int]:
+    """(d_out, d_in) of the layer in the nn.Linear convention."""
+    rows, cols = module.weight.shape
+    return (rows, cols) if layout == "linear" else (cols, rows)
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at ``name`` (E020 if absent)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise AdapterFormatError(
+            f"module {name} listed in the adapter does not exist in the base model "
+            f"({type(model).__name__}); the adapter was made for another architecture",
+            code="E020") from None
+
+
+def _is_tied(model: nn.Module, module: nn.Module) -> bool:
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb_in = get_in() if callable(get_in) else None
+    emb_out = get_out() if callable(get_out) else None
+    if module is not emb_in and module is not emb_out:
+        return False
+    if emb_in is None or emb_out is None:
+        return False
+    shared = emb_in.weight.data_ptr() == emb_out.weight.data_ptr()
+    cfg = getattr(model, "config", None)
+    return shared or bool(getattr(cfg, "tie_word_embeddings", False))
+
+
+def check_delta_against_layer(delta: ModuleDelta, layout: str, d_out: int, d_in: int) -> str:
+    """Resolve the delta's layout and check its shapes against the layer (E022, E051)."""
+    want = delta.layout or layout
+    if want != layout:
+        raise ShapeMismatchError(f"{delta.name}: adapter says layout {want!r} but the base layer "
+                                 f"is {layout!r}; fix the adapter's module entry")
+    delta.fit_to_layer(delta.d_out, d_in)
+    delta.check_shapes()
+    if delta.d_in != d_in:
+        raise ShapeMismatchError(f"{delta.name}: adapter d_in={delta.d_in}, base layer d_in="
+                                 f"{d_in}; the adapter was made for another base model")
+    if delta.out_slice is None:
+        if delta.d_out < d_out:
+            raise MergeError(f"{delta.name}: adapter d_out={delta.d_out} < base layer d_out="
+                             f"{d_out} and no out_slice; a split adapter on a fused weight needs "
+                             "out_slice=[start, stop]", code="E051")
+        if delta.d_out != d_out:
+            raise ShapeMismatchError(f"{delta.name}: adapter d_out={delta.d_out}, base layer "
+                                     f"d_out={d_out}; the adapter was made for another base")
+    else:
+        start, stop = delta.out_slice
+        if stop > d_out or stop - start != delta.d_out:
+            raise ShapeMismatchError(
+                f"{delta.name}: out_slice [{start}, {stop}) with d_out={delta.d_out} does not fit "
+                f"the layer's out dimension {d_out}; fix out_slice")
+    return layout
+
+
+def validate(model: nn.Module, deltas: list[ModuleDelta], *, untie: bool = False) -> None:
+    """Run every per-module check of spec 5.2 steps 1-3 without changing the model."""
+    for delta in deltas:
+        module = resolve_module(model, delta.name)
+        layout = layer_layout(module, delta.name)
+        check_delta_against_layer(delta, layout, *logical_shape(module, layout))
+        if not untie and _is_tied(model, module):
+            raise MergeError(
+                f"{delta.name} shares its weight with the tied input/output embedding "
+                "(tie_word_embeddings=True); merging would silently change both. Pass --untie "
+                "(merge.untie=true) to untie them, which doubles that matrix's memory",
+                code="E050")
+
+
+def _delta_tensor(delta: ModuleDelta) -> torch.Tensor:
+    dw = torch.from_numpy(delta.delta_weight(np.float64)).to(torch.float32)
+    if not torch.isfinite(dw).all():
+        raise NonFiniteError(f"{delta.name}: the delta dW contains NaN/Inf (|dW| overflows fp32 "
+                             "or the factors are corrupted)")
+    return dw
+
+
+def _apply(w32: torch.Tensor, dw: torch.Tensor, layout: str, out_slice: Any) -> None:
+    start, stop = out_slice if out_slice is not None else (0, dw.shape[0])
+    if layout == "linear":
+        w32[start:stop] += dw
+    else:
+        w32[:, start:stop] += dw.T
+
+
+def _merge_one(
+    name: str, module: nn.Module, layout: str, deltas: list[ModuleDelta],
+    target: torch.dtype | None,
+) -> ModuleStats:
+    weight = module.weight
+    base_dtype = weight.dtype
+    out_dtype = target or base_dtype
+    w32 = weight.detach().to(torch.float32, copy=True)
+    added = torch.zeros_like(w32)
+    for delta in deltas:
+        _apply(added, _delta_tensor(delta), layout, delta.out_slice)
+    w32 += added
+    if not torch.isfinite(w32).all():
+        raise NonFiniteError(f"{name}: the merged weight W + dW contains NaN/Inf in fp32")
+    merged = w32.to(out_dtype)
+    del w32
+    if not torch.isfinite(merged).all():
+        limit = torch.finfo(out_dtype).max
+        raise MergeError(f"{name}: merged weight overflows {out_dtype} (max |W'| exceeds "
+                         f"{limit:.6g}); keep merge.dtype=float32 or bfloat16", code="E080")
+    ref = weight.detach().to(out_dtype)
+    change = merged.to(torch.float64) - ref.to(torch.float64)
+    nonzero = added != 0
+    n_nonzero = int(nonzero.sum())
+    added64 = added.to(torch.float64)
+    delta_norm = float(torch.linalg.vector_norm(added64))
+    stats = ModuleStats(
+        module=name, layout=layout, deltas=len(deltas),
+        out_slices=[list(d.out_slice) if d.out_slice else None for d in deltas],
+        base_dtype=str(base_dtype).removeprefix("torch."),
+        out_dtype=str(out_dtype).removeprefix("torch."),
+        max_abs_delta=float(added.abs().max()),
+        delta_to_weight_norm=delta_norm / max(float(torch.linalg.vector_norm(
+            weight.detach().to(torch.float64))), 1e-300),
+        lost_fraction=(int((nonzero & (change == 0)).sum()) / n_nonzero) if n_nonzero else 0.0,
+        relative_merge_error=(float(torch.linalg.vector_norm(change - added64)) / delta_norm
+                              if delta_norm > 0 else 0.0),
+    )
+    with torch.no_grad():
+        if merged.dtype == weight.dtype:
+            weight.data.copy_(merged)
+        else:
+            weight.data = merged
+    return stats
+
+
+def merge_deltas(
+    model: nn.Module,
+    deltas: list[ModuleDelta],
+    *,
+    dtype: torch.dtype | None = None,
+    untie: bool = False,
+    fidelity_warn_threshold: float = 0.05,
+) -> list[ModuleStats]:
+    """Merge every delta into ``model`` in place (spec 5.2).
+
+    Args:
+        model: a loaded torch model (HF causal LM or any nn.Module).
+        deltas: from any importer.
+        dtype: output dtype of the merged weights (None keeps each weight's dtype). The rest of
+            the model is not converted here; the merge stage does that.
+        untie: allow merging into a tied embedding/lm_head by cloning it first (E050 otherwise).
+        fidelity_warn_threshold: warn when a module's relative merge error exceeds this.
+
+    Returns:
+        One ModuleStats per merged weight.
+
+    Raises:
+        RsloraDeployError: E020-E022, E030, E050, E051, E060, E080.
+    """
+    validate(model, deltas, untie=untie)
+    by_module: dict[str, list[ModuleDelta]] = defaultdict(list)
+    for delta in deltas:
+        by_module[delta.name].append(delta)
+    stats = []
+    for name, group in by_module.items():
+        module = resolve_module(model, name)
+        layout = layer_layout(module, name)
+        if _is_tied(model, module):
+            # untie: give this module its own storage so the other side keeps the base weight
+            module.weight = nn.Parameter(module.weight.detach().clone(),
+                                         requires_grad=module.weight.requires_grad)
+            if getattr(model, "config", None) is not None:
+                model.config.tie_word_embeddings = False
+            logger.warning("untied %s from the shared embedding (its memory is now doubled)", name)
+        row = _merge_one(name, module, layout, group, dtype)
+        if row.relative_merge_error > fidelity_warn_threshold:
+            logger.warning(
+                "%s: %.1f%% of the update was lost to rounding to %s (relative error %.3g > %.3g);"
+                " keep merge.dtype=float32 or merge right before quantization",
+                name, 100 * row.lost_fraction, row.out_dtype, row.relative_merge_error,
+                fidelity_warn_threshold)
+        logger.debug("merged %s: %s", name, row)
+        stats.append(row)
+    return stats
+
+
+def verify_base(base_dir: Path, base_hashes: dict[str, str] | None, modules: list[str], *,
+                allow_mismatch: bool = False) -> dict[str, Any]:
+    """Compare the adapter's recorded base fingerprints with ``base_dir`` (E010).
+
+    Decision (docs/rslora-format.md): a ``target_weights_sha256`` difference is E010; a
+    ``config_sha256`` difference alone is a warning, because config.json bytes also change with
+    the transformers version that wrote them while the weights the adapter depends on do not.
+    """
+    from rslora_deploy.adapters.base_hash import config_sha256, target_weights_sha256
+
+    if not base_hashes:
+        return {"checked": False, "reason": "the adapter format records no base hashes"}
+    want_w = base_hashes.get("target_weights_sha256")
+    got_w, missing = target_weights_sha256(base_dir, modules)
+    want_c = base_hashes.get("config_sha256")
+    got_c = config_sha256(base_dir)
+    result = {"checked": True, "target_weights_sha256": {"expected": want_w, "actual": got_w},
+              "config_sha256": {"expected": want_c, "actual": got_c},
+              "weights_match": want_w == got_w, "config_match": want_c == got_c}
+    if want_w != got_w:
+        msg = (f"base mismatch: target_weights_sha256 of {base_dir} is {got_w}, the adapter "
+               f"expects {want_w} (trained on {base_hashes.get('name_or_path')!r}"
+               + (f"; weights not found for {missing[:2]}" if missing else "")
+               + "); use the adapter's base or set adapter.allow_base_mismatch=true")
+        if not allow_mismatch:
+            raise BaseMismatchError(msg)
+        logger.warning("%s (allowed)", msg)
+    if want_c != got_c:
+        logger.warning("base config.json differs from the adapter's (config_sha256 %s != %s); "
+                       "weights %s", got_c, want_c, "match" if want_w == got_w else "differ")
+    return result
+
+
+def stats_as_dicts(stats: list[ModuleStats]) -> list[dict[str, Any]]:
+    """JSON-ready rows."""
+    return [asdict(s) for s in stats]

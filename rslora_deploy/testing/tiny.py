@@ -1,0 +1,71 @@
+"""Tiny random causal LMs built from configs (no download), for tests and examples.
+
+Each factory seeds torch, builds the model with ``AutoModelForCausalLM.from_config`` in fp32 and
+re-draws every floating parameter with std 0.05 (so small deltas are not dwarfed by zero-initialized
+biases or unit norms), then returns it in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+
+def _build(config: Any, seed: int) -> Any:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
+def tiny_llama(hidden: int = 64, layers: int = 2, kv_heads: int = 2, seed: int = 0,
+               tie: bool = False, vocab: int = 128) -> Any:
+    """LlamaForCausalLM with GQA (4 query heads, ``kv_heads`` key/value heads)."""
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+        max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0)
+    return _build(config, seed)
+
+
+def tiny_qwen2(hidden: int = 64, layers: int = 2, kv_heads: int = 2, seed: int = 0,
+               tie: bool = False, vocab: int = 128) -> Any:
+    """Qwen2ForCausalLM: GQA plus biases on q/k/v_proj."""
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+        max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0)
+    return _build(config, seed)
+
+
+def tiny_gpt2(hidden: int = 64, layers: int = 2, seed: int = 0, vocab: int = 128) -> Any:
+    """GPT2LMHeadModel: Conv1D layers (weights stored (d_in, d_out)), fused c_attn, tied lm_head."""
+    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
+                        n_positions=128, bos_token_id=1, eos_token_id=2)
+    return _build(config, seed)
+
+
+def save_tiny(model: Any, directory: Path) -> Path:
+    """Save as a tokenizer-less HF directory (config.json + model.safetensors)."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if not (directory / "generation_config.json").is_file():
+        (directory / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    return directory
+
+
+def example_inputs(vocab: int = 128, batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
+    """Random token ids for a tiny model."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=gen)
