@@ -1,0 +1,108 @@
+"""Shared glue for the gptqmodel 7.6.0 engine (GPTQ and AWQ handlers).
+
+Workarounds measured on this project's CPU machines (docs/stack-notes): ``GPTQMODEL_CPU_WORKERS``
+must be set (7.6.0 otherwise fails to size its CPU pool), ``GPTQModel.load`` takes the
+QuantizeConfig and no ``device=``. After saving we (1) drop gptqmodel's absolute
+``offload_to_disk_path`` (a /tmp path of this machine: noise in a shipped checkpoint) and
+(2) restore the unquantized tensors (embeddings, norms, untied lm_head) to the source's exact
+values and dtype, because calibration ran in ``compute_dtype`` (bf16 by default) and gptqmodel
+saves the whole model in it: keeping ``lm_head`` fp32 must mean fp32, as for RTN.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from rslora_deploy.errors import NonFiniteError, QuantizationError, UnsupportedError
+from rslora_deploy.quantizers import _checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_env() -> None:
+    """Set the CPU worker count gptqmodel 7.6.0 needs before it is imported."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+
+
+def torch_dtype(name: str) -> Any:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (only float dtypes are accepted)."""
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise QuantizationError(f"compute_dtype {name!r} is not a torch float dtype")
+    return dtype
+
+
+def load(model_dir: Path, qcfg: Any, dtype_name: str) -> Any:
+    """``GPTQModel.load`` with errors turned into one-line :class:`UnsupportedError`."""
+    prepare_env()
+    from gptqmodel import GPTQModel
+
+    try:
+        return GPTQModel.load(str(model_dir), qcfg, dtype=torch_dtype(dtype_name))
+    except (ValueError, TypeError, KeyError, NotImplementedError, AttributeError) as exc:
+        raise UnsupportedError(
+            f"gptqmodel 7.6.0 cannot load {model_dir} for quantization "
+            f"({type(exc).__name__}: {str(exc)[:200]}); use --method rtn or a supported "
+            "architecture (Llama, Qwen2, Gemma-3, ...)"
+        ) from exc
+
+
+def run_quantize(model: Any, calibration: list[dict[str, list[int]]], **kwargs: Any) -> None:
+    """``model.quantize`` with NaN/Inf failures reported as :class:`NonFiniteError`."""
+    try:
+        model.quantize(calibration, **kwargs)
+    except (ValueError, RuntimeError, FloatingPointError) as exc:
+        text = str(exc)
+        if any(word in text.lower() for word in ("nan", "inf", "not positive-definite", "cholesky")):
+            raise NonFiniteError(
+                f"non-finite values during calibration ({text[:200]}); check the merged model "
+                "for NaN/Inf weights, or raise quantize.damp_percent"
+            ) from exc
+        raise QuantizationError(
+            f"gptqmodel quantization failed ({type(exc).__name__}: {text[:200]}); "
+            "set RSLORA_DEPLOY_DEBUG=1 for the traceback"
+        ) from exc
+
+
+def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Strip machine paths from the configs and restore unquantized tensors to the source's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for name in ("config.json", "quantize_config.json"):
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        qcfg = data.get("quantization_config", data)
+        (qcfg.get("meta") or {}).pop("offload_to_disk_path", None)
+        if name == "config.json":
+            source_cfg = _checkpoint.read_config(model_dir)
+            for key in ("dtype", "torch_dtype"):
+                if key in source_cfg:
+                    data[key] = source_cfg[key]
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "quant_log.csv").unlink(missing_ok=True)
+    source: dict[str, torch.Tensor] = {}
+    for path in _checkpoint.weight_files(model_dir):
+        source.update(load_file(path))
+    restored = 0
+    for path in _checkpoint.weight_files(out_dir):
+        tensors = load_file(path)
+        for key, tensor in tensors.items():
+            if not torch.isfinite(tensor.float() if tensor.is_floating_point() else tensor.double()).all():
+                raise NonFiniteError(
+                    f"quantized tensor {key} contains NaN/Inf; raise quantize.damp_percent or "
+                    "check the merged model's weights"
+                )
+            if key in source and source[key].shape == tensor.shape:
+                tensors[key] = source[key].contiguous()
+                restored += 1
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return {"unquantized_tensors_restored": restored}

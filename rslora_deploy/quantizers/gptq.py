@@ -1,0 +1,66 @@
+"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv 2210.17323) on gptqmodel 7.6.0.
+
+For each linear layer with calibration inputs ``X`` GPTQ minimises ``||W X - Q(W) X||^2`` column
+by column: with the damped Hessian ``H = 2 X X^T + lambda * mean(diag H) * I`` (``lambda`` =
+``damp_percent``), each quantized column's error is spread over the not-yet-quantized columns by
+``W[:, j:] -= (w_j - q_j) / [H^-1]_jj * [H^-1]_{j, j:}``. ``desc_act`` processes columns by
+decreasing ``diag H``. The checkpoint is the GPTQ v1 format (``checkpoint_format: gptq``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rslora_deploy.quantizers import _gptqmodel
+from rslora_deploy.quantizers.base import QuantizeExtras
+
+if TYPE_CHECKING:
+    from rslora_deploy.calibration import CalibrationSet
+    from rslora_deploy.config import QuantizeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def gptq_config(cfg: QuantizeConfig, extras: QuantizeExtras) -> Any:
+    """gptqmodel's ``QuantizeConfig`` for our config (lm_head never quantized)."""
+    _gptqmodel.prepare_env()
+    from gptqmodel import QuantizeConfig as EngineConfig
+
+    kwargs: dict[str, Any] = {
+        "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act,
+        "sym": cfg.sym, "damp_percent": cfg.damp_percent, "true_sequential": extras.true_sequential,
+        "mse": extras.mse, "lm_head": False, "dynamic": extras.dynamic,
+    }  # fmt: skip
+    if extras.act_group_aware is not None:
+        kwargs["act_group_aware"] = extras.act_group_aware
+    elif cfg.desc_act:
+        # gptqmodel turns on group-aware reordering by default and refuses it with desc_act.
+        kwargs["act_group_aware"] = False
+    return EngineConfig(**kwargs)
+
+
+class GPTQQuantizer:
+    """GPTQ through gptqmodel, saved as a GPTQ v1 checkpoint."""
+
+    name: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+    supported_bits: ClassVar[tuple[int, ...]] = (4, 8)
+
+    def quantize(
+        self,
+        model_dir: Path,
+        out_dir: Path,
+        cfg: QuantizeConfig,
+        calib: CalibrationSet | None,
+        extras: QuantizeExtras,
+    ) -> dict[str, Any]:
+        """Calibrate, quantize and save into ``out_dir``."""
+        assert calib is not None  # the stage always passes calibration to this method
+        model = _gptqmodel.load(model_dir, gptq_config(cfg, extras), extras.compute_dtype)
+        _gptqmodel.run_quantize(model, calib.as_gptqmodel(), batch_size=cfg.batch_size)
+        model.save(str(out_dir))
+        del model
+        return _gptqmodel.finalize_checkpoint(model_dir, out_dir)

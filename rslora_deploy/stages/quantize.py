@@ -1,0 +1,134 @@
+"""Stage ``quantize``: merged full-precision model -> GPTQ/AWQ-format Hugging Face checkpoint.
+
+Artifact in (``hf``), artifact out (``hf-quantized``). Everything that can be checked before the
+engine runs is checked first (bits, group size against every layer width, calibration data), so a
+bad input fails in seconds and leaves nothing behind. A checkpoint that is already GPTQ/AWQ
+(AutoGPTQ, AutoAWQ, gptqmodel) is checked for config/tensor consistency and passed through.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rslora_deploy.artifact import Artifact
+from rslora_deploy.config import QuantizeConfig
+from rslora_deploy.errors import ConfigError, QuantizationError
+from rslora_deploy.quantizers import QUANTIZERS
+from rslora_deploy.quantizers._checkpoint import (
+    LinearSpec,
+    check_prequantized,
+    decoder_linears,
+    quantization_config,
+)
+from rslora_deploy.quantizers.base import QuantizeExtras
+
+logger = logging.getLogger(__name__)
+
+
+def is_prequantized(model_dir: Path) -> bool:
+    """True when ``model_dir`` declares a quantization config (GPTQ/AWQ or anything else)."""
+    return quantization_config(Path(model_dir)) is not None
+
+
+def validate_shapes(linears: list[LinearSpec], cfg: QuantizeConfig, method: str) -> None:
+    """Check that ``group_size`` and int32 packing fit every quantized layer.
+
+    Raises:
+        ConfigError: naming the first layer that does not fit and the fix.
+    """
+    per_word = 32 // cfg.bits
+    for spec in linears:
+        if cfg.group_size != -1 and spec.in_features % cfg.group_size:
+            divisors = [g for g in (256, 128, 64, 32, 16) if spec.in_features % g == 0]
+            raise ConfigError(
+                f"layer {spec.name!r} in_features={spec.in_features} is not divisible by "
+                f"quantize.group_size={cfg.group_size}; set --group-size to a divisor of every "
+                f"layer width (here {divisors[0] if divisors else -1} works for this layer)"
+            )
+        packed = spec.out_features if method == "awq" else spec.in_features
+        if packed % per_word:
+            raise ConfigError(
+                f"layer {spec.name!r} width {packed} cannot be packed {per_word} values per "
+                f"int32 at bits={cfg.bits}; use --bits 4 or 8 on a model whose widths are "
+                f"multiples of {per_word}"
+            )
+
+
+def quantize_model(
+    merged: Artifact,
+    out_dir: Path,
+    cfg: QuantizeConfig,
+    *,
+    extras: QuantizeExtras | None = None,
+) -> Artifact:
+    """Quantize the merged model into ``out_dir`` with ``cfg.method``.
+
+    Args:
+        merged: the ``hf`` artifact of the merge stage (or an already-quantized checkpoint).
+        out_dir: a fresh directory the caller owns (created if missing; must be empty).
+        cfg: the ``[quantize]`` section.
+        extras: engine options beyond the recipe (benchmarks, ``--protect-adapter``).
+
+    Returns:
+        ``Artifact("hf-quantized", out_dir, meta)`` with method, bits, group_size, sym, desc_act,
+        calib (samples, seq_len, source, sha256), seconds and the handler's facts. For an
+        already-quantized input the artifact points at the input directory and
+        ``meta["prequantized"]`` is True; nothing is written.
+
+    Raises:
+        ConfigError: unsupported bits or a group size that does not divide a layer width.
+        CalibrationDataError: empty, too short or unreadable calibration data.
+        UnsupportedError: an architecture the engine cannot handle.
+        NonFiniteError: NaN/Inf during calibration or in the result.
+        QuantizationError: any other engine failure.
+    """
+    extras = extras or QuantizeExtras()
+    model_dir = Path(merged.path)
+    if is_prequantized(model_dir):
+        summary = check_prequantized(model_dir)
+        logger.info("quantize: %s is already %s-quantized; skipping", model_dir, summary["method"])
+        return Artifact("hf-quantized", model_dir, {**summary, "prequantized": True, "seconds": 0.0})
+    method = cfg.method.value
+    handler = QUANTIZERS.get(method)()
+    if cfg.bits not in handler.supported_bits:
+        raise ConfigError(
+            f"quantize.bits={cfg.bits} is not supported by method {method}; "
+            f"use one of {list(handler.supported_bits)}"
+        )
+    linears = decoder_linears(model_dir)
+    validate_shapes(linears, cfg, method)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):
+        raise QuantizationError(f"output directory {out_dir} is not empty; pass a fresh directory")
+    calib = _calibration(model_dir, cfg) if handler.needs_calibration else None
+    logger.info(
+        "quantize: %s bits=%d group=%d sym=%s desc_act=%s on %d layers",
+        method, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, len(linears),
+    )
+    start = time.perf_counter()
+    facts = handler.quantize(model_dir, out_dir, cfg, calib, extras)
+    seconds = time.perf_counter() - start
+    logger.info("quantize: %s done in %.1f s", method, seconds)
+    meta: dict[str, Any] = {
+        "method": method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+        "desc_act": cfg.desc_act, "damp_percent": cfg.damp_percent,
+        "calib": calib.meta if calib is not None else None, "seconds": round(seconds, 2),
+        "layers": len(linears), "lm_head": "full precision", "prequantized": False,
+        "extras": extras.model_dump(exclude_defaults=True), **facts,
+    }  # fmt: skip
+    return Artifact("hf-quantized", out_dir, meta)
+
+
+def _calibration(model_dir: Path, cfg: QuantizeConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    from rslora_deploy.calibration import build_calibration
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    return build_calibration(
+        tokenizer, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed, path=cfg.calib_path
+    )
