@@ -153,6 +153,12 @@ def validate(model: nn.Module, deltas: list[ModuleDelta], *, untie: bool = False
         module = resolve_module(model, delta.name)
         layout = layer_layout(module, delta.name)
         check_delta_against_layer(delta, layout, *logical_shape(module, layout))
+        if delta.expected_base is not None and not torch.equal(
+                torch.from_numpy(np.asarray(delta.expected_base, np.float32)),
+                module.weight.detach().to(torch.float32)):
+            raise BaseMismatchError(
+                f"{delta.name}: the adapter carries a saved base weight that differs from the "
+                "base model's; it was trained on another base (or a resized vocabulary)")
         if not untie and _is_tied(model, module):
             raise MergeError(
                 f"{delta.name} shares its weight with the tied input/output embedding "

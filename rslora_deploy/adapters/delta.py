@@ -37,6 +37,8 @@ class ModuleDelta:
         scale: the scalar s multiplying B @ A.
         dense: the full dW (d_out, d_in) for importers without factors; None when factored.
         source: free-form facts for reports (format, r, alpha...).
+        expected_base: a copy of the base weight the adapter file carries (PEFT saves whole
+            embeddings); the merge checks it equals the base's weight.
     """
 
     name: str
@@ -49,6 +51,7 @@ class ModuleDelta:
     scale: float = 1.0
     dense: np.ndarray | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    expected_base: np.ndarray | None = None
 
     @property
     def kind(self) -> str:

@@ -69,8 +69,15 @@ def load_peft_lora(directory: Path) -> tuple[list[ModuleDelta], dict[str, Any]]:
     tensors, path = read_weights(directory)
     groups: dict[str, dict[str, np.ndarray]] = {}
     embedding_modules = set()
+    saved_bases: dict[str, np.ndarray] = {}
     for key, array in tensors.items():
-        module, factor, embedding = _split_key(strip_prefix(key, path), path)
+        stripped = strip_prefix(key, path)
+        if stripped.endswith(".base_layer.weight"):
+            # PEFT's save_embedding_layers="auto" stores the whole embedding next to its LoRA
+            # factors; it must equal the base's weight, which the merge checks (E010).
+            saved_bases[stripped.removesuffix(".base_layer.weight")] = array
+            continue
+        module, factor, embedding = _split_key(stripped, path)
         groups.setdefault(module, {})[factor] = array
         if embedding:
             embedding_modules.add(module)
@@ -102,6 +109,11 @@ def load_peft_lora(directory: Path) -> tuple[list[ModuleDelta], dict[str, Any]]:
             B=b_mat, A=a_mat, scale=lora_scale(alpha_m, r_m, use_rslora),
             source={"format": "peft-lora", "r": r_m, "alpha": alpha_m, "use_rslora": use_rslora},
         ))
+        if module in saved_bases:
+            deltas[-1].expected_base = saved_bases.pop(module)
+    if saved_bases:
+        raise AdapterFormatError(f"{path}: unexpected tensor {next(iter(saved_bases))}"
+                                 ".base_layer.weight without LoRA factors", code="E023")
     if not deltas:
         raise AdapterFormatError(f"{path} holds no LoRA tensors", code="E023")
     summary = {"r": r_default, "lora_alpha": alpha_default, "use_rslora": use_rslora,

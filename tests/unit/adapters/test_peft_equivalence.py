@@ -1,0 +1,137 @@
+"""Real peft adapters on tiny models: our import + merge == peft's merge_and_unload() (fp32, 1e-6),
+and merged logits == on-the-fly logits (spec 8.1, 8.6)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from rslora_deploy.adapters.detect import load_adapter  # noqa: E402
+from rslora_deploy.adapters.layers import apply_on_the_fly  # noqa: E402
+from rslora_deploy.merging import merge_deltas  # noqa: E402
+from rslora_deploy.testing.tiny import (  # noqa: E402
+    example_inputs,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_qwen2,
+)
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _randomize(model: Any, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name or "vera_lambda" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+
+
+def _peft_roundtrip(base: Any, config: Any, tmp_path: Path, seed: int = 1) -> tuple[Any, Any]:
+    """Wrap a copy with peft, randomize, save; return (peft-merged model, adapter dir)."""
+    wrapped = peft.get_peft_model(copy.deepcopy(base), config)
+    _randomize(wrapped, seed)
+    wrapped.save_pretrained(tmp_path)
+    return wrapped, tmp_path
+
+
+def _assert_same_weights(ours: Any, ref: Any, atol: float = 1e-6) -> int:
+    ref_state = ref.state_dict()
+    changed = 0
+    for name, tensor in ours.state_dict().items():
+        other = ref_state[name]
+        assert tensor.shape == other.shape, name
+        diff = (tensor.float() - other.float()).abs().max().item()
+        assert diff <= atol, f"{name}: max diff {diff}"
+    for name, param in ours.named_parameters():
+        changed += int(not torch.equal(param, dict(ref.named_parameters()).get(name, param)))
+    return changed
+
+
+CASES: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
+    ("llama-lora", tiny_llama, lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False)),
+    ("llama-rslora-patterns", tiny_llama, lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, use_rslora=True, target_modules=LLAMA_TARGETS,
+        rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3})),
+    ("qwen2-lora-bias", tiny_qwen2, lambda: peft.LoraConfig(
+        r=3, lora_alpha=5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    ("gpt2-conv1d", tiny_gpt2, lambda: peft.LoraConfig(
+        r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    ("llama-embedding", tiny_llama, lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    ("llama-vera", tiny_llama, lambda: peft.VeraConfig(
+        r=8, target_modules=["q_proj", "v_proj", "down_proj"], save_projection=True)),
+]
+
+
+@pytest.mark.parametrize(("name", "factory", "make_config"), CASES, ids=[c[0] for c in CASES])
+def test_merge_matches_peft_and_on_the_fly(name: str, factory: Callable[[], Any],
+                                           make_config: Callable[[], Any],
+                                           tmp_path: Path) -> None:
+    base = factory()
+    wrapped, adapter_dir = _peft_roundtrip(base, make_config(), tmp_path)
+    ids = example_inputs()
+    with torch.no_grad():
+        peft_logits = wrapped(input_ids=ids).logits
+    reference = wrapped.merge_and_unload()
+
+    adapter = load_adapter(adapter_dir)
+    assert adapter.format == ("peft-vera" if "vera" in name else "peft-lora")
+    ours = copy.deepcopy(base)
+    stats = merge_deltas(ours, adapter.deltas)
+    assert len(stats) == len(adapter.deltas) > 0
+    _assert_same_weights(ours, reference)
+    for row in stats:  # every targeted weight really changed
+        assert row.max_abs_delta > 0, row.module
+
+    fly = apply_on_the_fly(copy.deepcopy(base), load_adapter(adapter_dir).deltas)
+    with torch.no_grad():
+        merged_logits = ours(input_ids=ids).logits
+        fly_logits = fly(input_ids=ids).logits
+        base_logits = base(input_ids=ids).logits
+    scale = 1 + fly_logits.abs().max().item()
+    assert (merged_logits - fly_logits).abs().max().item() <= 1e-5 * scale
+    assert (peft_logits - fly_logits).abs().max().item() <= 1e-5 * scale
+    assert (base_logits - fly_logits).abs().max().item() > 1e-3  # the adapter does something
+    assert torch.equal(merged_logits.argmax(-1), fly_logits.argmax(-1))
+
+
+def test_qwen2_biases_untouched(tmp_path: Path) -> None:
+    base = tiny_qwen2()
+    wrapped, adapter_dir = _peft_roundtrip(
+        base, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "k_proj"]), tmp_path)
+    ours = copy.deepcopy(base)
+    merge_deltas(ours, load_adapter(adapter_dir).deltas)
+    for layer_ours, layer_base in zip(ours.model.layers, base.model.layers, strict=True):
+        assert torch.equal(layer_ours.self_attn.q_proj.bias, layer_base.self_attn.q_proj.bias)
+        assert not torch.equal(layer_ours.self_attn.q_proj.weight,
+                               layer_base.self_attn.q_proj.weight)
+
+
+def test_vera_without_projection_needs_opt_in_then_matches_peft(tmp_path: Path) -> None:
+    from rslora_deploy.errors import AdapterFormatError
+
+    base = tiny_llama()
+    config = peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], save_projection=False,
+                             projection_prng_key=7)
+    wrapped, adapter_dir = _peft_roundtrip(base, config, tmp_path)
+    reference = wrapped.merge_and_unload()
+    with pytest.raises(AdapterFormatError) as info:
+        load_adapter(adapter_dir)
+    assert info.value.code == "E071"
+    shapes = {f"model.layers.{i}.self_attn.{p}": (64 if p == "q_proj" else 32, 64)
+              for i in range(2) for p in ("q_proj", "v_proj")}
+    adapter = load_adapter(adapter_dir, allow_unverified_vera_regeneration=True,
+                           base_shapes=shapes)
+    assert adapter.meta["regenerated_projections"] is True
+    ours = copy.deepcopy(base)
+    merge_deltas(ours, adapter.deltas)
+    _assert_same_weights(ours, reference)
