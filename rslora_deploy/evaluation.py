@@ -1,0 +1,336 @@
+"""Quality evaluation: perplexity, greedy agreement and ONNX-vs-PyTorch logit error.
+
+Protocol (fixed so numbers are comparable across builds and docs/benchmarks-quantize.md):
+
+* Text: the evaluation split of the fetched Brown corpus (disjoint from calibration), documents in
+  file order, tokenized without special tokens and joined with the EOS token.
+* Windows: the first ``windows`` non-overlapping chunks of ``window_len - 1`` tokens, each
+  prefixed with BOS (when the tokenizer has one): every window is scored from a fresh context.
+* Perplexity: ``exp(mean NLL)`` over the ``window_len - 1`` predicted tokens of every window
+  (the BOS position predicts token 1; nothing predicts BOS), so the stated token count is
+  ``windows * (window_len - 1)``.
+* Greedy agreement: the fraction of those positions where ``argmax`` of a model's logits equals
+  ``argmax`` of the full-precision model's.
+* Relative logit error: ``||L_a - L_b||_F / ||L_b||_F`` over all positions of all windows.
+
+All models run in lockstep over the same windows, one window at a time, so memory holds one
+``[window_len, vocab]`` logit matrix per model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rslora_deploy.errors import InputError, RsloraDeployError
+
+logger = logging.getLogger(__name__)
+
+#: The build's gate between the ONNX int4 model and the PyTorch quantized model it came from
+#: (stack-notes measured 0.006-0.014 for the onnxruntime-genai builder on SmolLM2).
+ONNX_LOGIT_ERROR_LIMIT = 0.02
+
+LogitFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class EvalText:
+    """The tokenized evaluation windows.
+
+    Attributes:
+        input_ids: int64 ``[windows, window_len]``.
+        scored_tokens: tokens whose prediction is scored (``windows * (window_len - 1)``).
+        meta: source, split, windows, window_len, bos.
+    """
+
+    input_ids: np.ndarray
+    scored_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def eval_windows(
+    tokenizer: Any, windows: int, window_len: int, genre: str | None = None
+) -> EvalText:
+    """Build the evaluation windows from the Brown evaluation split (see the module docstring).
+
+    Raises:
+        InputError: the split holds fewer tokens than ``windows`` windows need.
+    """
+    from rslora_deploy.corpus import iter_documents
+
+    docs = [d.text for d in iter_documents("evaluation", genre=genre)]
+    return windows_from_texts(tokenizer, docs, windows, window_len, f"brown:evaluation:{genre or 'all'}")
+
+
+def windows_from_texts(
+    tokenizer: Any, docs: list[str], windows: int, window_len: int, source: str
+) -> EvalText:
+    """Cut documents into BOS-prefixed, non-overlapping windows (the first ``windows`` of them)."""
+    bos = tokenizer.bos_token_id
+    sep = tokenizer.eos_token_id
+    stream: list[int] = []
+    body = window_len - 1 if bos is not None else window_len
+    for doc in docs:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            stream.append(sep)
+        if len(stream) >= windows * body:
+            break
+    if len(stream) < windows * body:
+        raise InputError(
+            f"evaluation text from {source} has {len(stream)} tokens, fewer than {windows} "
+            f"windows of {window_len}; lower eval.windows or eval.window_len"
+        )
+    rows = np.asarray(stream[: windows * body], dtype=np.int64).reshape(windows, body)
+    if bos is not None:
+        rows = np.concatenate([np.full((windows, 1), bos, dtype=np.int64), rows], axis=1)
+    meta = {"source": source, "windows": windows, "window_len": window_len, "bos": bos is not None}
+    return EvalText(rows, windows * (window_len - 1), meta)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (stable: subtract the row max)."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def torch_logits(model_dir: Path) -> LogitFn:
+    """A logit function for a Hugging Face model dir (full precision, GPTQ or AWQ)."""
+    import torch
+
+    from rslora_deploy.backend import select_backend
+
+    backend = select_backend()
+    model = load_torch_model(model_dir).to(backend.device).eval()
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(ids[None, :]).to(backend.device)).logits[0]
+        return out.float().cpu().numpy()
+
+    return run
+
+
+def load_torch_model(model_dir: Path) -> Any:
+    """Load a causal LM with transformers (fp32 compute for unquantized parts, no remote code).
+
+    Quantized checkpoints load through transformers' GPTQ/AWQ integration (gptqmodel kernels).
+
+    Raises:
+        InputError: transformers cannot load the directory.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=False
+        )
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        raise InputError(
+            f"cannot load {model_dir} with transformers ({type(exc).__name__}: {str(exc)[:200]}); "
+            "pass a Hugging Face model directory (install optimum + gptqmodel for GPTQ/AWQ)"
+        ) from exc
+
+
+def onnx_logits(onnx_dir: Path) -> LogitFn:
+    """A logit function for an onnxruntime-genai folder, run with plain onnxruntime.
+
+    The genai ``Generator`` only exposes the last position's logits; perplexity needs all of
+    them, so ``model.onnx`` is run once per window with empty past key/value inputs (shape
+    ``[1, kv_heads, 0, head_dim]``), which is exactly the prompt-processing call genai makes.
+    """
+    import onnxruntime as ort
+
+    path = Path(onnx_dir) / "model.onnx"
+    if not path.is_file():
+        raise InputError(f"{path} not found; pass an onnxruntime-genai model folder")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    past = {}
+    for item in session.get_inputs():
+        if item.name.startswith("past_key_values"):
+            kv_heads, head_dim = item.shape[1], item.shape[3]
+            if not isinstance(head_dim, int):
+                head_dim = _genai_head_size(Path(onnx_dir))
+            past[item.name] = np.zeros((1, kv_heads, 0, head_dim), dtype=dtypes[item.type])
+    names = {i.name for i in session.get_inputs()}
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        feed: dict[str, np.ndarray] = {"input_ids": ids[None, :], **past}
+        if "attention_mask" in names:
+            feed["attention_mask"] = np.ones((1, len(ids)), dtype=np.int64)
+        if "position_ids" in names:
+            feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
+        logits = session.run(["logits"], feed)[0]
+        return np.asarray(logits[0], dtype=np.float32)
+
+    return run
+
+
+def _genai_head_size(onnx_dir: Path) -> int:
+    import json
+
+    data = json.loads((onnx_dir / "genai_config.json").read_text(encoding="utf-8"))
+    return int(data["model"]["decoder"]["head_size"])
+
+
+@dataclass
+class _Acc:
+    nll: float = 0.0
+    count: int = 0
+    agree: int = 0
+
+
+def run_lockstep(models: dict[str, LogitFn], text: EvalText, reference: str | None,
+                 pairs: list[tuple[str, str]], on_window: Callable[[dict[str, np.ndarray]], None]
+                 | None = None) -> dict[str, Any]:
+    """Run every model on every window; accumulate NLL, agreement and pairwise logit error.
+
+    Args:
+        models: name -> logit function.
+        text: the windows.
+        reference: the model greedy agreement is measured against (None: no agreement).
+        pairs: ``(a, b)`` pairs for ``relative_logit_error(a vs b)``.
+        on_window: called with each window's logits (survival statistics hook).
+    """
+    accs = {name: _Acc() for name in models}
+    diff2 = dict.fromkeys(pairs, 0.0)
+    ref2 = dict.fromkeys(pairs, 0.0)
+    seconds = dict.fromkeys(models, 0.0)
+    for ids in text.input_ids:
+        logits: dict[str, np.ndarray] = {}
+        for name, fn in models.items():
+            start = time.perf_counter()
+            logits[name] = fn(ids)
+            seconds[name] += time.perf_counter() - start
+            logp = log_softmax(logits[name][:-1])
+            accs[name].nll -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
+            accs[name].count += len(ids) - 1
+        if reference is not None:
+            ref_arg = logits[reference][:-1].argmax(-1)
+            for name in models:
+                accs[name].agree += int((logits[name][:-1].argmax(-1) == ref_arg).sum())
+        for a, b in pairs:
+            diff2[(a, b)] += float(np.square(logits[a] - logits[b], dtype=np.float64).sum())
+            ref2[(a, b)] += float(np.square(logits[b], dtype=np.float64).sum())
+        if on_window is not None:
+            on_window(logits)
+    result: dict[str, Any] = {"models": {}}
+    for name, acc in accs.items():
+        entry = {"perplexity": math.exp(acc.nll / acc.count), "mean_nll": acc.nll / acc.count,
+                 "seconds": round(seconds[name], 2)}
+        if reference is not None:
+            entry["greedy_agreement"] = acc.agree / acc.count
+        result["models"][name] = entry
+    result["relative_logit_error"] = {
+        f"{a}_vs_{b}": math.sqrt(diff2[(a, b)] / ref2[(a, b)]) for a, b in pairs
+    }
+    return result
+
+
+def relative_logit_error(
+    onnx_dir: Path, torch_quantized_dir: Path, windows: int = 4, window_len: int = 512
+) -> float:
+    """Relative L2 error of the ONNX model's logits against the PyTorch quantized model's.
+
+    ``||L_onnx - L_torch||_F / ||L_torch||_F`` over ``windows`` evaluation windows.
+    """
+    tokenizer = _tokenizer(torch_quantized_dir)
+    text = eval_windows(tokenizer, windows, window_len)
+    models = {"onnx": onnx_logits(onnx_dir), "torch": torch_logits(torch_quantized_dir)}
+    result = run_lockstep(models, text, None, [("onnx", "torch")])
+    return float(result["relative_logit_error"]["onnx_vs_torch"])
+
+
+def _tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def evaluate_build(
+    merged_dir: Path,
+    quantized_dir: Path,
+    onnx_dir: Path | None,
+    eval_cfg: Any,
+    base_dir: Path | None = None,
+    *,
+    survival_threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Evaluate a build: perplexity of merged / quantized / ONNX, agreement, logit error, survival.
+
+    Args:
+        merged_dir: merged full-precision HF directory (the reference).
+        quantized_dir: GPTQ/AWQ checkpoint of the quantize stage.
+        onnx_dir: onnxruntime-genai folder of the export stage (None skips the ONNX model).
+        eval_cfg: :class:`rslora_deploy.config.EvalConfig` (windows, window_len).
+        base_dir: the base model before merging; when given, adapter survival is reported.
+        survival_threshold: warn when the retained fraction of the adapter effect is lower.
+
+    Returns:
+        JSON-able dict: protocol, per-model perplexity / agreement, relative logit errors,
+        ``onnx_vs_torch_ok`` and (with ``base_dir``) ``survival``.
+    """
+    from rslora_deploy import survival
+
+    start = time.perf_counter()
+    tokenizer = _tokenizer(merged_dir)
+    text = eval_windows(tokenizer, eval_cfg.windows, eval_cfg.window_len)
+    models: dict[str, LogitFn] = {"merged": torch_logits(merged_dir),
+                                  "quantized": torch_logits(quantized_dir)}
+    pairs = [("quantized", "merged")]
+    if onnx_dir is not None:
+        models["onnx"] = onnx_logits(onnx_dir)
+        pairs += [("onnx", "quantized"), ("onnx", "merged")]
+    stats = None
+    if base_dir is not None:
+        models["base"] = torch_logits(base_dir)
+        stats = survival.SurvivalStats()
+    hook = None if stats is None else (
+        lambda lg: stats.add(lg["base"], lg["merged"], lg["quantized"], ignore_last=True)
+    )
+    result = run_lockstep(models, text, "merged", pairs, hook)
+    report: dict[str, Any] = {
+        "protocol": {**text.meta, "scored_tokens": text.scored_tokens,
+                     "perplexity": "exp(mean NLL), BOS per window, non-overlapping windows"},
+        **result,
+    }
+    if onnx_dir is not None:
+        err = result["relative_logit_error"]["onnx_vs_quantized"]
+        report["onnx_vs_torch_ok"] = err < ONNX_LOGIT_ERROR_LIMIT
+        report["onnx_vs_torch_limit"] = ONNX_LOGIT_ERROR_LIMIT
+        if err >= ONNX_LOGIT_ERROR_LIMIT:
+            logger.warning(
+                "ONNX logits differ from the PyTorch quantized model by %.4f (limit %.2f)",
+                err, ONNX_LOGIT_ERROR_LIMIT,
+            )
+    if stats is not None:
+        report["survival"] = stats.summary(threshold=survival_threshold)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def evaluate_models(
+    model_dirs: dict[str, Path], reference: str, windows: int, window_len: int,
+    onnx_dirs: dict[str, Path] | None = None,
+) -> dict[str, Any]:
+    """Perplexity and agreement of several HF (and ONNX) models on the same windows."""
+    if reference not in model_dirs:
+        raise RsloraDeployError(f"reference model {reference!r} is not among {list(model_dirs)}")
+    text = eval_windows(_tokenizer(model_dirs[reference]), windows, window_len)
+    models = {name: torch_logits(path) for name, path in model_dirs.items()}
+    for name, path in (onnx_dirs or {}).items():
+        models[name] = onnx_logits(path)
+    result = run_lockstep(models, text, reference, [])
+    return {"protocol": {**text.meta, "scored_tokens": text.scored_tokens}, **result}

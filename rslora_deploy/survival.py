@@ -1,0 +1,187 @@
+"""Adapter survival: how much of the adapter's effect the quantized model keeps.
+
+With the base model ``B``, the merged model ``M = B + ΔW`` and its quantized form ``Q``, on
+evaluation text (positions ``t``, next-token distributions ``P_X(t)``):
+
+* effect      ``E = mean_t KL(P_M(t) || P_B(t))``  (what the adapter changed);
+* residual    ``R = mean_t KL(P_M(t) || P_Q(t))``  (how far quantization moved away from M);
+* **retained** ``= 1 - R / E``: 1.0 means Q behaves like M, 0 means Q is as far from M as the
+  base is (the adapter is as good as lost); it can go below 0. ``R`` also contains quantization
+  noise unrelated to the adapter, so this is a conservative (lower) estimate.
+* ``retained_projection = <ℓ_Q - ℓ_B, ℓ_M - ℓ_B> / ||ℓ_M - ℓ_B||^2`` with ``ℓ`` the centred
+  log-probabilities: the share of the adapter's shift, along its own direction, that Q shows.
+  Quantization noise orthogonal to the shift does not count against it.
+* loss view: ``retained_loss = (NLL_B - NLL_Q) / (NLL_B - NLL_M)``, meaningful when the
+  adapter lowers the loss on the text (its own domain).
+
+``--protect-adapter`` keeps modules whose ΔW is small relative to the quantization step at more
+bits: rounding to a step ``s`` adds an error of RMS ``s/sqrt(12)``, so a delta of RMS below
+about ``s`` is mostly rounded away. :func:`delta_to_step_ratios` measures
+``rms(ΔW) / mean(s)`` per module and :func:`protection_dynamic` writes gptqmodel's per-module
+``dynamic`` overrides, honoured by gptqmodel, transformers and the onnxruntime-genai builder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+#: Modules with rms(ΔW) / quantization step below this are protected by --protect-adapter.
+DEFAULT_PROTECT_RATIO = 1.0
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """``KL(P || Q)`` per row, from logits ``[positions, vocab]`` (natural log)."""
+    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
+def retained_fraction(effect: float, residual: float) -> float:
+    """``1 - residual / effect``; NaN when there is no effect to retain."""
+    if effect <= 0:
+        return math.nan
+    return 1.0 - residual / effect
+
+
+def retained_projection(base: np.ndarray, merged: np.ndarray, quant: np.ndarray) -> float:
+    """Share of the adapter's log-prob shift ``ℓ_M - ℓ_B`` that ``ℓ_Q - ℓ_B`` shows (see module)."""
+    lb, lm, lq = (_log_softmax(x) for x in (base, merged, quant))
+    shift = lm - lb
+    denom = float((shift * shift).sum())
+    return math.nan if denom == 0 else float(((lq - lb) * shift).sum()) / denom
+
+
+@dataclass
+class SurvivalStats:
+    """Accumulates survival statistics window by window."""
+
+    kl_mb: float = 0.0
+    kl_mq: float = 0.0
+    proj_num: float = 0.0
+    proj_den: float = 0.0
+    nll: dict[str, float] = field(default_factory=lambda: {"base": 0.0, "merged": 0.0, "quantized": 0.0})
+    positions: int = 0
+
+    def add(
+        self,
+        base: np.ndarray,
+        merged: np.ndarray,
+        quant: np.ndarray,
+        *,
+        ignore_last: bool = False,
+        targets: np.ndarray | None = None,
+    ) -> None:
+        """Add one window's logits ``[positions, vocab]`` of B, M and Q.
+
+        Args:
+            base: base-model logits.
+            merged: merged-model logits.
+            quant: quantized-model logits.
+            ignore_last: drop the last position (it predicts past the window).
+            targets: next-token ids per position, for the loss view.
+        """
+        if ignore_last:
+            base, merged, quant = base[:-1], merged[:-1], quant[:-1]
+        lb, lm, lq = (_log_softmax(x) for x in (base, merged, quant))
+        pm = np.exp(lm)
+        self.kl_mb += float((pm * (lm - lb)).sum())
+        self.kl_mq += float((pm * (lm - lq)).sum())
+        shift = lm - lb
+        self.proj_num += float(((lq - lb) * shift).sum())
+        self.proj_den += float((shift * shift).sum())
+        if targets is not None:
+            rows = np.arange(len(targets))
+            for name, lp in (("base", lb), ("merged", lm), ("quantized", lq)):
+                self.nll[name] -= float(lp[rows, targets].sum())
+        self.positions += len(lm)
+
+    def summary(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+        """The JSON-able survival report; logs a warning when ``retained < threshold``."""
+        n = max(self.positions, 1)
+        effect, residual = self.kl_mb / n, self.kl_mq / n
+        retained = retained_fraction(effect, residual)
+        out: dict[str, Any] = {
+            "effect_kl_merged_vs_base": effect,
+            "residual_kl_merged_vs_quantized": residual,
+            "retained": retained,
+            "retained_projection": self.proj_num / self.proj_den if self.proj_den else math.nan,
+            "positions": self.positions,
+            "threshold": threshold,
+            "formula": "retained = 1 - mean KL(M||Q) / mean KL(M||B)",
+        }
+        if any(self.nll.values()):
+            nb, nm, nq = (self.nll[k] / n for k in ("base", "merged", "quantized"))
+            out["nll"] = {"base": nb, "merged": nm, "quantized": nq}
+            out["retained_loss"] = (nb - nq) / (nb - nm) if nb != nm else math.nan
+        out["warning"] = bool(not math.isnan(retained) and retained < threshold)
+        if out["warning"]:
+            logger.warning(
+                "adapter survival %.2f is below %.2f: quantization removed much of the adapter's "
+                "effect; rebuild with --protect-adapter",
+                retained, threshold,
+            )
+        return out
+
+
+def delta_to_step_ratios(
+    base_dir: Path, merged_dir: Path, bits: int, group_size: int, sym: bool
+) -> dict[str, dict[str, float]]:
+    """``rms(ΔW) / mean quantization step`` for every decoder linear whose weight changed.
+
+    The step is the RTN group scale of the merged weight at ``bits``/``group_size``.
+    """
+    from rslora_deploy.quantizers import _checkpoint, _rtn_math
+
+    base = _checkpoint.load_tensors(base_dir)
+    merged = _checkpoint.load_tensors(merged_dir)
+    out: dict[str, dict[str, float]] = {}
+    for spec in _checkpoint.decoder_linears(merged_dir):
+        key = f"{spec.name}.weight"
+        delta = merged[key].astype(np.float64) - base[key].astype(np.float64)
+        rms = float(np.sqrt(np.mean(delta * delta)))
+        if rms == 0:
+            continue
+        gq = _rtn_math.quantize_rtn(merged[key], bits, group_size, sym)
+        step = float(gq.scales.astype(np.float64).mean())
+        out[spec.name] = {"delta_rms": rms, "step": step, "ratio": rms / step}
+    return out
+
+
+def protection_dynamic(
+    ratios: dict[str, dict[str, float]], max_ratio: float = DEFAULT_PROTECT_RATIO, bits: int = 8
+) -> dict[str, dict[str, Any]]:
+    """gptqmodel ``dynamic`` overrides keeping modules with ``ratio < max_ratio`` at ``bits``.
+
+    The pattern is the exact module name, anchored, so nothing else matches.
+    """
+    return {
+        f"+:^{name.replace('.', chr(92) + '.')}$": {"bits": bits}
+        for name, r in sorted(ratios.items())
+        if r["ratio"] < max_ratio
+    }
+
+
+def quantized_weight_bytes(model_dir: Path) -> int:
+    """Bytes of the quantized tensors (qweight, qzeros, scales, g_idx) of a checkpoint."""
+    from rslora_deploy.quantizers._checkpoint import tensor_shapes
+
+    sizes = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I8": 1, "U8": 1}
+    total = 0
+    for key, (shape, dtype) in tensor_shapes(model_dir).items():
+        if key.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
+            total += int(np.prod(shape)) * sizes.get(dtype, 4)
+    return total
