@@ -1,0 +1,209 @@
+"""Merge benchmark: our merge vs peft's merge_and_unload(), RSG-1 throughput, demo regeneration.
+
+    python benchmarks/bench_merge.py            # writes docs/benchmarks-merge.md
+
+Setup: a PEFT LoRA adapter (r=16, alpha=32, all 7 linear projections of every layer, random
+non-zero A and B) on SmolLM2-135M-Instruct. Each merge runs in its own subprocess so its peak RSS
+(ru_maxrss) is measured separately; each side loads the base, loads the adapter, merges and saves a
+safetensors HF directory. The runs alternate (ours, peft, ours, peft, ...) and the best wall time
+of each is reported, because the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(kind: str, base: Path, adapter: Path, out: Path) -> dict:
+    """One merge in this process; returns timings and peak RSS."""
+    import torch
+
+    torch.set_num_threads(1)
+    if kind == "peft":
+        import peft  # noqa: F401  (import cost outside the timed region, like ours)
+    from transformers import AutoModelForCausalLM
+
+    from rslora_deploy.config import AdapterConfig, MergeConfig
+    from rslora_deploy.stages.merge import merge_adapter
+
+    rss_imports = _rss_mib()
+    start = time.perf_counter()
+    if kind == "ours":
+        merge_adapter(base, adapter, out, MergeConfig(dtype="auto"), AdapterConfig())
+        merge_s = None
+    else:
+        from peft import PeftModel
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        model = PeftModel.from_pretrained(model, adapter)
+        t0 = time.perf_counter()
+        model = model.merge_and_unload(safe_merge=True)
+        merge_s = time.perf_counter() - t0
+        model.save_pretrained(out)
+    return {"kind": kind, "wall_s": time.perf_counter() - start, "merge_only_s": merge_s,
+            "peak_rss_mib": _rss_mib(), "rss_after_imports_mib": rss_imports}
+
+
+def make_adapter(base: Path, out: Path) -> None:
+    """r=16 LoRA on all 7 projections with random non-zero A and B, saved by peft."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32,
+                                                         target_modules=TARGETS))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    wrapped.save_pretrained(out)
+
+
+def rsg_numbers() -> dict:
+    """RSG-1 values/s, and the time to regenerate + verify every projection of the demo adapter."""
+    from rslora_deploy.adapters import demo_adapter_dir, rsg
+    from rslora_deploy.adapters.detect import load_adapter
+    from rslora_deploy.adapters.rslora_v1 import parse_config
+
+    key = rsg.derive_key(0, "", "bench", "A")
+    n = 50_000_000
+    start = time.perf_counter()
+    rsg.generate_range(key, 0, n)
+    throughput = n / (time.perf_counter() - start)
+    cfg = parse_config((demo_adapter_dir() / "rslora_config.json").read_bytes())
+    values = sum(cfg.k * cfg.r * (m.d_in + m.d_out) for m in cfg.modules.values())
+    start = time.perf_counter()
+    for entry in cfg.modules.values():
+        for factor, rows, cols in (("A", cfg.r, entry.d_in), ("B", entry.d_out, cfg.r)):
+            for _ in rsg.iter_slabs(rsg.derive_key(cfg.seed or 0, cfg.task_id, entry.name, factor),
+                                    cfg.k, rows, cols):
+                pass
+    regen = time.perf_counter() - start
+    start = time.perf_counter()
+    load_adapter(demo_adapter_dir())
+    load = time.perf_counter() - start
+    return {"values_per_s": throughput, "demo_values": values, "demo_regen_s": regen,
+            "demo_load_verify_s": load, "demo_modules": len(cfg.modules)}
+
+
+def machine() -> dict:
+    import numpy
+    import peft
+    import torch
+    import transformers
+
+    model = "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "numpy": numpy.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", choices=["ours", "peft"])
+    parser.add_argument("--base", type=Path)
+    parser.add_argument("--adapter", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks-merge.md")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.base, args.adapter, args.out)))
+        return
+    from rslora_deploy.assets import default_base_dir
+
+    base = default_base_dir()
+    base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    runs: dict[str, list[dict]] = {"ours": [], "peft": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "lora"
+        make_adapter(base, adapter)
+        for i in range(args.repeats):
+            for kind in ("ours", "peft"):
+                out = Path(tmp) / f"{kind}{i}"
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--worker", kind, "--base", str(base),
+                     "--adapter", str(adapter), "--out", str(out)],
+                    capture_output=True, text=True, check=True)
+                runs[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(kind, runs[kind][-1], flush=True)
+    best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items()}
+    peak = {k: max(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
+    result = {"machine": machine(), "runs": runs, "rsg": rsg_numbers(),
+              "base_mib": base_bytes / 2**20}
+    print(json.dumps(result, indent=2))
+    write_doc(args.doc, result, best, peak)
+
+
+def write_doc(doc: Path, result: dict, best: dict, peak: dict) -> None:
+    """Markdown table into docs/benchmarks-merge.md."""
+    m, rsg_r, base_mib = result["machine"], result["rsg"], result["base_mib"]
+    o, p = best["ours"], best["peft"]
+    lines = [
+        "# Merge benchmark", "",
+        "Generated by `python benchmarks/bench_merge.py` (numbers measured, not estimated).", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs), Python "
+        f"{m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft "
+        f"{m['peft']}, numpy {m['numpy']}. Each merge ran in its own subprocess with 1 torch "
+        "thread; best wall time of the repeats, highest peak RSS.", "",
+        "Workload: PEFT LoRA r=16, alpha=32 on all 7 linear projections (210 modules) of "
+        f"SmolLM2-135M-Instruct (fp32 safetensors, {base_mib:.0f} MiB), random non-zero A and "
+        "B. Each side: load base + load adapter + merge + save a safetensors HF directory. Ours "
+        "also validates, hashes and writes merge_report.json; peft runs `merge_and_unload("
+        "safe_merge=True)`.", "",
+        "| | ours | peft | ours / peft |", "|---|---:|---:|---:|",
+        f"| wall time, load+merge+save (s) | {o['wall_s']:.2f} | {p['wall_s']:.2f} | "
+        f"{o['wall_s'] / p['wall_s']:.2f} |",
+        f"| peak RSS (MiB) | {peak['ours']:.0f} | {peak['peft']:.0f} | "
+        f"{peak['ours'] / peak['peft']:.2f} |",
+        f"| peak RSS after imports, increase (MiB) | {peak['ours'] - o['rss_after_imports_mib']:.0f}"
+        f" | {peak['peft'] - p['rss_after_imports_mib']:.0f} | "
+        f"{(peak['ours'] - o['rss_after_imports_mib']) / (peak['peft'] - p['rss_after_imports_mib']):.2f} |",
+        f"| peak RSS / base model size | {peak['ours'] / base_mib:.2f} | "
+        f"{peak['peft'] / base_mib:.2f} | |",
+        f"| peak RSS increase / base model size | "
+        f"{(peak['ours'] - o['rss_after_imports_mib']) / base_mib:.2f} | "
+        f"{(peak['peft'] - p['rss_after_imports_mib']) / base_mib:.2f} | |", "",
+        "All runs (s, MiB): " + "; ".join(
+            f"{k} {r['wall_s']:.2f} s / {r['peak_rss_mib']:.0f} MiB"
+            for k, v in result["runs"].items() for r in v), "",
+        "## RSG-1", "",
+        "| measure | value |", "|---|---:|",
+        f"| generation throughput (one thread, numpy uint64) | "
+        f"{rsg_r['values_per_s'] / 1e6:.1f} M values/s |",
+        f"| demo adapter: regenerate all projections ({rsg_r['demo_modules']} modules, "
+        f"{rsg_r['demo_values'] / 1e6:.1f} M values) | {rsg_r['demo_regen_s']:.2f} s |",
+        f"| demo adapter: load_adapter (regenerate + sha256-verify + build factors) | "
+        f"{rsg_r['demo_load_verify_s']:.2f} s |", "",
+    ]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
