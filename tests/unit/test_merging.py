@@ -1,0 +1,132 @@
+"""End to end through merge_adapter on tiny Llama (GQA, tied variant), Qwen2 (q/k/v biases) and
+GPT-2 (Conv1D, fused c_attn with out_slice): the saved merged model, reloaded, gives the logits of
+the base with the adapter applied on the fly (spec 8.1)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rslora_deploy.adapters.base_hash import config_sha256, target_weights_sha256
+from rslora_deploy.adapters.detect import load_adapter
+from rslora_deploy.adapters.layers import apply_on_the_fly
+from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
+from rslora_deploy.config import AdapterConfig, MergeConfig
+from rslora_deploy.errors import MergeError
+from rslora_deploy.stages.merge import merge_adapter
+from rslora_deploy.testing.tiny import example_inputs, save_tiny, tiny_gpt2, tiny_llama, tiny_qwen2
+
+
+def _llama_modules(model: Any) -> dict[str, dict[str, Any]]:
+    mods = {}
+    for i in range(2):
+        for proj, (d_out, d_in) in {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64),
+                                    "self_attn.v_proj": (32, 64), "self_attn.o_proj": (64, 64),
+                                    "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64),
+                                    "mlp.down_proj": (64, 128)}.items():
+            mods[f"model.layers.{i}.{proj}"] = {"d_in": d_in, "d_out": d_out, "layout": "linear"}
+    return mods
+
+
+def _gpt2_modules(model: Any) -> dict[str, dict[str, Any]]:
+    return {"transformer.h.0.attn.c_attn": {"d_in": 64, "d_out": 64, "layout": "conv1d",
+                                             "out_slice": [128, 192]},
+            "transformer.h.1.attn.c_attn": {"d_in": 64, "d_out": 64, "layout": "conv1d",
+                                             "out_slice": [0, 64]},
+            "transformer.h.0.mlp.c_fc": {"d_in": 64, "d_out": 256, "layout": "conv1d"},
+            "transformer.h.1.mlp.c_proj": {"d_in": 256, "d_out": 64, "layout": "conv1d"}}
+
+
+def _build(tmp: Path, factory: Callable[[], Any], modules: Callable[[Any], dict],
+           **spec_kw: Any) -> tuple[Any, Path, Path]:
+    model = factory()
+    base = save_tiny(model, tmp / "base")
+    mods = modules(model)
+    rng = np.random.default_rng(1)
+    spec = RsloraSpec(modules=mods, r=4, k=4, alpha=8.0, seed=3, task_id="e2e", base_model={
+        "name_or_path": "tiny", "architecture": type(model).__name__,
+        "config_sha256": config_sha256(base),
+        "target_weights_sha256": target_weights_sha256(base, mods)[0]}, **spec_kw)
+    v = {f"{m}.rslora_v_{f}": rng.uniform(-1, 1, 4) for m in mods for f in "AB"}
+    return model, base, write_checkpoint(tmp / "adapter", spec, v)
+
+
+CASES = [("llama", tiny_llama, _llama_modules), ("qwen2", tiny_qwen2, _llama_modules),
+         ("gpt2", tiny_gpt2, _gpt2_modules)]
+
+
+@pytest.mark.parametrize(("name", "factory", "modules"), CASES, ids=[c[0] for c in CASES])
+def test_merged_checkpoint_logits_equal_on_the_fly(tmp_path: Path, name: str,
+                                                   factory: Callable[[], Any],
+                                                   modules: Callable[[Any], dict]) -> None:
+    model, base, adapter = _build(tmp_path, factory, modules)
+    art = merge_adapter(base, adapter, tmp_path / "out", MergeConfig(), AdapterConfig())
+    assert art.kind == "hf" and art.meta["adapter"]["format"] == "rslora-v1"
+    report = json.loads((art.path / "merge_report.json").read_text())
+    assert report["base_check"]["weights_match"] is True
+    assert len(report["modules"]) == len(modules(model))
+    merged = AutoModelForCausalLM.from_pretrained(art.path).eval()
+    fly = apply_on_the_fly(model, load_adapter(adapter).deltas)
+    ids = example_inputs()
+    with torch.no_grad():
+        y_merged = merged(input_ids=ids).logits
+        y_fly = fly(input_ids=ids).logits
+        y_base = AutoModelForCausalLM.from_pretrained(base)(input_ids=ids).logits
+    tol = 1e-5 * (1 + y_fly.abs().max().item())
+    assert (y_merged - y_fly).abs().max().item() <= tol
+    assert (y_base - y_fly).abs().max().item() > 100 * tol  # the adapter does something
+    assert torch.equal(merged.generate(ids, max_new_tokens=4, do_sample=False),
+                       fly.generate(ids, max_new_tokens=4, do_sample=False))
+    if name == "qwen2":  # biases untouched
+        base_model = AutoModelForCausalLM.from_pretrained(base)
+        assert torch.equal(merged.model.layers[0].self_attn.q_proj.bias,
+                           base_model.model.layers[0].self_attn.q_proj.bias)
+    if name == "gpt2":  # out_slice: the other columns of c_attn are bit-identical
+        base_model = AutoModelForCausalLM.from_pretrained(base)
+        w, w0 = merged.transformer.h[0].attn.c_attn.weight, base_model.transformer.h[
+            0].attn.c_attn.weight
+        assert torch.equal(w[:, :128], w0[:, :128]) and not torch.equal(w[:, 128:], w0[:, 128:])
+
+
+def test_tied_embedding_refused_then_untied(tmp_path: Path) -> None:
+    def mods(model: Any) -> dict:
+        return {"lm_head": {"d_in": 64, "d_out": 128, "layout": "linear"}}
+
+    model, base, adapter = _build(tmp_path, lambda: tiny_llama(tie=True), mods)
+    with pytest.raises(MergeError) as info:
+        merge_adapter(base, adapter, tmp_path / "out", MergeConfig(), AdapterConfig(
+            allow_base_mismatch=True))
+    assert info.value.code == "E050"
+    assert not (tmp_path / "out").exists()
+    art = merge_adapter(base, adapter, tmp_path / "out", MergeConfig(untie=True),
+                        AdapterConfig(allow_base_mismatch=True))
+    cfg = json.loads((art.path / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    merged = AutoModelForCausalLM.from_pretrained(art.path)
+    assert not torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)
+    assert torch.equal(merged.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_output_dtype_single_rounding(tmp_path: Path, dtype: str) -> None:
+    model, base, adapter = _build(tmp_path, tiny_llama, _llama_modules)
+    art = merge_adapter(base, adapter, tmp_path / "out", MergeConfig(dtype=dtype),
+                        AdapterConfig())
+    assert art.meta["dtype"] == dtype
+    merged = AutoModelForCausalLM.from_pretrained(art.path, dtype="auto")
+    target = getattr(torch, dtype)
+    name = "model.layers.0.mlp.up_proj"
+    (delta,) = [d for d in load_adapter(adapter).deltas if d.name == name]
+    w32 = model.get_submodule(name).weight.detach().float() + torch.from_numpy(
+        delta.delta_weight(np.float32))
+    assert merged.get_submodule(name).weight.dtype == target
+    assert torch.equal(merged.get_submodule(name).weight, w32.to(target))  # fp32 -> once
+    report = json.loads((art.path / "merge_report.json").read_text())
+    assert all(0 <= row["lost_fraction"] <= 1 for row in report["modules"])
