@@ -106,3 +106,7 @@ class BudgetExceededError(RsloraDeployError):
 
 class AssetError(RsloraDeployError):
     """A default asset (model, corpus) is missing or fails its checksum."""
+
+
+class NonFiniteQuantizationError(QuantizationError):
+    """NaN or Inf appeared during calibration or in a quantized tensor."""

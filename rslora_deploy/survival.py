@@ -44,6 +44,11 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def _centred(logp: np.ndarray) -> np.ndarray:
+    """Log-probabilities minus their row mean: removes the per-row normalisation constant."""
+    return logp - logp.mean(axis=-1, keepdims=True)
+
+
 def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     """``KL(P || Q)`` per row, from logits ``[positions, vocab]`` (natural log)."""
     lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
@@ -59,7 +64,7 @@ def retained_fraction(effect: float, residual: float) -> float:
 
 def retained_projection(base: np.ndarray, merged: np.ndarray, quant: np.ndarray) -> float:
     """Share of the adapter's log-prob shift ``ℓ_M - ℓ_B`` that ``ℓ_Q - ℓ_B`` shows (see module)."""
-    lb, lm, lq = (_log_softmax(x) for x in (base, merged, quant))
+    lb, lm, lq = (_centred(_log_softmax(x)) for x in (base, merged, quant))
     shift = lm - lb
     denom = float((shift * shift).sum())
     return math.nan if denom == 0 else float(((lq - lb) * shift).sum()) / denom
@@ -100,8 +105,9 @@ class SurvivalStats:
         pm = np.exp(lm)
         self.kl_mb += float((pm * (lm - lb)).sum())
         self.kl_mq += float((pm * (lm - lq)).sum())
-        shift = lm - lb
-        self.proj_num += float(((lq - lb) * shift).sum())
+        cb, cm, cq = _centred(lb), _centred(lm), _centred(lq)
+        shift = cm - cb
+        self.proj_num += float(((cq - cb) * shift).sum())
         self.proj_den += float((shift * shift).sum())
         if targets is not None:
             rows = np.arange(len(targets))

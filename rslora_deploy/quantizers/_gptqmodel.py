@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rslora_deploy.errors import NonFiniteError, QuantizationError, UnsupportedError
+from rslora_deploy.errors import NonFiniteQuantizationError, QuantizationError, UnsupportedError
 from rslora_deploy.quantizers import _checkpoint
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def run_quantize(model: Any, calibration: list[dict[str, list[int]]], **kwargs: 
     except (ValueError, RuntimeError, FloatingPointError) as exc:
         text = str(exc)
         if any(word in text.lower() for word in ("nan", "inf", "not positive-definite", "cholesky")):
-            raise NonFiniteError(
+            raise NonFiniteQuantizationError(
                 f"non-finite values during calibration ({text[:200]}); check the merged model "
                 "for NaN/Inf weights, or raise quantize.damp_percent"
             ) from exc
@@ -97,7 +97,7 @@ def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
         tensors = load_file(path)
         for key, tensor in tensors.items():
             if not torch.isfinite(tensor.float() if tensor.is_floating_point() else tensor.double()).all():
-                raise NonFiniteError(
+                raise NonFiniteQuantizationError(
                     f"quantized tensor {key} contains NaN/Inf; raise quantize.damp_percent or "
                     "check the merged model's weights"
                 )

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from rslora_deploy.errors import QuantizationError
 from rslora_deploy.quantizers import _gptqmodel
 from rslora_deploy.quantizers.base import QuantizeExtras
 
@@ -58,7 +59,8 @@ class GPTQQuantizer:
         extras: QuantizeExtras,
     ) -> dict[str, Any]:
         """Calibrate, quantize and save into ``out_dir``."""
-        assert calib is not None  # the stage always passes calibration to this method
+        if calib is None:
+            raise QuantizationError("gptq needs calibration data; the stage passed none")
         model = _gptqmodel.load(model_dir, gptq_config(cfg, extras), extras.compute_dtype)
         _gptqmodel.run_quantize(model, calib.as_gptqmodel(), batch_size=cfg.batch_size)
         model.save(str(out_dir))

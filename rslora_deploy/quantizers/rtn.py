@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from rslora_deploy.errors import NonFiniteError
 from rslora_deploy.quantizers import _checkpoint, _rtn_math
 from rslora_deploy.quantizers.base import QuantizeExtras
 
@@ -71,6 +72,11 @@ class RTNQuantizer:
             bits = int(override.get("bits", cfg.bits))
             group = int(override.get("group_size", cfg.group_size))
             weight = tensors.pop(f"{spec.name}.weight")
+            if not np.isfinite(weight).all():
+                raise NonFiniteError(
+                    f"weight of {spec.name} contains NaN/Inf; fix the merged model (re-run the "
+                    "merge, check the adapter) before quantizing"
+                )
             gq = _rtn_math.quantize_rtn(weight, bits, group, cfg.sym)
             packed = _rtn_math.pack_gptq(gq)
             tensors[f"{spec.name}.qweight"] = packed.qweight

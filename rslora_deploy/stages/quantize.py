@@ -19,6 +19,7 @@ from rslora_deploy.errors import ConfigError, QuantizationError
 from rslora_deploy.quantizers import QUANTIZERS
 from rslora_deploy.quantizers._checkpoint import (
     LinearSpec,
+    check_finite,
     check_prequantized,
     decoder_linears,
     quantization_config,
@@ -82,7 +83,8 @@ def quantize_model(
         ConfigError: unsupported bits or a group size that does not divide a layer width.
         CalibrationDataError: empty, too short or unreadable calibration data.
         UnsupportedError: an architecture the engine cannot handle.
-        NonFiniteError: NaN/Inf during calibration or in the result.
+        NonFiniteError: NaN/Inf in the merged weights.
+        NonFiniteQuantizationError: NaN/Inf during calibration or in the result.
         QuantizationError: any other engine failure.
     """
     extras = extras or QuantizeExtras()
@@ -100,6 +102,7 @@ def quantize_model(
         )
     linears = decoder_linears(model_dir)
     validate_shapes(linears, cfg, method)
+    check_finite(model_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):

@@ -1,0 +1,74 @@
+"""AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration", arXiv 2306.00978) on gptqmodel 7.6.0.
+
+AWQ protects the weight channels that meet large activations: for each group of linears sharing
+an input it searches a per-input-channel scale ``s = mean|x|^alpha`` (``alpha`` in [0, 1] on a
+grid) minimising ``||W X - Q(W diag(s)) diag(s)^-1 X||``, folds ``s^-1`` into the preceding
+operator (RMSNorm or linear), then quantizes with round-to-nearest per group; a clipping search
+then shrinks each group's range. The checkpoint is the AutoAWQ "GEMM" format
+(``quant_method: awq``, ``version: gemm``; qweight ``[in, out*bits/32]``).
+
+CPU notes (stack-notes): gptqmodel's AWQ needs ``backend=BACKEND.AWQ_TORCH`` (its auto backend
+asks for CUDA) and a bf16/fp16 model; it refuses group sizes that do not divide the width.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rslora_deploy.errors import QuantizationError
+from rslora_deploy.quantizers import _gptqmodel
+from rslora_deploy.quantizers.base import QuantizeExtras
+
+if TYPE_CHECKING:
+    from rslora_deploy.calibration import CalibrationSet
+    from rslora_deploy.config import QuantizeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def awq_config(cfg: QuantizeConfig, extras: QuantizeExtras) -> Any:
+    """gptqmodel's AWQ config for our config (GEMM format, lm_head never quantized)."""
+    _gptqmodel.prepare_env()
+    from gptqmodel import QuantizeConfig as EngineConfig
+
+    return EngineConfig(
+        bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, method="awq", format="gemm",
+        lm_head=False, dynamic=extras.dynamic,
+    )  # fmt: skip
+
+
+class AWQQuantizer:
+    """AWQ through gptqmodel, saved in the AutoAWQ GEMM format."""
+
+    name: ClassVar[str] = "awq"
+    needs_calibration: ClassVar[bool] = True
+    supported_bits: ClassVar[tuple[int, ...]] = (4,)
+
+    def quantize(
+        self,
+        model_dir: Path,
+        out_dir: Path,
+        cfg: QuantizeConfig,
+        calib: CalibrationSet | None,
+        extras: QuantizeExtras,
+    ) -> dict[str, Any]:
+        """Calibrate, scale-search, quantize and save into ``out_dir``."""
+        if calib is None:
+            raise QuantizationError("awq needs calibration data; the stage passed none")
+        if extras.compute_dtype not in ("bfloat16", "float16"):
+            raise QuantizationError(
+                f"awq on gptqmodel runs in bfloat16 or float16, not {extras.compute_dtype}; "
+                "set compute_dtype to bfloat16"
+            )
+        from gptqmodel import BACKEND
+
+        model = _gptqmodel.load(model_dir, awq_config(cfg, extras), extras.compute_dtype)
+        _gptqmodel.run_quantize(
+            model, calib.as_gptqmodel(), batch_size=cfg.batch_size, backend=BACKEND.AWQ_TORCH
+        )
+        model.save(str(out_dir))
+        del model
+        return _gptqmodel.finalize_checkpoint(model_dir, out_dir)

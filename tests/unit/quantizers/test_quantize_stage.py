@@ -1,0 +1,163 @@
+"""quantize_model on tiny models: validation, RTN checkpoint format, reload, skip path, NaN."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from rslora_deploy.artifact import Artifact
+from rslora_deploy.config import QuantizeConfig
+from rslora_deploy.errors import (
+    ConfigError,
+    NonFiniteError,
+    QuantizationError,
+)
+from rslora_deploy.quantizers import _rtn_math
+from rslora_deploy.quantizers._checkpoint import check_prequantized, decoder_linears
+from rslora_deploy.stages.quantize import is_prequantized, quantize_model
+
+LAYER = "model.layers.1.mlp.down_proj"
+
+
+def _packed(directory, layer=LAYER):
+    t = load_file(str(directory / "model.safetensors"))
+    return _rtn_math.PackedGPTQ(
+        t[f"{layer}.qweight"], t[f"{layer}.qzeros"], t[f"{layer}.scales"], t[f"{layer}.g_idx"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"bits": 3}, "bits"), ({"bits": 16}, "bits"), ({"group_size": 48}, "group_size"),
+     ({"group_size": 8}, "group_size"), ({"damp_percent": 0.0}, "damp_percent"),
+     ({"method": "hqq"}, "method"), ({"calib_samples": 0}, "calib_samples")],
+)
+def test_config_rejects(kwargs, field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        QuantizeConfig(**kwargs)
+
+
+def test_group_size_must_divide_every_layer(tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    with pytest.raises(ConfigError, match=r"in_features=128 is not divisible by .*=256"):
+        quantize_model(Artifact("hf", tiny_dir), out, QuantizeConfig(method="rtn", group_size=256))
+    assert not out.exists()  # validated before anything is written
+
+
+def test_awq_refuses_8_bits(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match="bits=8 is not supported by method awq"):
+        quantize_model(Artifact("hf", tiny_dir), tmp_path / "q", QuantizeConfig(method="awq", bits=8))
+    assert not (tmp_path / "q").exists()
+
+
+def test_decoder_linears_excludes_lm_head(tiny_dir):
+    names = [s.name for s in decoder_linears(tiny_dir)]
+    assert len(names) == 14 and all(".layers." in n for n in names)
+    assert "lm_head" not in " ".join(names)
+
+
+def test_rtn_checkpoint_is_gptq_v1(rtn_dir, tiny_dir):
+    cfg = json.loads((rtn_dir / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["checkpoint_format"] == "gptq"
+    assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"]) == (4, 64, True, False)
+    assert json.loads((rtn_dir / "quantize_config.json").read_text())["bits"] == 4
+    tensors = load_file(str(rtn_dir / "model.safetensors"))
+    assert f"{LAYER}.weight" not in tensors
+    assert tensors[f"{LAYER}.qweight"].shape == (256 // 8, 128)
+    # Unquantized tensors are the source's, bit for bit.
+    src = load_file(str(tiny_dir / "model.safetensors"))
+    assert np.array_equal(tensors["model.embed_tokens.weight"], src["model.embed_tokens.weight"])
+    # Stored codes are exactly the reference quantizer's.
+    gq = _rtn_math.quantize_rtn(src[f"{LAYER}.weight"], 4, 64, True)
+    assert np.array_equal(_rtn_math.unpack_gptq(_packed(rtn_dir), 4).q, gq.q)
+    assert (rtn_dir / "tokenizer.json").is_file()
+
+
+def test_gptqmodel_unpacks_rtn_bit_exact(rtn_dir):
+    """gptqmodel's own dequantization of our packing equals the reference, bit for bit (fp16)."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    # fp16 keeps the stored scales exact (a bf16 load rounds them first).
+    model = GPTQModel.load(str(rtn_dir), backend=BACKEND.TORCH, dtype=torch.float16)
+    module = model.model.get_submodule(LAYER)
+    theirs = module.dequantize_weight().T.to(torch.float16).numpy()  # [out, in]
+    ours = _rtn_math.dequantize_gptq(_packed(rtn_dir), 4).astype(np.float16)
+    assert np.array_equal(theirs, ours)
+
+
+def _dequantized_reference(tiny_dir, rtn_dir):
+    """The tiny model with every quantized weight replaced by the reference dequantization."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    for spec in decoder_linears(tiny_dir):
+        w = _rtn_math.dequantize_gptq(_packed(rtn_dir, spec.name), 4)
+        ref.get_submodule(spec.name).weight.data = torch.from_numpy(w)
+    return ref.eval()
+
+
+def test_transformers_reloads_rtn(rtn_dir, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rslora_deploy.testing.tiny import example_inputs
+
+    loaded = AutoModelForCausalLM.from_pretrained(rtn_dir, dtype=torch.float32).eval()
+    ref = _dequantized_reference(tiny_dir, rtn_dir)
+    ids = example_inputs(vocab=49152, seq=16)
+    with torch.no_grad():
+        a, b = loaded(ids).logits, ref(ids).logits
+    # gptqmodel's CPU kernel computes in bf16 (TorchAtenLinear): about 3 significant digits.
+    assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+def test_prequantized_checkpoint_is_accepted_and_skipped(rtn_dir, tmp_path):
+    assert is_prequantized(rtn_dir)
+    summary = check_prequantized(rtn_dir)
+    assert summary["method"] == "gptq" and summary["layers"] == 14
+    out = tmp_path / "never"
+    art = quantize_model(Artifact("hf", rtn_dir), out, QuantizeConfig(method="gptq"))
+    assert art.meta["prequantized"] is True and art.path == rtn_dir
+    assert not out.exists()
+
+
+def test_prequantized_config_mismatch(rtn_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(rtn_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 32
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationError, match=r"scales has shape \[4, 128\] but .*group_size=32"):
+        check_prequantized(bad)
+
+
+def test_nan_weight_fails_before_writing(tmp_path, tokenizer_dir):
+    from safetensors.numpy import save_file
+
+    from tests.unit.quantizers.conftest import make_tiny
+
+    src = make_tiny(tmp_path / "nan", tokenizer_dir, seed=1)
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors[f"{LAYER}.weight"][3, 5] = np.nan
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "q"
+    with pytest.raises(NonFiniteError, match=LAYER):
+        quantize_model(Artifact("hf", src), out, QuantizeConfig(method="rtn"))
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_gptq_tiny_real_engine(tiny_dir, tmp_path):
+    """Real gptqmodel GPTQ on the tiny model: a loadable checkpoint closer than RTN's."""
+    cfg = QuantizeConfig(method="gptq", group_size=64, calib_samples=8, calib_seq_len=64)
+    art = quantize_model(Artifact("hf", tiny_dir), tmp_path / "q", cfg)
+    assert art.kind == "hf-quantized" and art.meta["calib"]["samples"] == 8
+    assert len(art.meta["calib"]["sha256"]) == 64
+    qcfg = json.loads((art.path / "config.json").read_text())["quantization_config"]
+    assert "offload_to_disk_path" not in qcfg.get("meta", {})
+    assert check_prequantized(art.path)["layers"] == 14
