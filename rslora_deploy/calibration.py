@@ -179,7 +179,8 @@ def _token_stream(tokenizer: Any, docs: Iterable[str]) -> np.ndarray:
     sep = tokenizer.eos_token_id
     sep_ids = [sep] if sep is not None else tokenizer("\n", add_special_tokens=False)["input_ids"]
     out: list[int] = []
-    for doc in docs:
-        out.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    # One batched call: the fast tokenizer encodes the list in Rust, ~3x quicker than a loop.
+    for ids in tokenizer(list(docs), add_special_tokens=False)["input_ids"]:
+        out.extend(ids)
         out.extend(sep_ids)
     return np.asarray(out, dtype=np.int64)

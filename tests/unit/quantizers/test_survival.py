@@ -1,0 +1,117 @@
+"""Survival arithmetic on small logit matrices and on tiny models; protection selection."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rslora_deploy import survival
+
+
+def _logits(seed: int, shape=(6, 11)) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape) * 2
+
+
+def test_kl_zero_and_positive():
+    a, b = _logits(0), _logits(1)
+    assert np.allclose(survival.kl_per_position(a, a), 0, atol=1e-12)
+    assert (survival.kl_per_position(a, b) > 0).all()
+    # Adding a per-row constant to logits does not change the distribution.
+    assert np.allclose(survival.kl_per_position(a, a + 5.0), 0, atol=1e-12)
+
+
+def test_kl_matches_direct_formula():
+    a, b = _logits(2, (1, 4)), _logits(3, (1, 4))
+    p = np.exp(a) / np.exp(a).sum()
+    q = np.exp(b) / np.exp(b).sum()
+    assert survival.kl_per_position(a, b)[0] == pytest.approx(float((p * np.log(p / q)).sum()))
+
+
+def test_retained_endpoints():
+    base, merged = _logits(4), _logits(5)
+    for quant, expected in ((merged, 1.0), (base, 0.0)):
+        stats = survival.SurvivalStats()
+        stats.add(base, merged, quant)
+        out = stats.summary(threshold=0.5)
+        assert out["retained"] == pytest.approx(expected, abs=1e-9)
+        assert out["retained_projection"] == pytest.approx(expected, abs=1e-9)
+        assert out["warning"] is (expected < 0.5)
+
+
+def test_projection_half_way():
+    base, merged = _logits(6), _logits(7)
+    assert survival.retained_projection(base, merged, (base + merged) / 2) == pytest.approx(0.5)
+
+
+def test_retained_fraction_no_effect_is_nan():
+    assert math.isnan(survival.retained_fraction(0.0, 0.1))
+    assert survival.retained_fraction(2.0, 0.5) == pytest.approx(0.75)
+
+
+def test_loss_view_and_warning_logged(caplog):
+    base, merged = _logits(8), _logits(9)
+    targets = np.array([0, 1, 2, 3, 4, 5])
+    stats = survival.SurvivalStats()
+    stats.add(base, merged, base, targets=targets)
+    out = stats.summary(threshold=0.9)
+    assert out["retained_loss"] == pytest.approx(0.0, abs=1e-9)
+    assert out["warning"] and "protect-adapter" in caplog.text
+
+
+def test_tiny_models_survival(tmp_path, tokenizer_dir):
+    """B, M = B + small delta on one module, Q = RTN(M): retained is finite and <= 1."""
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from rslora_deploy.artifact import Artifact
+    from rslora_deploy.config import QuantizeConfig
+    from rslora_deploy.stages.quantize import quantize_model
+    from rslora_deploy.testing.tiny import example_inputs
+    from tests.unit.quantizers.conftest import make_tiny
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny(tmp_path / "b", tokenizer_dir, seed=3)
+    merged = make_tiny(tmp_path / "m", tokenizer_dir, seed=3)
+    tensors = load_file(str(merged / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    rng = np.random.default_rng(0)
+    tensors[key] = tensors[key] + (rng.standard_normal(tensors[key].shape) * 0.05).astype(np.float32)
+    save_file(tensors, str(merged / "model.safetensors"), metadata={"format": "pt"})
+    quant = quantize_model(Artifact("hf", merged), tmp_path / "q", QuantizeConfig(method="rtn")).path
+
+    ratios = survival.delta_to_step_ratios(base, merged, 4, 64, True)
+    assert list(ratios) == ["model.layers.0.mlp.up_proj"]
+    dyn = survival.protection_dynamic(ratios, max_ratio=100.0)
+    assert dyn == {r"+:^model\.layers\.0\.mlp\.up_proj$": {"bits": 8}}
+    assert survival.protection_dynamic(ratios, max_ratio=1e-9) == {}
+
+    ids = example_inputs(vocab=49152, batch=1, seq=24)
+    logits = {}
+    for name, path in (("b", base), ("m", merged), ("q", quant)):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits[name] = model(ids).logits[0].numpy()
+    stats = survival.SurvivalStats()
+    stats.add(logits["b"], logits["m"], logits["q"])
+    out = stats.summary()
+    assert out["effect_kl_merged_vs_base"] > 0
+    assert out["retained"] <= 1.0 and math.isfinite(out["retained"])
+
+
+def test_protected_rtn_is_bigger(tmp_path, tiny_dir):
+    """--protect-adapter's 8-bit modules cost bytes; the size function sees it."""
+    from rslora_deploy.artifact import Artifact
+    from rslora_deploy.config import QuantizeConfig
+    from rslora_deploy.quantizers.base import QuantizeExtras
+    from rslora_deploy.stages.quantize import quantize_model
+
+    cfg = QuantizeConfig(method="rtn")
+    plain = quantize_model(Artifact("hf", tiny_dir), tmp_path / "a", cfg).path
+    dyn = {r"+:^model\.layers\.0\.mlp\.up_proj$": {"bits": 8}}
+    prot = quantize_model(Artifact("hf", tiny_dir), tmp_path / "b", cfg,
+                          extras=QuantizeExtras(dynamic=dyn)).path
+    a, b = survival.quantized_weight_bytes(plain), survival.quantized_weight_bytes(prot)
+    # up_proj [256, 128]: 4-bit qweight 16 KiB -> 8-bit 32 KiB; qzeros double too.
+    assert b - a == 128 * 256 // 2 + 2 * 256 // 2
