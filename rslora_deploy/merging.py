@@ -168,19 +168,30 @@ def validate(model: nn.Module, deltas: list[ModuleDelta], *, untie: bool = False
 
 
 def _delta_tensor(delta: ModuleDelta) -> torch.Tensor:
-    dw = torch.from_numpy(delta.delta_weight(np.float64)).to(torch.float32)
-    if not torch.isfinite(dw).all():
-        raise NonFiniteError(f"{delta.name}: the delta dW contains NaN/Inf (|dW| overflows fp32 "
-                             "or the factors are corrupted)")
+    """dW = s * B @ A as an fp32 (d_out, d_in) tensor (spec 5.2 step 5: fp32 matmul)."""
+    if delta.dense is not None:
+        return torch.from_numpy(np.asarray(delta.dense, dtype=np.float32))
+    b = torch.from_numpy(np.ascontiguousarray(delta.B, dtype=np.float32))
+    a = torch.from_numpy(np.ascontiguousarray(delta.A, dtype=np.float32))
+    dw = b @ a
+    dw *= float(delta.scale)
     return dw
 
 
-def _apply(w32: torch.Tensor, dw: torch.Tensor, layout: str, out_slice: Any) -> None:
-    start, stop = out_slice if out_slice is not None else (0, dw.shape[0])
-    if layout == "linear":
-        w32[start:stop] += dw
-    else:
-        w32[:, start:stop] += dw.T
+def _stored_update(deltas: list[ModuleDelta], layout: str, shape: torch.Size) -> torch.Tensor:
+    """Sum of the deltas in the weight's stored layout (a view when there is one full delta)."""
+    if len(deltas) == 1 and deltas[0].out_slice is None:
+        dw = _delta_tensor(deltas[0])
+        return dw if layout == "linear" else dw.T
+    added = torch.zeros(shape, dtype=torch.float32)
+    for delta in deltas:
+        dw = _delta_tensor(delta)
+        start, stop = delta.out_slice if delta.out_slice is not None else (0, dw.shape[0])
+        if layout == "linear":
+            added[start:stop] += dw
+        else:
+            added[:, start:stop] += dw.T
+    return added
 
 
 def _merge_one(
@@ -188,44 +199,41 @@ def _merge_one(
     target: torch.dtype | None,
 ) -> ModuleStats:
     weight = module.weight
-    base_dtype = weight.dtype
-    out_dtype = target or base_dtype
-    w32 = weight.detach().to(torch.float32, copy=True)
-    added = torch.zeros_like(w32)
-    for delta in deltas:
-        _apply(added, _delta_tensor(delta), layout, delta.out_slice)
-    w32 += added
-    if not torch.isfinite(w32).all():
-        raise NonFiniteError(f"{name}: the merged weight W + dW contains NaN/Inf in fp32")
-    merged = w32.to(out_dtype)
-    del w32
-    if not torch.isfinite(merged).all():
+    w = weight.detach()
+    out_dtype = target or w.dtype
+    added = _stored_update(deltas, layout, w.shape)
+    w32 = w if w.dtype == torch.float32 else w.to(torch.float32)
+    merged32 = w32 + added  # fp32 add into a new tensor; the base weight is untouched so far
+    if not torch.isfinite(merged32).all():
+        where = "dW" if not torch.isfinite(added).all() else "W + dW"
+        raise NonFiniteError(f"{name}: {where} contains NaN/Inf in fp32; the adapter's factors "
+                             "are too large or corrupted")
+    merged = merged32 if out_dtype == torch.float32 else merged32.to(out_dtype)  # ONE rounding
+    if merged is not merged32 and not torch.isfinite(merged).all():
         limit = torch.finfo(out_dtype).max
-        raise MergeError(f"{name}: merged weight overflows {out_dtype} (max |W'| exceeds "
-                         f"{limit:.6g}); keep merge.dtype=float32 or bfloat16", code="E080")
-    ref = weight.detach().to(out_dtype)
-    change = merged.to(torch.float64) - ref.to(torch.float64)
+        raise MergeError(f"{name}: merged weight overflows {out_dtype} (max |W'| "
+                         f"{float(merged32.abs().max()):.6g} > {limit:.6g}); keep "
+                         "merge.dtype=float32 or bfloat16", code="E080")
+    # Fidelity against the base rounded to the output dtype, so a dtype change of the base alone
+    # is not counted as lost update (docs/rslora-format.md).
+    ref = w32 if out_dtype == w.dtype == torch.float32 else w.to(out_dtype).to(torch.float32)
+    change = merged32 - ref if merged is merged32 else merged.to(torch.float32) - ref
     nonzero = added != 0
     n_nonzero = int(nonzero.sum())
-    added64 = added.to(torch.float64)
-    delta_norm = float(torch.linalg.vector_norm(added64))
+    delta_norm = float(torch.linalg.vector_norm(added))
     stats = ModuleStats(
         module=name, layout=layout, deltas=len(deltas),
         out_slices=[list(d.out_slice) if d.out_slice else None for d in deltas],
-        base_dtype=str(base_dtype).removeprefix("torch."),
+        base_dtype=str(w.dtype).removeprefix("torch."),
         out_dtype=str(out_dtype).removeprefix("torch."),
         max_abs_delta=float(added.abs().max()),
-        delta_to_weight_norm=delta_norm / max(float(torch.linalg.vector_norm(
-            weight.detach().to(torch.float64))), 1e-300),
+        delta_to_weight_norm=delta_norm / max(float(torch.linalg.vector_norm(w32)), 1e-30),
         lost_fraction=(int((nonzero & (change == 0)).sum()) / n_nonzero) if n_nonzero else 0.0,
-        relative_merge_error=(float(torch.linalg.vector_norm(change - added64)) / delta_norm
+        relative_merge_error=(float(torch.linalg.vector_norm(change - added)) / delta_norm
                               if delta_norm > 0 else 0.0),
     )
     with torch.no_grad():
-        if merged.dtype == weight.dtype:
-            weight.data.copy_(merged)
-        else:
-            weight.data = merged
+        weight.data = merged  # same Parameter object, new storage: no extra full copy
     return stats
 
 

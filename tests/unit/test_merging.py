@@ -124,8 +124,10 @@ def test_half_output_dtype_single_rounding(tmp_path: Path, dtype: str) -> None:
     target = getattr(torch, dtype)
     name = "model.layers.0.mlp.up_proj"
     (delta,) = [d for d in load_adapter(adapter).deltas if d.name == name]
-    w32 = model.get_submodule(name).weight.detach().float() + torch.from_numpy(
-        delta.delta_weight(np.float32))
+    # spec 5.2: dW = s * B @ A in fp32, added to fp32 W, rounded once to the output dtype
+    dw = (torch.from_numpy(delta.B.astype(np.float32)) @ torch.from_numpy(
+        delta.A.astype(np.float32))) * delta.scale
+    w32 = model.get_submodule(name).weight.detach().float() + dw
     assert merged.get_submodule(name).weight.dtype == target
     assert torch.equal(merged.get_submodule(name).weight, w32.to(target))  # fp32 -> once
     report = json.loads((art.path / "merge_report.json").read_text())
