@@ -167,18 +167,53 @@ def delta_to_step_ratios(
     return out
 
 
+#: Modules that the onnxruntime-genai builder fuses into one MatMul must share their precision.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def protected_modules(
+    ratios: dict[str, dict[str, float]], max_ratio: float = DEFAULT_PROTECT_RATIO
+) -> list[str]:
+    """Modules with ``ratio < max_ratio``, widened to their fused siblings (q/k/v, gate/up)."""
+    chosen = {name for name, r in ratios.items() if r["ratio"] < max_ratio}
+    for name in list(chosen):
+        prefix, _, leaf = name.rpartition(".")
+        for group in FUSED_SIBLINGS:
+            if leaf in group:
+                chosen.update(f"{prefix}.{sib}" for sib in group)
+    return sorted(chosen)
+
+
 def protection_dynamic(
     ratios: dict[str, dict[str, float]], max_ratio: float = DEFAULT_PROTECT_RATIO, bits: int = 8
 ) -> dict[str, dict[str, Any]]:
-    """gptqmodel ``dynamic`` overrides keeping modules with ``ratio < max_ratio`` at ``bits``.
+    """gptqmodel ``dynamic`` overrides keeping :func:`protected_modules` at ``bits``.
 
     The pattern is the exact module name, anchored, so nothing else matches.
     """
     return {
         f"+:^{name.replace('.', chr(92) + '.')}$": {"bits": bits}
-        for name, r in sorted(ratios.items())
-        if r["ratio"] < max_ratio
+        for name in protected_modules(ratios, max_ratio)
     }
+
+
+def gptq_layer_bytes(in_features: int, out_features: int, bits: int, group_size: int) -> int:
+    """Bytes of one GPTQ layer: qweight + qzeros (``bits`` each) + fp16 scales + int32 g_idx."""
+    groups = in_features // (in_features if group_size == -1 else group_size)
+    return (in_features * out_features * bits // 8 + groups * out_features * bits // 8
+            + groups * out_features * 2 + in_features * 4)
+
+
+def protection_cost_bytes(
+    linears: list[Any], modules: list[str], bits: int, group_size: int, protect_bits: int = 8
+) -> int:
+    """Extra bytes of keeping ``modules`` at ``protect_bits`` instead of ``bits``."""
+    wanted = set(modules)
+    return sum(
+        gptq_layer_bytes(s.in_features, s.out_features, protect_bits, group_size)
+        - gptq_layer_bytes(s.in_features, s.out_features, bits, group_size)
+        for s in linears if s.name in wanted
+    )
 
 
 def quantized_weight_bytes(model_dir: Path) -> int:

@@ -1,9 +1,195 @@
-"""CLI commands of one pipeline area, attached to the main app by ``register``."""
+"""CLI commands of the quantization area: ``quantize`` and ``eval``.
+
+``quantize`` writes its checkpoint into a temporary directory beside ``--out`` and renames it into
+place only on success: a failure (bad flag, bad calibration file, NaN, engine error) leaves
+nothing at ``--out``. Errors are raised as :class:`~rslora_deploy.errors.RsloraDeployError`; the
+main app prints one line and exits 1.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from rslora_deploy.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+
+class _Method(str, Enum):
+    GPTQ = "gptq"
+    AWQ = "awq"
+    RTN = "rtn"
+
+
+class _Format(str, Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+@contextmanager
+def _atomic_dir(out: Path) -> Iterator[Path]:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out} already exists and is not empty; choose a new path or "
+                         "delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _emit(data: dict[str, Any], fmt: _Format, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if fmt is _Format.JSON else text)
+
+
+def _quantize_config(**fields: Any) -> Any:
+    from pydantic import ValidationError
+
+    from rslora_deploy.config import QuantizeConfig, validation_message
+
+    try:
+        return QuantizeConfig(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid quantize option: {validation_message(exc)}") from None
+
+
+def _require_dir(path: Path, flag: str) -> Path:
+    if not Path(path).is_dir():
+        raise InputError(f"{flag} {path} is not a directory; pass a Hugging Face model directory")
+    return Path(path)
+
+
+def quantize(
+    model: Annotated[Path, typer.Option(help="Merged full-precision HF model directory.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write (new or empty).")],
+    method: Annotated[_Method, typer.Option(help="gptq, awq or rtn.")] = _Method.GPTQ,
+    bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Columns per scale; must divide every width.")]
+    = 64,
+    sym: Annotated[bool, typer.Option(help="Symmetric grid (no zero point).")] = True,
+    desc_act: Annotated[bool, typer.Option(help="GPTQ act-order.")] = False,
+    damp_percent: Annotated[float, typer.Option(help="GPTQ Hessian damping.")] = 0.05,
+    calib: Annotated[Path | None, typer.Option(
+        help=".txt (blank-line separated docs) or .jsonl with 'text'; default Brown.")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 32,
+    calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
+    protect_adapter: Annotated[bool, typer.Option(
+        help="Keep modules whose adapter delta is small vs the quantization step at 8 bits "
+        "(needs --base).")] = False,
+    protect_ratio: Annotated[float, typer.Option(
+        help="Protect modules with rms(delta)/step below this.")] = 1.0,
+    base: Annotated[Path | None, typer.Option(help="Base model before merging (for "
+                                              "--protect-adapter).")] = None,
+    fmt: Annotated[_Format, typer.Option("--format", help="text or json.")] = _Format.TEXT,
+) -> None:
+    """Quantize a merged model into a GPTQ/AWQ checkpoint (atomic: nothing at --out on error)."""
+    from rslora_deploy.artifact import Artifact
+    from rslora_deploy.quantizers.base import QuantizeExtras
+    from rslora_deploy.stages.quantize import quantize_model
+
+    _require_dir(model, "--model")
+    if calib is not None and not calib.is_file():
+        raise InputError(f"--calib {calib} does not exist; pass a .txt or .jsonl file")
+    cfg = _quantize_config(
+        method=method.value, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
+        damp_percent=damp_percent, calib_path=calib, calib_samples=calib_samples,
+        calib_seq_len=calib_seq_len, seed=seed,
+    )  # fmt: skip
+    extras, protection = QuantizeExtras(), None
+    if protect_adapter:
+        if base is None:
+            raise ConfigError("--protect-adapter needs --base (the model before merging)")
+        extras, protection = _protection(_require_dir(base, "--base"), model, cfg, protect_ratio)
+    with _atomic_dir(out) as staging:
+        art = quantize_model(Artifact("hf", model), staging / "q", cfg, extras=extras)
+        if art.meta.get("prequantized"):
+            shutil.copytree(art.path, staging / "q")
+        for item in (staging / "q").iterdir():
+            item.rename(staging / item.name)
+        (staging / "q").rmdir()
+    meta = {**art.meta, "path": str(out), "protection": protection}
+    _emit(meta, fmt, f"quantized {model} -> {out} ({meta.get('method')}, {bits}-bit, "
+          f"group {group_size}, {meta.get('seconds')} s)")
+
+
+def _protection(base: Path, model: Path, cfg: Any, ratio: float) -> tuple[Any, dict[str, Any]]:
+    from rslora_deploy import survival
+    from rslora_deploy.quantizers._checkpoint import decoder_linears
+    from rslora_deploy.quantizers.base import QuantizeExtras
+
+    ratios = survival.delta_to_step_ratios(base, model, cfg.bits, cfg.group_size, cfg.sym)
+    modules = survival.protected_modules(ratios, ratio)
+    cost = survival.protection_cost_bytes(decoder_linears(model), modules, cfg.bits,
+                                          cfg.group_size)
+    logger.info("protect-adapter: %d modules kept at 8 bits (+%.1f MB)", len(modules), cost / 1e6)
+    info = {"modules": len(modules), "max_ratio": ratio, "extra_bytes": cost,
+            "changed_modules": len(ratios)}
+    return QuantizeExtras(dynamic=survival.protection_dynamic(ratios, ratio) or None), info
+
+
+def eval_cmd(
+    model: Annotated[Path, typer.Option(help="Full-precision (merged) HF model: the reference.")],
+    quantized: Annotated[Path | None, typer.Option(help="Quantized HF checkpoint.")] = None,
+    onnx: Annotated[Path | None, typer.Option(help="onnxruntime-genai model folder.")] = None,
+    base: Annotated[Path | None, typer.Option(help="Base model before merging: adds adapter "
+                                              "survival.")] = None,
+    windows: Annotated[int, typer.Option(help="Evaluation windows.")] = 8,
+    window_len: Annotated[int, typer.Option(help="Tokens per window, BOS included.")] = 512,
+    survival_threshold: Annotated[float, typer.Option(help="Warn below this retained "
+                                                      "fraction.")] = 0.5,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    fmt: Annotated[_Format, typer.Option("--format", help="text or json.")] = _Format.TEXT,
+) -> None:
+    """Perplexity, greedy agreement, ONNX-vs-PyTorch logit error and adapter survival."""
+    from rslora_deploy.config import EvalConfig
+    from rslora_deploy.evaluation import evaluate_build, evaluate_models
+
+    _require_dir(model, "--model")
+    for path, flag in ((quantized, "--quantized"), (onnx, "--onnx"), (base, "--base")):
+        if path is not None and not Path(path).is_dir():
+            raise InputError(f"{flag} {path} is not a directory")
+    if onnx is not None and quantized is None:
+        raise ConfigError("--onnx needs --quantized (the ONNX model is compared with it)")
+    try:
+        eval_cfg = EvalConfig(windows=windows, window_len=window_len)
+    except ValueError as exc:
+        raise ConfigError(f"invalid eval option: {exc}") from None
+    if quantized is None:
+        report = evaluate_models({"merged": model}, "merged", windows, window_len)
+    else:
+        report = evaluate_build(model, quantized, onnx, eval_cfg, base,
+                                survival_threshold=survival_threshold)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    lines = [f"{name}: perplexity {m['perplexity']:.3f}"
+             + (f", agreement {m['greedy_agreement']:.3f}" if "greedy_agreement" in m else "")
+             for name, m in report["models"].items()]
+    lines += [f"relative logit error {k}: {v:.4f}"
+              for k, v in report.get("relative_logit_error", {}).items()]
+    if "survival" in report:
+        lines.append(f"adapter survival (retained): {report['survival']['retained']:.3f}")
+    _emit(report, fmt, "\n".join(lines))
 
 
 def register(app: typer.Typer) -> None:
-    """Attach this module's commands to ``app`` (filled in by its stage's work)."""
+    """Attach ``quantize`` and ``eval`` to ``app``."""
+    app.command("quantize")(quantize)
+    app.command("eval")(eval_cmd)

@@ -104,10 +104,10 @@ def quantize_model(
     validate_shapes(linears, cfg, method)
     check_finite(model_dir)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.iterdir()):
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise QuantizationError(f"output directory {out_dir} is not empty; pass a fresh directory")
     calib = _calibration(model_dir, cfg) if handler.needs_calibration else None
+    out_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         "quantize: %s bits=%d group=%d sym=%s desc_act=%s on %d layers",
         method, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, len(linears),

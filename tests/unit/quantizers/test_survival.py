@@ -115,3 +115,16 @@ def test_protected_rtn_is_bigger(tmp_path, tiny_dir):
     a, b = survival.quantized_weight_bytes(plain), survival.quantized_weight_bytes(prot)
     # up_proj [256, 128]: 4-bit qweight 16 KiB -> 8-bit 32 KiB; qzeros double too.
     assert b - a == 128 * 256 // 2 + 2 * 256 // 2
+
+
+def test_protection_widens_to_fused_siblings_and_costs():
+    from rslora_deploy.quantizers._checkpoint import LinearSpec
+
+    ratios = {"m.layers.0.self_attn.k_proj": {"ratio": 0.1},
+              "m.layers.0.mlp.down_proj": {"ratio": 5.0}}
+    mods = survival.protected_modules(ratios, max_ratio=1.0)
+    assert mods == [f"m.layers.0.self_attn.{p}" for p in ("k_proj", "q_proj", "v_proj")]
+    specs = [LinearSpec("m.layers.0.self_attn.q_proj", 128, 128, False)]
+    # 4 -> 8 bits on [128, 128] at g64: qweight +8192 B, qzeros 2 groups x 128 x 0.5 B = +128 B.
+    assert survival.protection_cost_bytes(specs, mods, 4, 64) == 8192 + 128
+    assert survival.gptq_layer_bytes(128, 128, 4, 64) == 8192 + 128 + 512 + 512

@@ -1,0 +1,100 @@
+"""CLI: rslora-deploy quantize / eval. Bad input exits 1 with one line and leaves no --out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rslora_deploy.cli.app import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_clean_failure(code, err, out_dir, needle):
+    assert code == 1, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert not out_dir.exists()
+    assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*"))
+
+
+def test_quantize_rtn_ok(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", "--model", str(tiny_dir), "--out", str(out),
+                            "--method", "rtn", "--format", "json")
+    assert code == 0, err
+    meta = json.loads(stdout)
+    assert meta["method"] == "rtn" and meta["group_size"] == 64
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--bits", "3"], "bits must be 4 or 8"),
+        (["--group-size", "256"], "not divisible by quantize.group_size=256"),
+        (["--group-size", "48"], "group_size must be -1 or a power of two"),
+        (["--method", "awq", "--bits", "8"], "not supported by method awq"),
+    ],
+)
+def test_quantize_bad_options(capsys, tiny_dir, tmp_path, args, needle):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_dir), "--out", str(out),
+                       "--method", "rtn", *args)
+    _assert_clean_failure(code, err, out, needle)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        ("c.txt", b"", "contains no text"),
+        ("c.txt", b"short text only", "sequences of 64 tokens but 2 are needed"),
+        ("c.txt", "na\u00efve".encode("latin-1") * 50, "is not UTF-8"),
+        ("c.jsonl", b"plain text, not json\n", "line 1 is not JSON"),
+        ("c.docx", b"PK\x03\x04", "use a .txt file"),
+    ],
+)
+def test_quantize_bad_calibration(capsys, tiny_dir, tmp_path, name, content, needle):
+    calib = tmp_path / name
+    calib.write_bytes(content)
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_dir), "--out", str(out),
+                       "--method", "gptq", "--calib", str(calib), "--calib-samples", "2",
+                       "--calib-seq-len", "64")
+    _assert_clean_failure(code, err, out, needle)
+
+
+def test_quantize_out_not_empty(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_dir), "--out", str(out),
+                       "--method", "rtn")
+    assert code == 1 and "not empty" in err
+    assert (out / "keep").read_text() == "x"
+
+
+def test_protect_adapter_needs_base(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_dir), "--out", str(out),
+                       "--method", "rtn", "--protect-adapter")
+    _assert_clean_failure(code, err, out, "--protect-adapter needs --base")
+
+
+def test_eval_quantized_vs_merged(capsys, tiny_dir, rtn_dir, tmp_path):
+    report = tmp_path / "quality.json"
+    code, _, err = run(capsys, "eval", "--model", str(tiny_dir), "--quantized", str(rtn_dir),
+                       "--base", str(tiny_dir), "--windows", "2", "--window-len", "32",
+                       "--out", str(report))
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["protocol"]["scored_tokens"] == 2 * 31
+    assert data["models"]["merged"]["greedy_agreement"] == 1.0
+    assert 0 < data["models"]["quantized"]["greedy_agreement"] <= 1
+    # base == merged here: no adapter effect, so nothing to retain.
+    assert data["survival"]["effect_kl_merged_vs_base"] == pytest.approx(0, abs=1e-9)
