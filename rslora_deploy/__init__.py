@@ -12,7 +12,7 @@ from rslora_deploy.config import BuildConfig, load_recipe
 from rslora_deploy.errors import RsloraDeployError
 from rslora_deploy.profiles import DeviceProfile, load_profile
 
-__version__ = "0.1.0"
+from rslora_deploy._version import __version__
 __all__ = [
     "BuildConfig",
     "DeviceProfile",

@@ -184,7 +184,7 @@ def _package(staging: Path, body: dict[str, Any], write_manifest: Any, write_car
 
 
 def _version() -> str:
-    from rslora_deploy import __version__
+    from rslora_deploy._version import __version__
 
     return __version__
 
@@ -211,11 +211,24 @@ def _manifest_body(
 
 
 def _quality_summary(quality: dict[str, Any] | None) -> dict[str, Any]:
+    """The headline numbers of ``reports/quality.json`` for the manifest and model card."""
     if not quality:
         return {}
-    keys = ("perplexity_merged", "perplexity_quantized", "perplexity_onnx",
-            "onnx_vs_torch_relative_logit_error", "greedy_agreement", "adapter_survival")
-    return {k: quality[k] for k in keys if k in quality and not isinstance(quality[k], dict)}
+    summary: dict[str, Any] = {}
+    for name, stats in quality.get("models", {}).items():
+        summary[f"perplexity_{name}"] = round(stats["perplexity"], 3)
+        if name != "merged" and "greedy_agreement" in stats:
+            summary[f"greedy_agreement_{name}"] = round(stats["greedy_agreement"], 4)
+    errors = quality.get("relative_logit_error", {})
+    if "onnx_vs_quantized" in errors:
+        summary["onnx_vs_torch_relative_logit_error"] = round(errors["onnx_vs_quantized"], 5)
+    survival = quality.get("survival")
+    if isinstance(survival, dict) and "retained" in survival:
+        summary["adapter_survival_retained"] = survival["retained"]
+    protocol = quality.get("protocol", {})
+    if "scored_tokens" in protocol:
+        summary["eval_tokens"] = protocol["scored_tokens"]
+    return summary
 
 
 def _build_report(records: list[StageRecord], config: BuildConfig,

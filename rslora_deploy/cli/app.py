@@ -51,6 +51,8 @@ def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger("rslora_deploy")
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Backends (gptqmodel) install root handlers; without this every line would print twice.
+    root.propagate = False
 
 
 @app.callback()

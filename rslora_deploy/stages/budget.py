@@ -113,8 +113,8 @@ def predict_weight_bytes(
     Mirrors what the onnxruntime-genai builder writes for a GPTQ/AWQ checkpoint:
 
         projections  = P * bits/8 + P/g * (scale_bytes + bits/8)         (MatMulNBits, zero points)
-        embedding    = V*H/2 + V*H/32 * scale_bytes                         (int4, block 32)
-        lm_head      = V*H * io_bytes, or as the embedding when lm_head_int4
+        lm_head      = V*H * io_bytes, or V*H/2 + V*H/32 * scale_bytes (int4, block 32)
+        embedding    = 0 when tied (the builder shares lm_head's table), else as lm_head
         rope_cache   = 2 * context_length * head_dim/2 * io_bytes          (cos and sin tables)
         norms        = (2*layers + 1) * H * io_bytes
 
@@ -126,10 +126,11 @@ def predict_weight_bytes(
     group = group_size if group_size > 0 else view.hidden
     vocab_hidden = view.vocab * view.hidden
     int4_table = vocab_hidden // 2 + vocab_hidden // 32 * io
+    lm_head = int4_table if lm_head_int4 else vocab_hidden * io
     return {
         "projections": params * bits // 8 + params // group * io + params // group * bits // 8,
-        "embedding": int4_table,
-        "lm_head": int4_table if lm_head_int4 else vocab_hidden * io,
+        "embedding": 0 if view.tie_word_embeddings else lm_head,
+        "lm_head": lm_head,
         "rope_cache": 2 * context_length * (view.head_dim // 2) * io,
         "norms": (2 * view.layers + 1) * view.hidden * io,
     }

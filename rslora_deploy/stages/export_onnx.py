@@ -8,9 +8,16 @@ It runs in a subprocess: the builder prints thousands of progress lines and hold
 in memory; a child process keeps both out of ours (its log goes to ``export.log``).
 
 Choices (docs/export.md):
-* ``lm_head`` stays in full precision unless ``export.lm_head_int4``: with tied embeddings on a
-  small vocabulary-heavy model, RTN int4 on lm_head costs far more perplexity than it saves bytes
-  (stack-notes: 65.4 -> 82.5 on SmolLM2).
+* ``lm_head`` and the token embedding stay in full precision unless ``export.lm_head_int4``: with
+  tied embeddings on a small vocabulary-heavy model, RTN int4 on lm_head costs far more perplexity
+  than it saves bytes (stack-notes: 65.4 -> 82.5 on SmolLM2). The builder would otherwise still
+  RTN-quantize the embedding table to int4 (GatherBlockQuantized), which alone moved the ONNX
+  logits 0.08 (relative L2) away from the PyTorch GPTQ model on SmolLM2; excluded and shared with
+  lm_head (``shared_embeddings``) the table is stored once, and the package is smaller too.
+* ``accuracy_level`` defaults to 1 (fp32 activations in MatMulNBits on CPU). Level 4 quantizes
+  activations to int8 on CPU: faster there, but measured 0.045 vs 0.011 relative logit error
+  against PyTorch on SmolLM2 (docs/export.md). The CUDA kernel ignores the level, so the CPU
+  verification at level 1 is the faithful proxy of a T4 run.
 * The builder target comes from the profile: ``cuda`` gives fp16 activations for the T4; ``cpu``
   gives fp32 activations (Ascend, where CANN runs the standard ops and MatMulNBits falls back).
 * ``search.max_length`` is set to the profile's ``max_seq_len`` because onnxruntime-genai
@@ -37,12 +44,15 @@ GENAI_CONFIG = "genai_config.json"
 
 
 def builder_command(
-    source: Path, out_dir: Path, cache_dir: Path, cfg: ExportConfig, target: str
+    source: Path, out_dir: Path, cache_dir: Path, cfg: ExportConfig, target: str,
+    tied_embeddings: bool = False,
 ) -> list[str]:
     """The builder command line for one export (kept separate so tests can inspect it)."""
     extra = [f"accuracy_level={cfg.accuracy_level}"]
     if not cfg.lm_head_int4:
-        extra.append("nodes_to_exclude=/lm_head/MatMul")
+        extra.append("nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather")
+        if tied_embeddings:
+            extra.append("shared_embeddings=true")
     return [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(source), "-o", str(out_dir), "-p", "int4", "-e", target,
@@ -59,7 +69,10 @@ def export_onnx(
         ExportError: the builder failed (the message quotes its last error line and the log path).
     """
     cache_dir = out_dir.parent / f".{out_dir.name}.builder-cache"
-    command = builder_command(quantized.path, out_dir, cache_dir, cfg, profile.export_target)
+    from rslora_deploy.model_view import model_view
+
+    tied = model_view(quantized.path).tie_word_embeddings
+    command = builder_command(quantized.path, out_dir, cache_dir, cfg, profile.export_target, tied)
     logger.info("export_onnx: %s", " ".join(command))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w", encoding="utf-8") as log:
@@ -81,6 +94,8 @@ def export_onnx(
             "precision": "int4",
             "accuracy_level": cfg.accuracy_level,
             "lm_head": "int4" if cfg.lm_head_int4 else "full precision",
+            "embedding": "int4" if cfg.lm_head_int4 else
+            ("full precision, shared with lm_head" if tied else "full precision"),
             "max_length": max_length,
         },
     )

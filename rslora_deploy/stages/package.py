@@ -44,7 +44,7 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
 
 def write_manifest(root: Path, body: dict[str, Any]) -> dict[str, Any]:
     """Write ``manifest.json`` with the tool header and the file list; returns it."""
-    from rslora_deploy import __version__
+    from rslora_deploy._version import __version__
 
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
