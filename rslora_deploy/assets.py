@@ -182,6 +182,13 @@ def fetch_all(force: bool = False) -> dict[str, Path]:
     return {"base_model": fetch_smollm2(force), "corpus": fetch_brown(force)}
 
 
+def chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp creates 0700; give the directory the permissions a plain mkdir would (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+
+
 class _staging:
     """Context manager: yield a temp dir beside ``target``, rename it into place on success."""
 
@@ -191,6 +198,7 @@ class _staging:
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
+        chmod_like_mkdir(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rslora_deploy.assets import sha256_file
+from rslora_deploy.assets import chmod_like_mkdir, sha256_file
 from rslora_deploy.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -144,6 +144,7 @@ def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
         parent = parent.parent
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    chmod_like_mkdir(staging)
     try:
         yield staging
         if target.exists():

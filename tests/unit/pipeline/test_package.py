@@ -59,3 +59,15 @@ def test_manifest_detects_tampering(tmp_path: Path) -> None:
     problems = verify_manifest(tmp_path)
     assert any("model/model.onnx" in p for p in problems)
     assert any("extra.bin: not listed" in p for p in problems)
+
+
+def test_package_dir_gets_umask_permissions(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with staged_output(tmp_path / "pkg", overwrite=False) as staging:
+            _fill(staging)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "pkg").stat().st_mode & 0o777 == 0o755
