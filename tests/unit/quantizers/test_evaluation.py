@@ -1,0 +1,70 @@
+"""Evaluation protocol arithmetic with synthetic logit functions, and windowing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rslora_deploy.evaluation import EvalText, run_lockstep, windows_from_texts
+
+VOCAB = 10
+
+
+def _text(windows=3, length=6, seed=0):
+    ids = np.random.default_rng(seed).integers(0, VOCAB, size=(windows, length))
+    return EvalText(ids, windows * (length - 1), {})
+
+
+def test_uniform_model_has_perplexity_vocab():
+    out = run_lockstep({"u": lambda ids: np.zeros((len(ids), VOCAB), np.float32)}, _text(), None,
+                       [])
+    assert out["models"]["u"]["perplexity"] == pytest.approx(VOCAB)
+
+
+def test_perfect_model_and_agreement():
+    def oracle(ids):
+        logits = np.full((len(ids), VOCAB), -50.0, np.float32)
+        logits[np.arange(len(ids) - 1), ids[1:]] = 50.0
+        return logits
+
+    def shifted(ids):
+        return np.roll(oracle(ids), 1, axis=1)
+
+    out = run_lockstep({"ref": oracle, "bad": shifted}, _text(), "ref", [("bad", "ref")])
+    assert out["models"]["ref"]["perplexity"] == pytest.approx(1.0)
+    assert out["models"]["ref"]["greedy_agreement"] == 1.0
+    assert out["models"]["bad"]["greedy_agreement"] == 0.0
+    assert out["models"]["bad"]["perplexity"] > 1e10
+
+
+def test_relative_logit_error_value():
+    text = _text()
+    base = lambda ids: np.ones((len(ids), VOCAB), np.float32)  # noqa: E731
+    scaled = lambda ids: np.full((len(ids), VOCAB), 1.01, np.float32)  # noqa: E731
+    out = run_lockstep({"a": scaled, "b": base}, text, None, [("a", "b")])
+    assert out["relative_logit_error"]["a_vs_b"] == pytest.approx(0.01, rel=1e-5)
+
+
+def test_nll_counts_positions_after_bos():
+    # A model certain of token 0 everywhere: NLL = 0 where the target is 0, 50-ish otherwise.
+    ids = np.array([[1, 0, 0, 0, 0]])
+    text = EvalText(ids, 4, {})
+    logits = lambda ids: np.where(np.arange(VOCAB) == 0, 0.0, -np.inf)[None].repeat(len(ids), 0)  # noqa: E731
+    out = run_lockstep({"m": logits}, text, None, [])
+    assert out["models"]["m"]["mean_nll"] == 0.0 and math.isclose(out["models"]["m"]["perplexity"], 1)
+
+
+def test_windows_from_texts(tokenizer):
+    docs = ["The cat sat on the mat. " * 40, "A second document follows here. " * 40]
+    text = windows_from_texts(tokenizer, docs, windows=3, window_len=32, source="t")
+    assert text.input_ids.shape == (3, 32)
+    assert (text.input_ids[:, 0] == tokenizer.bos_token_id).all()
+    assert text.scored_tokens == 3 * 31
+    # Non-overlapping: window 2 continues where window 1 stopped.
+    stream = np.concatenate([w[1:] for w in text.input_ids])
+    first = tokenizer(docs[0], add_special_tokens=False)["input_ids"]
+    assert stream[:60].tolist() == first[:60]
+    with pytest.raises(Exception, match="fewer than 1000 windows"):
+        windows_from_texts(tokenizer, docs, windows=1000, window_len=32, source="t")
