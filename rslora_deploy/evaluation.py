@@ -66,7 +66,8 @@ def eval_windows(
     from rslora_deploy.corpus import iter_documents
 
     docs = [d.text for d in iter_documents("evaluation", genre=genre)]
-    return windows_from_texts(tokenizer, docs, windows, window_len, f"brown:evaluation:{genre or 'all'}")
+    source = f"brown:evaluation:{genre or 'all'}"
+    return windows_from_texts(tokenizer, docs, windows, window_len, source)
 
 
 def windows_from_texts(
@@ -193,8 +194,9 @@ class _Acc:
 
 
 def run_lockstep(models: dict[str, LogitFn], text: EvalText, reference: str | None,
-                 pairs: list[tuple[str, str]], on_window: Callable[[dict[str, np.ndarray]], None]
-                 | None = None) -> dict[str, Any]:
+                 pairs: list[tuple[str, str]],
+                 on_window: Callable[[dict[str, np.ndarray], np.ndarray], None] | None = None,
+                 ) -> dict[str, Any]:
     """Run every model on every window; accumulate NLL, agreement and pairwise logit error.
 
     Args:
@@ -202,7 +204,7 @@ def run_lockstep(models: dict[str, LogitFn], text: EvalText, reference: str | No
         text: the windows.
         reference: the model greedy agreement is measured against (None: no agreement).
         pairs: ``(a, b)`` pairs for ``relative_logit_error(a vs b)``.
-        on_window: called with each window's logits (survival statistics hook).
+        on_window: called with each window's logits and token ids (survival statistics hook).
     """
     accs = {name: _Acc() for name in models}
     diff2 = dict.fromkeys(pairs, 0.0)
@@ -225,7 +227,7 @@ def run_lockstep(models: dict[str, LogitFn], text: EvalText, reference: str | No
             diff2[(a, b)] += float(np.square(logits[a] - logits[b], dtype=np.float64).sum())
             ref2[(a, b)] += float(np.square(logits[b], dtype=np.float64).sum())
         if on_window is not None:
-            on_window(logits)
+            on_window(logits, ids)
     result: dict[str, Any] = {"models": {}}
     for name, acc in accs.items():
         entry = {"perplexity": math.exp(acc.nll / acc.count), "mean_nll": acc.nll / acc.count,
@@ -267,6 +269,7 @@ def evaluate_build(
     base_dir: Path | None = None,
     *,
     survival_threshold: float = 0.5,
+    survival_genre: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a build: perplexity of merged / quantized / ONNX, agreement, logit error, survival.
 
@@ -277,6 +280,8 @@ def evaluate_build(
         eval_cfg: :class:`rslora_deploy.config.EvalConfig` (windows, window_len).
         base_dir: the base model before merging; when given, adapter survival is reported.
         survival_threshold: warn when the retained fraction of the adapter effect is lower.
+        survival_genre: Brown genre of the adapter's own domain (e.g. ``h``, government); the
+            survival statistics then use a second set of windows from that genre only.
 
     Returns:
         JSON-able dict: protocol, per-model perplexity / agreement, relative logit errors,
@@ -297,10 +302,13 @@ def evaluate_build(
     if base_dir is not None:
         models["base"] = torch_logits(base_dir)
         stats = survival.SurvivalStats()
-    hook = None if stats is None else (
-        lambda lg: stats.add(lg["base"], lg["merged"], lg["quantized"], ignore_last=True)
-    )
-    result = run_lockstep(models, text, "merged", pairs, hook)
+    def hook_for(acc: Any) -> Callable[[dict[str, np.ndarray], np.ndarray], None]:
+        return lambda lg, ids: acc.add(
+            lg["base"], lg["merged"], lg["quantized"], ignore_last=True, targets=ids[1:]
+        )
+
+    main_hook = hook_for(stats) if stats is not None and survival_genre is None else None
+    result = run_lockstep(models, text, "merged", pairs, main_hook)
     report: dict[str, Any] = {
         "protocol": {**text.meta, "scored_tokens": text.scored_tokens,
                      "perplexity": "exp(mean NLL), BOS per window, non-overlapping windows"},
@@ -315,6 +323,13 @@ def evaluate_build(
                 "ONNX logits differ from the PyTorch quantized model by %.4f (limit %.2f)",
                 err, ONNX_LOGIT_ERROR_LIMIT,
             )
+    if stats is not None and survival_genre is not None:
+        # The adapter's own domain: B, M, Q again on windows of that genre only.
+        stats = survival.SurvivalStats()
+        domain = eval_windows(tokenizer, eval_cfg.windows, eval_cfg.window_len, survival_genre)
+        trio = {k: models[k] for k in ("base", "merged", "quantized")}
+        run_lockstep(trio, domain, None, [], hook_for(stats))
+        report["survival_protocol"] = {**domain.meta, "scored_tokens": domain.scored_tokens}
     if stats is not None:
         report["survival"] = stats.summary(threshold=survival_threshold)
     report["seconds"] = round(time.perf_counter() - start, 2)

@@ -154,6 +154,8 @@ def eval_cmd(
     window_len: Annotated[int, typer.Option(help="Tokens per window, BOS included.")] = 512,
     survival_threshold: Annotated[float, typer.Option(help="Warn below this retained "
                                                       "fraction.")] = 0.5,
+    survival_genre: Annotated[str | None, typer.Option(
+        help="Brown genre of the adapter's domain for survival (e.g. h = government).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     fmt: Annotated[_Format, typer.Option("--format", help="text or json.")] = _Format.TEXT,
 ) -> None:
@@ -175,7 +177,8 @@ def eval_cmd(
         report = evaluate_models({"merged": model}, "merged", windows, window_len)
     else:
         report = evaluate_build(model, quantized, onnx, eval_cfg, base,
-                                survival_threshold=survival_threshold)
+                                survival_threshold=survival_threshold,
+                                survival_genre=survival_genre)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
