@@ -236,24 +236,3 @@ def _check_layer(
                 "tensors (re-export the checkpoint or fix its config)"
             )
 
-
-def check_finite(model_dir: Path) -> None:
-    """Raise if any floating tensor of the checkpoint holds NaN or Inf (names the tensor).
-
-    Raises:
-        NonFiniteError: the first non-finite tensor.
-    """
-    import torch
-    from safetensors import safe_open
-
-    from rslora_deploy.errors import NonFiniteError
-
-    for path in weight_files(model_dir):
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensor = handle.get_tensor(key)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise NonFiniteError(
-                        f"tensor {key} of {model_dir} contains NaN/Inf; fix the merged model "
-                        "(re-run the merge, check the adapter) before quantizing"
-                    )

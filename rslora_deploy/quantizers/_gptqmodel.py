@@ -102,6 +102,10 @@ def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
                     "check the merged model's weights"
                 )
             if key in source and source[key].shape == tensor.shape:
+                if not torch.isfinite(source[key]).all():
+                    raise NonFiniteQuantizationError(
+                        f"source tensor {key} contains NaN/Inf; fix the merged model first"
+                    )
                 tensors[key] = source[key].contiguous()
                 restored += 1
         save_file(tensors, str(path), metadata={"format": "pt"})
