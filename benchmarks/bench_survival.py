@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--merged", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/surv"))
     parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--genre", default="h")
+    parser.add_argument("--genre", default="government")
     parser.add_argument("--method", default="rtn")
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.15, 1.0])
     parser.add_argument("--results", type=Path,

@@ -280,7 +280,7 @@ def evaluate_build(
         eval_cfg: :class:`rslora_deploy.config.EvalConfig` (windows, window_len).
         base_dir: the base model before merging; when given, adapter survival is reported.
         survival_threshold: warn when the retained fraction of the adapter effect is lower.
-        survival_genre: Brown genre of the adapter's own domain (e.g. ``h``, government); the
+        survival_genre: Brown genre of the adapter's own domain (e.g. ``government``); the
             survival statistics then use a second set of windows from that genre only.
 
     Returns:

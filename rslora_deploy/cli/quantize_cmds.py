@@ -155,7 +155,7 @@ def eval_cmd(
     survival_threshold: Annotated[float, typer.Option(help="Warn below this retained "
                                                       "fraction.")] = 0.5,
     survival_genre: Annotated[str | None, typer.Option(
-        help="Brown genre of the adapter's domain for survival (e.g. h = government).")] = None,
+        help="Brown genre of the adapter's domain for survival (e.g. government).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     fmt: Annotated[_Format, typer.Option("--format", help="text or json.")] = _Format.TEXT,
 ) -> None:
