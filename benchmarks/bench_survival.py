@@ -1,9 +1,10 @@
 """Adapter survival of the demo adapter, with and without --protect-adapter, and the size cost.
 
 Merges the embedded demo adapter (task ``brown-government``) into SmolLM2-135M, quantizes it
-with each variant, and measures on windows of the adapter's own domain (Brown genre ``h``,
-government documents, evaluation split) the survival statistics of :mod:`rslora_deploy.survival`
-for every variant against the same base and merged logits. Results: benchmarks/results/survival.json.
+with each variant, and measures on windows of the adapter's own domain (Brown genre
+``government``, evaluation split) the survival statistics of :mod:`rslora_deploy.survival`
+for every variant against the same base and merged logits.
+Results: benchmarks/results/survival.json.
 
 Usage::
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+log = logging.getLogger("bench")
 
 
 def main() -> None:
@@ -32,8 +34,9 @@ def main() -> None:
     parser.add_argument("--genre", default="government")
     parser.add_argument("--method", default="rtn")
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.15, 1.0])
-    parser.add_argument("--results", type=Path,
-                        default=Path(__file__).parent / "results" / "survival.json")
+    parser.add_argument(
+        "--results", type=Path, default=Path(__file__).parent / "results" / "survival.json"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -58,13 +61,15 @@ def main() -> None:
         out = args.work / name
         if not (out / "config.json").is_file():
             start = time.perf_counter()
-            quantize_model(Artifact("hf", args.merged), out, cfg,
-                           extras=QuantizeExtras(dynamic=dyn or None))
-            logging.info("%s quantized in %.1f s", name, time.perf_counter() - start)
+            quantize_model(
+                Artifact("hf", args.merged), out, cfg, extras=QuantizeExtras(dynamic=dyn or None)
+            )
+            log.info("%s quantized in %.1f s", name, time.perf_counter() - start)
         variants[name] = {
             "protected_modules": len(modules),
-            "predicted_extra_bytes": survival.protection_cost_bytes(linears, modules, cfg.bits,
-                                                                    cfg.group_size),
+            "predicted_extra_bytes": survival.protection_cost_bytes(
+                linears, modules, cfg.bits, cfg.group_size
+            ),
             "quantized_weight_bytes": survival.quantized_weight_bytes(out),
             "path": out,
         }
@@ -75,14 +80,18 @@ def main() -> None:
 
     def hook(logits: dict[str, Any], ids: Any) -> None:
         for n, acc in stats.items():
-            acc.add(logits["base"], logits["merged"], logits[n], ignore_last=True,
-                    targets=ids[1:])
+            acc.add(logits["base"], logits["merged"], logits[n], ignore_last=True, targets=ids[1:])
 
     result = run_lockstep(models, text, "merged", [], hook)
     plain = variants[args.method]["quantized_weight_bytes"]
-    report = {"protocol": {**text.meta, "scored_tokens": text.scored_tokens},
-              "method": args.method, "group_size": cfg.group_size, "perplexity": result["models"],
-              "ratio_percentiles": {}, "variants": {}}
+    report = {
+        "protocol": {**text.meta, "scored_tokens": text.scored_tokens},
+        "method": args.method,
+        "group_size": cfg.group_size,
+        "perplexity": result["models"],
+        "ratio_percentiles": {},
+        "variants": {},
+    }
     values = sorted(r["ratio"] for r in ratios.values())
     for q in (0, 10, 50, 90, 100):
         report["ratio_percentiles"][q] = values[min(len(values) - 1, q * len(values) // 100)]

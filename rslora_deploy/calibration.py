@@ -80,7 +80,8 @@ def read_calibration_file(path: Path) -> list[str]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CalibrationDataError(
-            f"calibration file {path} is not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start+1]!r}); "
+            f"calibration file {path} is not UTF-8 (byte {exc.start}: "
+            f"{raw[exc.start : exc.start + 1]!r}); "
             "convert it, e.g. iconv -f latin1 -t utf-8"
         ) from None
     docs = _parse_txt(text) if suffix == ".txt" else _parse_jsonl(text, path)
@@ -175,7 +176,10 @@ def build_calibration(
     }  # fmt: skip
     logger.info(
         "calibration: %d x %d tokens from %s (%d tokens tokenized)",
-        samples, seq_len, source, len(stream),
+        samples,
+        seq_len,
+        source,
+        len(stream),
     )
     return CalibrationSet(ids, source, meta)
 

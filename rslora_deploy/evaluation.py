@@ -193,10 +193,13 @@ class _Acc:
     agree: int = 0
 
 
-def run_lockstep(models: dict[str, LogitFn], text: EvalText, reference: str | None,
-                 pairs: list[tuple[str, str]],
-                 on_window: Callable[[dict[str, np.ndarray], np.ndarray], None] | None = None,
-                 ) -> dict[str, Any]:
+def run_lockstep(
+    models: dict[str, LogitFn],
+    text: EvalText,
+    reference: str | None,
+    pairs: list[tuple[str, str]],
+    on_window: Callable[[dict[str, np.ndarray], np.ndarray], None] | None = None,
+) -> dict[str, Any]:
     """Run every model on every window; accumulate NLL, agreement and pairwise logit error.
 
     Args:
@@ -230,8 +233,11 @@ def run_lockstep(models: dict[str, LogitFn], text: EvalText, reference: str | No
             on_window(logits, ids)
     result: dict[str, Any] = {"models": {}}
     for name, acc in accs.items():
-        entry = {"perplexity": math.exp(acc.nll / acc.count), "mean_nll": acc.nll / acc.count,
-                 "seconds": round(seconds[name], 2)}
+        entry = {
+            "perplexity": math.exp(acc.nll / acc.count),
+            "mean_nll": acc.nll / acc.count,
+            "seconds": round(seconds[name], 2),
+        }
         if reference is not None:
             entry["greedy_agreement"] = acc.agree / acc.count
         result["models"][name] = entry
@@ -292,8 +298,10 @@ def evaluate_build(
     start = time.perf_counter()
     tokenizer = _tokenizer(merged_dir)
     text = eval_windows(tokenizer, eval_cfg.windows, eval_cfg.window_len)
-    models: dict[str, LogitFn] = {"merged": torch_logits(merged_dir),
-                                  "quantized": torch_logits(quantized_dir)}
+    models: dict[str, LogitFn] = {
+        "merged": torch_logits(merged_dir),
+        "quantized": torch_logits(quantized_dir),
+    }
     pairs = [("quantized", "merged")]
     if onnx_dir is not None:
         models["onnx"] = onnx_logits(onnx_dir)
@@ -302,6 +310,7 @@ def evaluate_build(
     if base_dir is not None:
         models["base"] = torch_logits(base_dir)
         stats = survival.SurvivalStats()
+
     def hook_for(acc: Any) -> Callable[[dict[str, np.ndarray], np.ndarray], None]:
         return lambda lg, ids: acc.add(
             lg["base"], lg["merged"], lg["quantized"], ignore_last=True, targets=ids[1:]
@@ -310,8 +319,11 @@ def evaluate_build(
     main_hook = hook_for(stats) if stats is not None and survival_genre is None else None
     result = run_lockstep(models, text, "merged", pairs, main_hook)
     report: dict[str, Any] = {
-        "protocol": {**text.meta, "scored_tokens": text.scored_tokens,
-                     "perplexity": "exp(mean NLL), BOS per window, non-overlapping windows"},
+        "protocol": {
+            **text.meta,
+            "scored_tokens": text.scored_tokens,
+            "perplexity": "exp(mean NLL), BOS per window, non-overlapping windows",
+        },
         **result,
     }
     if onnx_dir is not None:
@@ -321,7 +333,8 @@ def evaluate_build(
         if err >= ONNX_LOGIT_ERROR_LIMIT:
             logger.warning(
                 "ONNX logits differ from the PyTorch quantized model by %.4f (limit %.2f)",
-                err, ONNX_LOGIT_ERROR_LIMIT,
+                err,
+                ONNX_LOGIT_ERROR_LIMIT,
             )
     if stats is not None and survival_genre is not None:
         # The adapter's own domain: B, M, Q again on windows of that genre only.
@@ -337,7 +350,10 @@ def evaluate_build(
 
 
 def evaluate_models(
-    model_dirs: dict[str, Path], reference: str, windows: int, window_len: int,
+    model_dirs: dict[str, Path],
+    reference: str,
+    windows: int,
+    window_len: int,
     onnx_dirs: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Perplexity and agreement of several HF (and ONNX) models on the same windows."""

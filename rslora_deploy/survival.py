@@ -78,7 +78,9 @@ class SurvivalStats:
     kl_mq: float = 0.0
     proj_num: float = 0.0
     proj_den: float = 0.0
-    nll: dict[str, float] = field(default_factory=lambda: {"base": 0.0, "merged": 0.0, "quantized": 0.0})
+    nll: dict[str, float] = field(
+        default_factory=lambda: {"base": 0.0, "merged": 0.0, "quantized": 0.0}
+    )
     positions: int = 0
 
     def add(
@@ -138,7 +140,8 @@ class SurvivalStats:
             logger.warning(
                 "adapter survival %.2f is below %.2f: quantization removed much of the adapter's "
                 "effect; rebuild with --protect-adapter",
-                retained, threshold,
+                retained,
+                threshold,
             )
         return out
 
@@ -200,8 +203,12 @@ def protection_dynamic(
 def gptq_layer_bytes(in_features: int, out_features: int, bits: int, group_size: int) -> int:
     """Bytes of one GPTQ layer: qweight + qzeros (``bits`` each) + fp16 scales + int32 g_idx."""
     groups = in_features // (in_features if group_size == -1 else group_size)
-    return (in_features * out_features * bits // 8 + groups * out_features * bits // 8
-            + groups * out_features * 2 + in_features * 4)
+    return (
+        in_features * out_features * bits // 8
+        + groups * out_features * bits // 8
+        + groups * out_features * 2
+        + in_features * 4
+    )
 
 
 def protection_cost_bytes(
@@ -212,7 +219,8 @@ def protection_cost_bytes(
     return sum(
         gptq_layer_bytes(s.in_features, s.out_features, protect_bits, group_size)
         - gptq_layer_bytes(s.in_features, s.out_features, bits, group_size)
-        for s in linears if s.name in wanted
+        for s in linears
+        if s.name in wanted
     )
 
 

@@ -40,8 +40,9 @@ class _Format(str, Enum):
 def _atomic_dir(out: Path) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out} already exists and is not empty; choose a new path or "
-                         "delete it")
+        raise InputError(
+            f"--out {out} already exists and is not empty; choose a new path or delete it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -80,23 +81,32 @@ def quantize(
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write (new or empty).")],
     method: Annotated[_Method, typer.Option(help="gptq, awq or rtn.")] = _Method.GPTQ,
     bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option(help="Columns per scale; must divide every width.")]
-    = 64,
+    group_size: Annotated[
+        int, typer.Option(help="Columns per scale; must divide every width.")
+    ] = 64,
     sym: Annotated[bool, typer.Option(help="Symmetric grid (no zero point).")] = True,
     desc_act: Annotated[bool, typer.Option(help="GPTQ act-order.")] = False,
     damp_percent: Annotated[float, typer.Option(help="GPTQ Hessian damping.")] = 0.05,
-    calib: Annotated[Path | None, typer.Option(
-        help=".txt (blank-line separated docs) or .jsonl with 'text'; default Brown.")] = None,
+    calib: Annotated[
+        Path | None,
+        typer.Option(help=".txt (blank-line separated docs) or .jsonl with 'text'; default Brown."),
+    ] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 32,
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
     seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
-    protect_adapter: Annotated[bool, typer.Option(
-        help="Keep modules whose adapter delta is small vs the quantization step at 8 bits "
-        "(needs --base).")] = False,
-    protect_ratio: Annotated[float, typer.Option(
-        help="Protect modules with rms(delta)/step below this.")] = 1.0,
-    base: Annotated[Path | None, typer.Option(help="Base model before merging (for "
-                                              "--protect-adapter).")] = None,
+    protect_adapter: Annotated[
+        bool,
+        typer.Option(
+            help="Keep modules whose adapter delta is small vs the quantization step at 8 bits "
+            "(needs --base)."
+        ),
+    ] = False,
+    protect_ratio: Annotated[
+        float, typer.Option(help="Protect modules with rms(delta)/step below this.")
+    ] = 1.0,
+    base: Annotated[
+        Path | None, typer.Option(help="Base model before merging (for --protect-adapter).")
+    ] = None,
     fmt: Annotated[_Format, typer.Option("--format", help="text or json.")] = _Format.TEXT,
 ) -> None:
     """Quantize a merged model into a GPTQ/AWQ checkpoint (atomic: nothing at --out on error)."""
@@ -125,8 +135,12 @@ def quantize(
             item.rename(staging / item.name)
         (staging / "q").rmdir()
     meta = {**art.meta, "path": str(out), "protection": protection}
-    _emit(meta, fmt, f"quantized {model} -> {out} ({meta.get('method')}, {bits}-bit, "
-          f"group {group_size}, {meta.get('seconds')} s)")
+    _emit(
+        meta,
+        fmt,
+        f"quantized {model} -> {out} ({meta.get('method')}, {bits}-bit, "
+        f"group {group_size}, {meta.get('seconds')} s)",
+    )
 
 
 def _protection(base: Path, model: Path, cfg: Any, ratio: float) -> tuple[Any, dict[str, Any]]:
@@ -136,11 +150,14 @@ def _protection(base: Path, model: Path, cfg: Any, ratio: float) -> tuple[Any, d
 
     ratios = survival.delta_to_step_ratios(base, model, cfg.bits, cfg.group_size, cfg.sym)
     modules = survival.protected_modules(ratios, ratio)
-    cost = survival.protection_cost_bytes(decoder_linears(model), modules, cfg.bits,
-                                          cfg.group_size)
+    cost = survival.protection_cost_bytes(decoder_linears(model), modules, cfg.bits, cfg.group_size)
     logger.info("protect-adapter: %d modules kept at 8 bits (+%.1f MB)", len(modules), cost / 1e6)
-    info = {"modules": len(modules), "max_ratio": ratio, "extra_bytes": cost,
-            "changed_modules": len(ratios)}
+    info = {
+        "modules": len(modules),
+        "max_ratio": ratio,
+        "extra_bytes": cost,
+        "changed_modules": len(ratios),
+    }
     return QuantizeExtras(dynamic=survival.protection_dynamic(ratios, ratio) or None), info
 
 
@@ -148,14 +165,18 @@ def eval_cmd(
     model: Annotated[Path, typer.Option(help="Full-precision (merged) HF model: the reference.")],
     quantized: Annotated[Path | None, typer.Option(help="Quantized HF checkpoint.")] = None,
     onnx: Annotated[Path | None, typer.Option(help="onnxruntime-genai model folder.")] = None,
-    base: Annotated[Path | None, typer.Option(help="Base model before merging: adds adapter "
-                                              "survival.")] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="Base model before merging: adds adapter survival.")
+    ] = None,
     windows: Annotated[int, typer.Option(help="Evaluation windows.")] = 8,
     window_len: Annotated[int, typer.Option(help="Tokens per window, BOS included.")] = 512,
-    survival_threshold: Annotated[float, typer.Option(help="Warn below this retained "
-                                                      "fraction.")] = 0.5,
-    survival_genre: Annotated[str | None, typer.Option(
-        help="Brown genre of the adapter's domain for survival (e.g. government).")] = None,
+    survival_threshold: Annotated[
+        float, typer.Option(help="Warn below this retained fraction.")
+    ] = 0.5,
+    survival_genre: Annotated[
+        str | None,
+        typer.Option(help="Brown genre of the adapter's domain for survival (e.g. government)."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     fmt: Annotated[_Format, typer.Option("--format", help="text or json.")] = _Format.TEXT,
 ) -> None:
@@ -176,17 +197,27 @@ def eval_cmd(
     if quantized is None:
         report = evaluate_models({"merged": model}, "merged", windows, window_len)
     else:
-        report = evaluate_build(model, quantized, onnx, eval_cfg, base,
-                                survival_threshold=survival_threshold,
-                                survival_genre=survival_genre)
+        report = evaluate_build(
+            model,
+            quantized,
+            onnx,
+            eval_cfg,
+            base,
+            survival_threshold=survival_threshold,
+            survival_genre=survival_genre,
+        )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    lines = [f"{name}: perplexity {m['perplexity']:.3f}"
-             + (f", agreement {m['greedy_agreement']:.3f}" if "greedy_agreement" in m else "")
-             for name, m in report["models"].items()]
-    lines += [f"relative logit error {k}: {v:.4f}"
-              for k, v in report.get("relative_logit_error", {}).items()]
+    lines = [
+        f"{name}: perplexity {m['perplexity']:.3f}"
+        + (f", agreement {m['greedy_agreement']:.3f}" if "greedy_agreement" in m else "")
+        for name, m in report["models"].items()
+    ]
+    lines += [
+        f"relative logit error {k}: {v:.4f}"
+        for k, v in report.get("relative_logit_error", {}).items()
+    ]
     if "survival" in report:
         lines.append(f"adapter survival (retained): {report['survival']['retained']:.3f}")
     _emit(report, fmt, "\n".join(lines))

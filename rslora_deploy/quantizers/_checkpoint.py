@@ -21,8 +21,13 @@ logger = logging.getLogger(__name__)
 
 #: Files of a model directory that are weights or our own markers, never copied as "extras".
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json",
-               "rslora-deploy-asset.json", "quantize_config.json", "quant_log.csv"}
+_SKIP_FILES = {
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "rslora-deploy-asset.json",
+    "quantize_config.json",
+    "quant_log.csv",
+}
 
 
 @dataclass(frozen=True)
@@ -235,4 +240,3 @@ def _check_layer(
                 f"group_size={group} imply {shape}; the quantization_config does not match the "
                 "tensors (re-export the checkpoint or fix its config)"
             )
-

@@ -59,7 +59,9 @@ def run_quantize(model: Any, calibration: list[dict[str, list[int]]], **kwargs: 
         model.quantize(calibration, **kwargs)
     except (ValueError, RuntimeError, FloatingPointError) as exc:
         text = str(exc)
-        if any(word in text.lower() for word in ("nan", "inf", "not positive-definite", "cholesky")):
+        if any(
+            word in text.lower() for word in ("nan", "inf", "not positive-definite", "cholesky")
+        ):
             raise NonFiniteQuantizationError(
                 f"non-finite values during calibration ({text[:200]}); check the merged model "
                 "for NaN/Inf weights, or raise quantize.damp_percent"
@@ -96,7 +98,9 @@ def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
     for path in _checkpoint.weight_files(out_dir):
         tensors = load_file(path)
         for key, tensor in tensors.items():
-            if not torch.isfinite(tensor.float() if tensor.is_floating_point() else tensor.double()).all():
+            if not torch.isfinite(
+                tensor.float() if tensor.is_floating_point() else tensor.double()
+            ).all():
                 raise NonFiniteQuantizationError(
                     f"quantized tensor {key} contains NaN/Inf; raise quantize.damp_percent or "
                     "check the merged model's weights"

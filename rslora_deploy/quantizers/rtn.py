@@ -30,9 +30,7 @@ logger = logging.getLogger(__name__)
 QUANTIZER_TAG = "rslora-deploy:rtn"
 
 
-def module_overrides(
-    name: str, dynamic: dict[str, dict[str, Any]] | None
-) -> dict[str, Any] | None:
+def module_overrides(name: str, dynamic: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
     """gptqmodel ``dynamic`` semantics for one module: ``{}`` none, ``None`` = skip (``-:``)."""
     for pattern, override in (dynamic or {}).items():
         if pattern.startswith("-:"):
@@ -84,7 +82,8 @@ class RTNQuantizer:
             tensors[f"{spec.name}.scales"] = packed.scales
             tensors[f"{spec.name}.g_idx"] = packed.g_idx
             rel = float(
-                np.linalg.norm(_rtn_math.dequantize(gq) - weight) / max(np.linalg.norm(weight), 1e-30)
+                np.linalg.norm(_rtn_math.dequantize(gq) - weight)
+                / max(np.linalg.norm(weight), 1e-30)
             )
             max_err = max(max_err, rel)
             logger.debug("rtn %s bits=%d group=%d rel_err=%.4g", spec.name, bits, group, rel)

@@ -93,7 +93,9 @@ def quantize_model(
     if is_prequantized(model_dir):
         summary = check_prequantized(model_dir)
         logger.info("quantize: %s is already %s-quantized; skipping", model_dir, summary["method"])
-        return Artifact("hf-quantized", model_dir, {**summary, "prequantized": True, "seconds": 0.0})
+        return Artifact(
+            "hf-quantized", model_dir, {**summary, "prequantized": True, "seconds": 0.0}
+        )
     method = cfg.method.value
     handler = QUANTIZERS.get(method)()
     if cfg.bits not in handler.supported_bits:
@@ -110,7 +112,12 @@ def quantize_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         "quantize: %s bits=%d group=%d sym=%s desc_act=%s on %d layers",
-        method, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, len(linears),
+        method,
+        cfg.bits,
+        cfg.group_size,
+        cfg.sym,
+        cfg.desc_act,
+        len(linears),
     )
     start = time.perf_counter()
     facts = handler.quantize(model_dir, out_dir, cfg, calib, extras)

@@ -41,17 +41,21 @@ def test_gptq_smollm2_reloads_through_transformers(smollm2_dir, tmp_path):
     cfg = QuantizeConfig(method="gptq", group_size=64, calib_samples=8, calib_seq_len=128)
     art = quantize_model(Artifact("hf", smollm2_dir), tmp_path / "gptq", cfg)
     out = art.path
-    assert art.meta["calib"]["samples"] == 8 and art.meta["calib"]["source"] == "brown:calibration"
+    assert art.meta["calib"]["samples"] == 8
+    assert art.meta["calib"]["source"] == "brown:calibration"
 
     summary = check_prequantized(out)
     assert (summary["method"], summary["bits"], summary["group_size"]) == ("gptq", 4, 64)
     assert summary["layers"] == 30 * 7
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qcfg["checkpoint_format"] == "gptq" and "offload_to_disk_path" not in qcfg["meta"]
+    assert qcfg["checkpoint_format"] == "gptq"
+    assert "offload_to_disk_path" not in qcfg["meta"]
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    text = ("The committee met on Tuesday to discuss the budget for the county's schools and "
-            "roads, and after a long debate it agreed to raise the allowance for teachers.")
+    text = (
+        "The committee met on Tuesday to discuss the budget for the county's schools and "
+        "roads, and after a long debate it agreed to raise the allowance for teachers."
+    )
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text)["input_ids"]]])
 
     tensors = load_file(str(out / "model.safetensors"))
@@ -60,8 +64,12 @@ def test_gptq_smollm2_reloads_through_transformers(smollm2_dir, tmp_path):
         full = reference(ids).logits[0]
     for spec in decoder_linears(smollm2_dir):
         n = spec.name
-        packed = _rtn_math.PackedGPTQ(tensors[f"{n}.qweight"], tensors[f"{n}.qzeros"],
-                                      tensors[f"{n}.scales"], tensors[f"{n}.g_idx"])
+        packed = _rtn_math.PackedGPTQ(
+            tensors[f"{n}.qweight"],
+            tensors[f"{n}.qzeros"],
+            tensors[f"{n}.scales"],
+            tensors[f"{n}.g_idx"],
+        )
         weight = torch.from_numpy(_rtn_math.dequantize_gptq(packed, 4))
         reference.get_submodule(n).weight.data = weight
     with torch.inference_mode():

@@ -68,9 +68,11 @@ def test_user_file_bos_and_determinism(tmp_path, tokenizer):
     assert a.input_ids.shape == (6, 32)
     assert (a.input_ids[:, 0] == tokenizer.bos_token_id).all()
     assert a.meta["sha256"] == b.meta["sha256"] != c.meta["sha256"]
-    assert a.meta["source"] == str(path) and a.meta["bos"] is True
+    assert a.meta["source"] == str(path)
+    assert a.meta["bos"] is True
     rows = a.as_gptqmodel()
-    assert rows[0]["attention_mask"] == [1] * 32 and rows[0]["input_ids"] == a.input_ids[0].tolist()
+    assert rows[0]["attention_mask"] == [1] * 32
+    assert rows[0]["input_ids"] == a.input_ids[0].tolist()
 
 
 def test_default_brown_source(tokenizer):

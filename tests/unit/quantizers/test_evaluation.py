@@ -18,8 +18,9 @@ def _text(windows=3, length=6, seed=0):
 
 
 def test_uniform_model_has_perplexity_vocab():
-    out = run_lockstep({"u": lambda ids: np.zeros((len(ids), VOCAB), np.float32)}, _text(), None,
-                       [])
+    out = run_lockstep(
+        {"u": lambda ids: np.zeros((len(ids), VOCAB), np.float32)}, _text(), None, []
+    )
     assert out["models"]["u"]["perplexity"] == pytest.approx(VOCAB)
 
 
@@ -53,7 +54,8 @@ def test_nll_counts_positions_after_bos():
     text = EvalText(ids, 4, {})
     logits = lambda ids: np.where(np.arange(VOCAB) == 0, 0.0, -np.inf)[None].repeat(len(ids), 0)  # noqa: E731
     out = run_lockstep({"m": logits}, text, None, [])
-    assert out["models"]["m"]["mean_nll"] == 0.0 and math.isclose(out["models"]["m"]["perplexity"], 1)
+    assert out["models"]["m"]["mean_nll"] == 0.0
+    assert math.isclose(out["models"]["m"]["perplexity"], 1)
 
 
 def test_windows_from_texts(tokenizer):

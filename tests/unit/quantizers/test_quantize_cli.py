@@ -18,19 +18,32 @@ def run(capsys, *args):
 def _assert_clean_failure(code, err, out_dir, needle):
     assert code == 1, err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], err
+    assert len(lines) == 1, err
+    assert needle in lines[0], err
     assert not out_dir.exists()
     assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*"))
 
 
 def test_quantize_rtn_ok(capsys, tiny_dir, tmp_path):
     out = tmp_path / "q"
-    code, stdout, err = run(capsys, "quantize", "--model", str(tiny_dir), "--out", str(out),
-                            "--method", "rtn", "--format", "json")
+    code, stdout, err = run(
+        capsys,
+        "quantize",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--method",
+        "rtn",
+        "--format",
+        "json",
+    )
     assert code == 0, err
     meta = json.loads(stdout)
-    assert meta["method"] == "rtn" and meta["group_size"] == 64
-    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert meta["method"] == "rtn"
+    assert meta["group_size"] == 64
+    assert (out / "config.json").is_file()
+    assert (out / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
@@ -44,8 +57,9 @@ def test_quantize_rtn_ok(capsys, tiny_dir, tmp_path):
 )
 def test_quantize_bad_options(capsys, tiny_dir, tmp_path, args, needle):
     out = tmp_path / "q"
-    code, _, err = run(capsys, "quantize", "--model", str(tiny_dir), "--out", str(out),
-                       "--method", "rtn", *args)
+    code, _, err = run(
+        capsys, "quantize", "--model", str(tiny_dir), "--out", str(out), "--method", "rtn", *args
+    )
     _assert_clean_failure(code, err, out, needle)
 
 
@@ -63,9 +77,22 @@ def test_quantize_bad_calibration(capsys, tiny_dir, tmp_path, name, content, nee
     calib = tmp_path / name
     calib.write_bytes(content)
     out = tmp_path / "q"
-    code, _, err = run(capsys, "quantize", "--model", str(tiny_dir), "--out", str(out),
-                       "--method", "gptq", "--calib", str(calib), "--calib-samples", "2",
-                       "--calib-seq-len", "64")
+    code, _, err = run(
+        capsys,
+        "quantize",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--method",
+        "gptq",
+        "--calib",
+        str(calib),
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "64",
+    )
     _assert_clean_failure(code, err, out, needle)
 
 
@@ -73,24 +100,48 @@ def test_quantize_out_not_empty(capsys, tiny_dir, tmp_path):
     out = tmp_path / "q"
     out.mkdir()
     (out / "keep").write_text("x")
-    code, _, err = run(capsys, "quantize", "--model", str(tiny_dir), "--out", str(out),
-                       "--method", "rtn")
-    assert code == 1 and "not empty" in err
+    code, _, err = run(
+        capsys, "quantize", "--model", str(tiny_dir), "--out", str(out), "--method", "rtn"
+    )
+    assert code == 1
+    assert "not empty" in err
     assert (out / "keep").read_text() == "x"
 
 
 def test_protect_adapter_needs_base(capsys, tiny_dir, tmp_path):
     out = tmp_path / "q"
-    code, _, err = run(capsys, "quantize", "--model", str(tiny_dir), "--out", str(out),
-                       "--method", "rtn", "--protect-adapter")
+    code, _, err = run(
+        capsys,
+        "quantize",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--method",
+        "rtn",
+        "--protect-adapter",
+    )
     _assert_clean_failure(code, err, out, "--protect-adapter needs --base")
 
 
 def test_eval_quantized_vs_merged(capsys, tiny_dir, rtn_dir, tmp_path):
     report = tmp_path / "quality.json"
-    code, _, err = run(capsys, "eval", "--model", str(tiny_dir), "--quantized", str(rtn_dir),
-                       "--base", str(tiny_dir), "--windows", "2", "--window-len", "32",
-                       "--out", str(report))
+    code, _, err = run(
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--quantized",
+        str(rtn_dir),
+        "--base",
+        str(tiny_dir),
+        "--windows",
+        "2",
+        "--window-len",
+        "32",
+        "--out",
+        str(report),
+    )
     assert code == 0, err
     data = json.loads(report.read_text())
     assert data["protocol"]["scored_tokens"] == 2 * 31

@@ -33,9 +33,15 @@ def _packed(directory, layer=LAYER):
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"bits": 3}, "bits"), ({"bits": 16}, "bits"), ({"group_size": 48}, "group_size"),
-     ({"group_size": 8}, "group_size"), ({"damp_percent": 0.0}, "damp_percent"),
-     ({"method": "hqq"}, "method"), ({"calib_samples": 0}, "calib_samples")],
+    [
+        ({"bits": 3}, "bits"),
+        ({"bits": 16}, "bits"),
+        ({"group_size": 48}, "group_size"),
+        ({"group_size": 8}, "group_size"),
+        ({"damp_percent": 0.0}, "damp_percent"),
+        ({"method": "hqq"}, "method"),
+        ({"calib_samples": 0}, "calib_samples"),
+    ],
 )
 def test_config_rejects(kwargs, field):
     from pydantic import ValidationError
@@ -53,19 +59,23 @@ def test_group_size_must_divide_every_layer(tiny_dir, tmp_path):
 
 def test_awq_refuses_8_bits(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="bits=8 is not supported by method awq"):
-        quantize_model(Artifact("hf", tiny_dir), tmp_path / "q", QuantizeConfig(method="awq", bits=8))
+        quantize_model(
+            Artifact("hf", tiny_dir), tmp_path / "q", QuantizeConfig(method="awq", bits=8)
+        )
     assert not (tmp_path / "q").exists()
 
 
 def test_decoder_linears_excludes_lm_head(tiny_dir):
     names = [s.name for s in decoder_linears(tiny_dir)]
-    assert len(names) == 14 and all(".layers." in n for n in names)
+    assert len(names) == 14
+    assert all(".layers." in n for n in names)
     assert "lm_head" not in " ".join(names)
 
 
 def test_rtn_checkpoint_is_gptq_v1(rtn_dir, tiny_dir):
     cfg = json.loads((rtn_dir / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "gptq" and cfg["checkpoint_format"] == "gptq"
+    assert cfg["quant_method"] == "gptq"
+    assert cfg["checkpoint_format"] == "gptq"
     assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"]) == (4, 64, True, False)
     assert json.loads((rtn_dir / "quantize_config.json").read_text())["bits"] == 4
     tensors = load_file(str(rtn_dir / "model.safetensors"))
@@ -120,10 +130,12 @@ def test_transformers_reloads_rtn(rtn_dir, tiny_dir):
 def test_prequantized_checkpoint_is_accepted_and_skipped(rtn_dir, tmp_path):
     assert is_prequantized(rtn_dir)
     summary = check_prequantized(rtn_dir)
-    assert summary["method"] == "gptq" and summary["layers"] == 14
+    assert summary["method"] == "gptq"
+    assert summary["layers"] == 14
     out = tmp_path / "never"
     art = quantize_model(Artifact("hf", rtn_dir), out, QuantizeConfig(method="gptq"))
-    assert art.meta["prequantized"] is True and art.path == rtn_dir
+    assert art.meta["prequantized"] is True
+    assert art.path == rtn_dir
     assert not out.exists()
 
 
@@ -156,7 +168,8 @@ def test_gptq_tiny_real_engine(tiny_dir, tmp_path):
     """Real gptqmodel GPTQ on the tiny model: a loadable checkpoint closer than RTN's."""
     cfg = QuantizeConfig(method="gptq", group_size=64, calib_samples=8, calib_seq_len=64)
     art = quantize_model(Artifact("hf", tiny_dir), tmp_path / "q", cfg)
-    assert art.kind == "hf-quantized" and art.meta["calib"]["samples"] == 8
+    assert art.kind == "hf-quantized"
+    assert art.meta["calib"]["samples"] == 8
     assert len(art.meta["calib"]["sha256"]) == 64
     qcfg = json.loads((art.path / "config.json").read_text())["quantization_config"]
     assert "offload_to_disk_path" not in qcfg.get("meta", {})

@@ -34,7 +34,8 @@ def test_pack_unpack_bit_exact(bits, sym, groups, group, out_words, seed):
     assert packed.qzeros.shape == (groups, out_f // pack)
     assert packed.scales.shape == (groups, out_f)
     assert packed.g_idx.shape == (groups * group,)
-    assert packed.qweight.dtype == np.int32 and packed.qzeros.dtype == np.int32
+    assert packed.qweight.dtype == np.int32
+    assert packed.qzeros.dtype == np.int32
     assert packed.scales.dtype == np.float16
     for arr in (packed.qweight, packed.qzeros, packed.scales):
         assert arr.flags["C_CONTIGUOUS"]  # safetensors ignores strides
@@ -62,7 +63,8 @@ def test_dequant_error_bound(bits, sym):
 
 def test_codes_in_range_and_sym_zero():
     gq = rtn.quantize_rtn(_weight(16, 64, 2), 4, 32, True)
-    assert gq.q.min() >= 0 and gq.q.max() <= 15
+    assert gq.q.min() >= 0
+    assert gq.q.max() <= 15
     assert (gq.zeros == 8).all()
 
 
