@@ -131,6 +131,13 @@ def load_torch_model(model_dir: Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from rslora_deploy.quantizers._checkpoint import quantization_config
+
+    qcfg = quantization_config(Path(model_dir)) or {}
+    if qcfg.get("dynamic") and str(qcfg.get("quant_method", "gptq")) == "gptq":
+        # optimum 2.3.0 (transformers' GPTQ path) ignores per-module `dynamic` bits and
+        # reinitialises mismatched layers: evaluate such checkpoints by exact dequantization.
+        return dequantized_gptq_model(Path(model_dir))
     try:
         return AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, trust_remote_code=False
@@ -140,6 +147,46 @@ def load_torch_model(model_dir: Path) -> Any:
             f"cannot load {model_dir} with transformers ({type(exc).__name__}: {str(exc)[:200]}); "
             "pass a Hugging Face model directory (install optimum + gptqmodel for GPTQ/AWQ)"
         ) from exc
+
+
+def dequantized_gptq_model(model_dir: Path) -> Any:
+    """An fp32 model whose linears are the exact dequantization of a GPTQ v1 checkpoint.
+
+    Each layer's bits follow from its tensors (``32 * qweight.shape[0] / len(g_idx)``), so
+    per-module ``dynamic`` overrides (``--protect-adapter``) are honoured. Kernel-independent:
+    no bf16 rounding of activations, unlike gptqmodel's CPU kernels.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rslora_deploy.quantizers import _rtn_math
+    from rslora_deploy.quantizers._checkpoint import load_tensors
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_tensors(model_dir)
+    state: dict[str, Any] = {}
+    for key, value in tensors.items():
+        if key.endswith(".qweight"):
+            layer = key[: -len(".qweight")]
+            g_idx = tensors[f"{layer}.g_idx"]
+            bits = 32 * value.shape[0] // len(g_idx)
+            packed = _rtn_math.PackedGPTQ(
+                value, tensors[f"{layer}.qzeros"], tensors[f"{layer}.scales"], g_idx
+            )
+            state[f"{layer}.weight"] = torch.from_numpy(_rtn_math.dequantize_gptq(packed, bits))
+        elif not key.endswith((".qzeros", ".scales", ".g_idx")):
+            state[key] = torch.from_numpy(np.ascontiguousarray(value)).float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
+        raise InputError(
+            f"{model_dir}: checkpoint tensors do not fit the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    model.tie_weights()
+    return model.eval()
 
 
 def onnx_logits(onnx_dir: Path) -> LogitFn:
