@@ -87,6 +87,9 @@ def rsg_numbers() -> dict:
     start = time.perf_counter()
     rsg.generate_range(key, 0, n)
     throughput = n / (time.perf_counter() - start)
+    if not (demo_adapter_dir() / "rslora_config.json").is_file():
+        raise SystemExit("the demo adapter is missing; run benchmarks/bench_demo_adapter.py "
+                         "--train first")
     cfg = parse_config((demo_adapter_dir() / "rslora_config.json").read_bytes())
     values = sum(cfg.k * cfg.r * (m.d_in + m.d_out) for m in cfg.modules.values())
     start = time.perf_counter()
@@ -139,6 +142,7 @@ def main() -> None:
 
     base = default_base_dir()
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    rsg_result = rsg_numbers()
     runs: dict[str, list[dict]] = {"ours": [], "peft": []}
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "lora"
@@ -154,7 +158,7 @@ def main() -> None:
                 print(kind, runs[kind][-1], flush=True)
     best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items()}
     peak = {k: max(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
-    result = {"machine": machine(), "runs": runs, "rsg": rsg_numbers(),
+    result = {"machine": machine(), "runs": runs, "rsg": rsg_result,
               "base_mib": base_bytes / 2**20}
     print(json.dumps(result, indent=2))
     write_doc(args.doc, result, best, peak)
