@@ -105,6 +105,11 @@ def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
                     f"quantized tensor {key} contains NaN/Inf; raise quantize.damp_percent or "
                     "check the merged model's weights"
                 )
+            if key.endswith(".scales") and tensor.dtype == torch.bfloat16:
+                # AWQ saves its scales in the bf16 compute dtype; AutoAWQ's GEMM format and
+                # its loaders use fp16. bf16 -> fp16 is exact for scales (8-bit mantissa fits in
+                # 11, and group scales sit far inside fp16's range).
+                tensors[key] = tensor.to(torch.float16)
             if key in source and source[key].shape == tensor.shape:
                 if not torch.isfinite(source[key]).all():
                     raise NonFiniteQuantizationError(

@@ -174,3 +174,27 @@ def test_gptq_tiny_real_engine(tiny_dir, tmp_path):
     qcfg = json.loads((art.path / "config.json").read_text())["quantization_config"]
     assert "offload_to_disk_path" not in qcfg.get("meta", {})
     assert check_prequantized(art.path)["layers"] == 14
+
+
+def test_awq_tiny_real_engine(tiny_dir, tmp_path):
+    """Real gptqmodel AWQ on the tiny model: an AutoAWQ GEMM checkpoint that passes our check."""
+    cfg = QuantizeConfig(method="awq", group_size=64, calib_samples=4, calib_seq_len=64)
+    art = quantize_model(Artifact("hf", tiny_dir), tmp_path / "q", cfg)
+    qcfg = json.loads((art.path / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "awq"
+    summary = check_prequantized(art.path)
+    assert (summary["method"], summary["bits"], summary["group_size"]) == ("awq", 4, 64)
+    assert summary["layers"] == 14
+    # GEMM layout: qweight [in, out * bits / 32].
+    from safetensors.torch import load_file as load_torch
+
+    t = load_torch(str(art.path / "model.safetensors"))
+    assert tuple(t[f"{LAYER}.qweight"].shape) == (256, 128 // 8)
+    assert t[f"{LAYER}.scales"].dtype == torch.float16  # AutoAWQ's dtype, not gptqmodel's bf16
+    from transformers import AutoModelForCausalLM
+
+    from rslora_deploy.testing.tiny import example_inputs
+
+    reloaded = AutoModelForCausalLM.from_pretrained(art.path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(example_inputs(vocab=49152)).logits).all()
