@@ -110,7 +110,7 @@ def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> Buil
         )
         view_dir = cpu_view(onnx.path, work / "cpu_view") if profile.export_target != "cpu" else onnx.path
         smoke = runner.run("verify", smoke_generate, view_dir)
-        quality = _evaluate(runner, merged, quantized, view_dir, inputs.base.path, config, reports)
+        quality = _evaluate(runner, merged, quantized, view_dir, inputs, config, reports)
         view = model_view(merged.path)
         budget = runner.run("check_budget", budget_stage.estimate, onnx.path, view, profile)
         budget["measured_cpu"] = {
@@ -161,20 +161,40 @@ def _quantize(runner: _Runner, merged: Artifact, work: Path, config: BuildConfig
 
 
 def _evaluate(
-    runner: _Runner, merged: Artifact, quantized: Artifact, onnx_dir: Path, base_dir: Path,
+    runner: _Runner, merged: Artifact, quantized: Artifact, onnx_dir: Path, inputs: Any,
     config: BuildConfig, reports: Path,
 ) -> dict[str, Any] | None:
     if not config.eval.enabled:
         return None
     from rslora_deploy.evaluation import evaluate_build
 
+    base_dir = inputs.base.path
     survival_base = base_dir if merged.path != base_dir else None
+    genre = config.eval.survival_genre
+    if genre is None and survival_base is not None and inputs.adapter_dir is not None:
+        genre = _brown_genre_of(inputs.adapter_dir)
     quality: dict[str, Any] = runner.run(
         "evaluate", evaluate_build, merged.path, quantized.path, onnx_dir, config.eval,
-        survival_base,
+        survival_base, survival_genre=genre,
     )
     _write_json(reports / "quality.json", quality)
     return quality
+
+
+def _brown_genre_of(adapter_dir: Path) -> str | None:
+    """The Brown genre an RS-LoRA adapter was trained on, from its ``task_id`` ("brown-<genre>").
+
+    The demo adapter records its training domain this way; any other adapter returns None and
+    survival is measured on all genres unless ``eval.survival_genre`` names one.
+    """
+    config_path = adapter_dir / "rslora_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        task_id = str(json.loads(config_path.read_text()).get("task_id", ""))
+    except (OSError, ValueError):
+        return None
+    return task_id.removeprefix("brown-") if task_id.startswith("brown-") else None
 
 
 def _package(staging: Path, body: dict[str, Any], write_manifest: Any, write_card: Any) -> None:

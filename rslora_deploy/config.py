@@ -155,6 +155,11 @@ class EvalConfig(_Section):
     enabled: bool = Field(default=True, description="Evaluate perplexity during the build.")
     windows: int = Field(default=8, ge=1, description="Number of evaluation windows.")
     window_len: int = Field(default=512, ge=16, description="Tokens per window, BOS included.")
+    survival_genre: str | None = Field(
+        default=None,
+        description="Brown genre of the adapter's own domain, where adapter survival is measured. "
+        "None: the demo adapter's genre for the demo adapter, all genres otherwise.",
+    )
 
 
 class PackageConfig(_Section):
