@@ -135,3 +135,25 @@ def test_vera_without_projection_needs_opt_in_then_matches_peft(tmp_path: Path) 
     ours = copy.deepcopy(base)
     merge_deltas(ours, adapter.deltas)
     _assert_same_weights(ours, reference)
+
+
+def test_vera_regeneration_through_merge_stage(tmp_path: Path) -> None:
+    """The stage loads the base first to learn the layer shapes, then regenerates (opt-in)."""
+    from rslora_deploy.config import AdapterConfig, MergeConfig
+    from rslora_deploy.errors import AdapterFormatError
+    from rslora_deploy.stages.merge import merge_adapter
+    from rslora_deploy.testing.tiny import save_tiny
+
+    base = tiny_llama()
+    base_dir = save_tiny(base, tmp_path / "base")
+    config = peft.VeraConfig(r=4, target_modules=["k_proj", "up_proj"], save_projection=False)
+    wrapped, adapter_dir = _peft_roundtrip(base, config, tmp_path / "vera")
+    reference = wrapped.merge_and_unload()
+    with pytest.raises(AdapterFormatError):
+        merge_adapter(base_dir, adapter_dir, tmp_path / "out", MergeConfig(), AdapterConfig())
+    assert not (tmp_path / "out").exists()
+    art = merge_adapter(base_dir, adapter_dir, tmp_path / "out", MergeConfig(),
+                        AdapterConfig(allow_unverified_vera_regeneration=True))
+    from transformers import AutoModelForCausalLM
+
+    _assert_same_weights(AutoModelForCausalLM.from_pretrained(art.path), reference)
