@@ -52,6 +52,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield staging
+        staging.chmod(0o755)  # mkdtemp makes it 0700; the result is an ordinary output directory
         if out.exists():
             out.rmdir()
         staging.rename(out)
