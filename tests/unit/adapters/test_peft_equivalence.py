@@ -157,3 +157,37 @@ def test_vera_regeneration_through_merge_stage(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     _assert_same_weights(AutoModelForCausalLM.from_pretrained(art.path), reference)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_rslora_export_loads_in_real_peft(tmp_path: Path, factory: Callable[[], Any]) -> None:
+    """Spec 6.3: our exact PEFT export, loaded by peft itself, equals our merged model."""
+    import numpy as np
+
+    from rslora_deploy.adapters.convert import to_peft_lora
+    from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
+    from rslora_deploy.testing.adapters import fake_base_model
+
+    base = factory()
+    if factory is tiny_llama:
+        mods = {"model.layers.0.self_attn.v_proj": {"d_in": 64, "d_out": 32, "layout": "linear"},
+                "model.layers.1.mlp.down_proj": {"d_in": 128, "d_out": 64, "layout": "linear"}}
+    else:
+        mods = {"transformer.h.0.attn.c_attn": {"d_in": 64, "d_out": 192, "layout": "conv1d"},
+                "transformer.h.1.mlp.c_proj": {"d_in": 256, "d_out": 64, "layout": "conv1d"}}
+    rng = np.random.default_rng(5)
+    spec = RsloraSpec(modules=mods, r=4, k=3, alpha=16.0, seed=9, base_model=fake_base_model())
+    ckpt = write_checkpoint(tmp_path / "rs", spec, {f"{m}.rslora_v_{f}": rng.uniform(-1, 1, 3)
+                                                    for m in mods for f in "AB"})
+    to_peft_lora(ckpt, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    ours = copy.deepcopy(base)
+    merge_deltas(ours, load_adapter(ckpt).deltas)
+    ids = example_inputs()
+    with torch.no_grad():
+        y_peft = loaded(input_ids=ids).logits
+        y_ours = ours(input_ids=ids).logits
+        y_base = base(input_ids=ids).logits
+    tol = 1e-5 * (1 + y_ours.abs().max().item())
+    assert (y_peft - y_ours).abs().max().item() <= tol
+    assert (y_base - y_ours).abs().max().item() > 100 * tol
