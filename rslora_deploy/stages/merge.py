@@ -40,10 +40,17 @@ def check_base_dir(base_dir: Path) -> None:
     """A HF directory with config.json and safetensors weights (never pickle)."""
     from rslora_deploy.adapters.base_hash import safetensors_files
 
+    from rslora_deploy.adapters.st_io import SafetensorsFile
+    from rslora_deploy.errors import AdapterFormatError
+
     base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():
         raise InputError(f"base {base_dir} is not a Hugging Face model directory (no config.json)")
-    safetensors_files(base_dir)
+    for path in safetensors_files(base_dir):
+        try:
+            SafetensorsFile(path)  # header only: truncation, corruption, pickle
+        except AdapterFormatError as exc:
+            raise InputError(f"base weights {exc.message}") from None
 
 
 def load_base(base_dir: Path) -> Any:
@@ -53,7 +60,7 @@ def load_base(base_dir: Path) -> Any:
     try:
         return AutoModelForCausalLM.from_pretrained(
             base_dir, dtype="auto", trust_remote_code=False, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # transformers raises many types for a bad model directory
         raise InputError(f"cannot load base model {base_dir} ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 

@@ -132,3 +132,23 @@ def test_half_output_dtype_single_rounding(tmp_path: Path, dtype: str) -> None:
     assert torch.equal(merged.get_submodule(name).weight, w32.to(target))  # fp32 -> once
     report = json.loads((art.path / "merge_report.json").read_text())
     assert all(0 <= row["lost_fraction"] <= 1 for row in report["modules"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle", "config_not_json"])
+def test_damaged_base_is_one_line_input_error(tmp_path: Path, damage: str) -> None:
+    from rslora_deploy.errors import InputError
+
+    _, base, adapter = _build(tmp_path, tiny_llama, _llama_modules)
+    weights = base / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "pickle":
+        import pickle
+
+        weights.write_bytes(pickle.dumps({"w": 1}))
+    else:
+        (base / "config.json").write_text("{nope")
+    with pytest.raises(InputError) as info:
+        merge_adapter(base, adapter, tmp_path / "out", MergeConfig(), AdapterConfig())
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
