@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from rslora_deploy.errors import (
     NonFiniteError,
     ShapeMismatchError,
 )
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "random_subspace_lora"
 FORMAT_VERSION = 1
@@ -378,6 +381,9 @@ def checkpoint_deltas(ckpt: RsloraCheckpoint) -> list[ModuleDelta]:
         ChecksumError: E040 naming module, factor, expected and actual hash.
     """
     cfg = ckpt.config
+    if cfg.sharing == "per_shape" and cfg.v_sharing == "global":
+        logger.warning("%s: per_shape projections with a global v give every module of a shape "
+                       "the identical dW (spec 3.4); this is rarely intended", ckpt.directory)
     deltas = []
     for entry in cfg.modules.values():
         name_a, name_b = cfg.v_names(entry.name)
