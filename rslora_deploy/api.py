@@ -198,15 +198,12 @@ def _brown_genre_of(adapter_dir: Path) -> str | None:
 
 
 def _package(staging: Path, body: dict[str, Any], write_manifest: Any, write_card: Any) -> None:
-    card_manifest = {**body, "tool": {"version": _version()}, "created_utc": "", "files": []}
-    write_card(staging, card_manifest)
-    write_manifest(staging, body)
+    """Model card first (it is one of the files the manifest hashes), then the manifest."""
+    from rslora_deploy.stages.package import manifest_header
 
-
-def _version() -> str:
-    from rslora_deploy._version import __version__
-
-    return __version__
+    header = manifest_header()
+    write_card(staging, {**header, **body})
+    write_manifest(staging, body, created_utc=header["created_utc"])
 
 
 def _manifest_body(
@@ -244,7 +241,11 @@ def _quality_summary(quality: dict[str, Any] | None) -> dict[str, Any]:
         summary["onnx_vs_torch_relative_logit_error"] = round(errors["onnx_vs_quantized"], 5)
     survival = quality.get("survival")
     if isinstance(survival, dict) and "retained" in survival:
-        summary["adapter_survival_retained"] = survival["retained"]
+        summary["adapter_survival_retained"] = round(survival["retained"], 3)
+        if survival.get("warning"):
+            summary["adapter_survival_warning"] = (
+                f"below {survival.get('threshold')}: rebuild with --protect-adapter"
+            )
     protocol = quality.get("protocol", {})
     if "scored_tokens" in protocol:
         summary["eval_tokens"] = protocol["scored_tokens"]

@@ -42,17 +42,20 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def write_manifest(root: Path, body: dict[str, Any]) -> dict[str, Any]:
-    """Write ``manifest.json`` with the tool header and the file list; returns it."""
+def manifest_header(created_utc: str | None = None) -> dict[str, Any]:
+    """The fields every manifest starts with: schema version, tool, creation time."""
     from rslora_deploy._version import __version__
 
-    manifest = {
+    return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "tool": {"name": "rslora-deploy", "version": __version__},
-        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        **body,
-        "files": file_entries(root),
+        "created_utc": created_utc or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def write_manifest(root: Path, body: dict[str, Any], created_utc: str | None = None) -> dict[str, Any]:
+    """Write ``manifest.json`` with the tool header and the file list; returns it."""
+    manifest = {**manifest_header(created_utc), **body, "files": file_entries(root)}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
