@@ -102,8 +102,11 @@ def quantize(
         ),
     ] = False,
     protect_ratio: Annotated[
-        float, typer.Option(help="Protect modules with rms(delta)/step below this.")
-    ] = 1.0,
+        float,
+        typer.Option(
+            help="Protect modules with rms(delta)/step below this (1.0: all of the demo's)."
+        ),
+    ] = 0.15,
     base: Annotated[
         Path | None, typer.Option(help="Base model before merging (for --protect-adapter).")
     ] = None,
