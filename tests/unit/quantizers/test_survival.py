@@ -36,7 +36,7 @@ def test_retained_endpoints():
         stats.add(base, merged, quant)
         out = stats.summary(threshold=0.5)
         assert out["retained"] == pytest.approx(expected, abs=1e-9)
-        assert out["retained_projection"] == pytest.approx(expected, abs=1e-9)
+        assert out["retained_kl"] == pytest.approx(expected, abs=1e-9)
         assert out["warning"] is (expected < 0.5)
 
 
@@ -106,8 +106,9 @@ def test_tiny_models_survival(tmp_path, tokenizer_dir):
     stats.add(logits["b"], logits["m"], logits["q"])
     out = stats.summary()
     assert out["effect_kl_merged_vs_base"] > 0
-    assert out["retained"] <= 1.0
-    assert math.isfinite(out["retained"])
+    assert out["retained_kl"] <= 1.0  # KL(M||Q) >= 0
+    # A 4-bit quantization of a 2-layer model keeps most of a 0.05-std delta's direction.
+    assert 0.5 < out["retained"] < 1.5
 
 
 def test_protected_rtn_is_bigger(tmp_path, tiny_dir):
