@@ -44,7 +44,7 @@ class BuildResult:
         return bool(self.budget["fits"])
 
 
-def _describe_dir(path: Path, name: str | None = None) -> dict[str, Any]:
+def describe_dir(path: Path, name: str | None = None) -> dict[str, Any]:
     """Name, path and per-file sha256 of the weight/config files of a model or adapter dir."""
     files = {
         p.name: sha256_file(p)
@@ -213,11 +213,11 @@ def _manifest_body(
 ) -> dict[str, Any]:
     adapter = None
     if inputs.adapter_dir is not None:
-        adapter = {**_describe_dir(inputs.adapter_dir), **merged.meta.get("adapter", {})}
+        adapter = {**describe_dir(inputs.adapter_dir), **merged.meta.get("adapter", {})}
     base_name = "SmolLM2-135M-Instruct" if inputs.is_default_base else inputs.base.path.name
     return {
         "profile": profile.model_dump(mode="json"),
-        "inputs": {"base": _describe_dir(inputs.base.path, base_name), "adapter": adapter},
+        "inputs": {"base": describe_dir(inputs.base.path, base_name), "adapter": adapter},
         "quantization": {k: v for k, v in quantized.meta.items() if k != "seconds"},
         "export": onnx.meta,
         "budget": {k: budget[k] for k in ("fits", "budget_bytes", "estimate_bytes")},

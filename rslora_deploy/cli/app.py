@@ -227,6 +227,52 @@ def verify(
     _emit(result, fmt, text)
 
 
+@app.command()
+def package(
+    model: Annotated[Path, typer.Option(help="An onnxruntime-genai model folder (from export).")],
+    profile: Annotated[str, typer.Option(help="Device profile name or .toml path.")],
+    out: Annotated[Path, typer.Option(help="Package directory to write.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
+) -> None:
+    """Package an exported ONNX folder: smoke test, budget, manifest and model card."""
+    import shutil
+    import tempfile
+
+    from rslora_deploy.api import describe_dir
+    from rslora_deploy.errors import InputError
+    from rslora_deploy.profiles import load_profile
+    from rslora_deploy.stages.budget import estimate
+    from rslora_deploy.stages.export_onnx import cpu_view
+    from rslora_deploy.stages.package import (
+        manifest_header, staged_output, write_manifest, write_model_card,
+    )
+    from rslora_deploy.stages.verify import smoke_generate
+
+    prof = load_profile(profile)
+    if not (model / "genai_config.json").is_file():
+        raise InputError(f"{model} has no genai_config.json; pass the output of `rslora-deploy export`")
+    with staged_output(out, overwrite) as staging:
+        shutil.copytree(model, staging / "model")
+        with tempfile.TemporaryDirectory() as tmp:
+            smoke = smoke_generate(cpu_view(staging / "model", Path(tmp) / "m"))
+        result = estimate(staging / "model", _view_from_genai(staging / "model"), prof)
+        (staging / "reports").mkdir()
+        (staging / "reports" / "budget.json").write_text(json.dumps(result, indent=2) + "\n")
+        body = {
+            "profile": prof.model_dump(mode="json"),
+            "inputs": {"base": describe_dir(model, model.name), "adapter": None},
+            "budget": {k: result[k] for k in ("fits", "budget_bytes", "estimate_bytes")},
+            "smoke_test": {k: smoke[k] for k in ("prompt", "text", "runtime")},
+        }
+        header = manifest_header()
+        write_model_card(staging, {**header, **body})
+        write_manifest(staging, body, created_utc=header["created_utc"])
+    _emit({"package": str(out), "budget": result}, fmt, f"package: {out}")
+    if not result["fits"]:
+        raise typer.Exit(EXIT_OVER_BUDGET)
+
+
 @profiles_app.command("list")
 def profiles_list(
     fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,

@@ -107,3 +107,20 @@ def test_debug_env_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture
     monkeypatch.setenv("RSLORA_DEPLOY_DEBUG", "1")
     code, err = _run(["build", "--profile", "nope", "--out", str(tmp_path / "o")], capsys)
     assert code == 1 and "Traceback" in err
+
+
+def test_package_needs_an_onnx_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pkg"
+    code, err = _run(["package", "--model", str(tmp_path), "--profile", "t4-2gb", "--out",
+                      str(out)], capsys)
+    _assert_clean_failure(code, err, out, "genai_config.json")
+
+
+def test_budget_on_a_non_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(["budget", str(tmp_path), "--profile", "t4-2gb"], capsys)
+    assert code == 1 and "neither a package" in err
+
+
+def test_verify_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(["verify", str(tmp_path)], capsys)
+    assert code == 1 and "manifest.json" in err
