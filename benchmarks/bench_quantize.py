@@ -50,6 +50,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"true_sequential": False},
     ),
     "awq": ({"method": "awq", "calib_samples": 16, "calib_seq_len": 256}, {}),
+    "awq_small": ({"method": "awq", "calib_samples": 8, "calib_seq_len": 128}, {}),
 }
 
 

@@ -6,7 +6,9 @@ QuantizeConfig and no ``device=``. After saving we (1) drop gptqmodel's absolute
 ``offload_to_disk_path`` (a /tmp path of this machine: noise in a shipped checkpoint) and
 (2) restore the unquantized tensors (embeddings, norms, untied lm_head) to the source's exact
 values and dtype, because calibration ran in ``compute_dtype`` (bf16 by default) and gptqmodel
-saves the whole model in it: keeping ``lm_head`` fp32 must mean fp32, as for RTN.
+saves the whole model in it: keeping ``lm_head`` fp32 must mean fp32, as for RTN. A tensor is
+restored only when it equals the source rounded to bf16; tensors the engine changed (AWQ folds
+its channel scales into the RMSNorm weights) keep the engine's values, cast to the source dtype.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
     for path in _checkpoint.weight_files(model_dir):
         source.update(load_file(path))
     restored = 0
+    modified = 0
     for path in _checkpoint.weight_files(out_dir):
         tensors = load_file(path)
         for key, tensor in tensors.items():
@@ -110,12 +113,21 @@ def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
                 # its loaders use fp16. bf16 -> fp16 is exact for scales (8-bit mantissa fits in
                 # 11, and group scales sit far inside fp16's range).
                 tensors[key] = tensor.to(torch.float16)
-            if key in source and source[key].shape == tensor.shape:
-                if not torch.isfinite(source[key]).all():
-                    raise NonFiniteQuantizationError(
-                        f"source tensor {key} contains NaN/Inf; fix the merged model first"
-                    )
-                tensors[key] = source[key].contiguous()
+            original = source.get(key)
+            if original is None or original.shape != tensor.shape:
+                continue
+            if not torch.isfinite(original).all():
+                raise NonFiniteQuantizationError(
+                    f"source tensor {key} contains NaN/Inf; fix the merged model first"
+                )
+            if torch.equal(tensor, original.to(tensor.dtype)):
+                # Only the dtype changed (bf16 calibration): put the exact source values back.
+                tensors[key] = original.contiguous()
                 restored += 1
+            else:
+                # The engine changed the values on purpose (AWQ folds its channel scales into
+                # the preceding RMSNorm): keep them, in the source dtype.
+                tensors[key] = tensor.to(original.dtype).contiguous()
+                modified += 1
         save_file(tensors, str(path), metadata={"format": "pt"})
-    return {"unquantized_tensors_restored": restored}
+    return {"unquantized_tensors_restored": restored, "unquantized_tensors_modified": modified}

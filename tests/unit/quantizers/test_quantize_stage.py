@@ -176,7 +176,7 @@ def test_gptq_tiny_real_engine(tiny_dir, tmp_path):
     assert check_prequantized(art.path)["layers"] == 14
 
 
-def test_awq_tiny_real_engine(tiny_dir, tmp_path):
+def test_awq_tiny_real_engine(tiny_dir, rtn_dir, tmp_path):
     """Real gptqmodel AWQ on the tiny model: an AutoAWQ GEMM checkpoint that passes our check."""
     cfg = QuantizeConfig(method="awq", group_size=64, calib_samples=4, calib_seq_len=64)
     art = quantize_model(Artifact("hf", tiny_dir), tmp_path / "q", cfg)
@@ -195,6 +195,14 @@ def test_awq_tiny_real_engine(tiny_dir, tmp_path):
 
     from rslora_deploy.testing.tiny import example_inputs
 
+    # AWQ folded its scales into the norms: those must survive finalize (not be "restored").
+    assert art.meta["unquantized_tensors_modified"] > 0
+    ids = example_inputs(vocab=49152)
     reloaded = AutoModelForCausalLM.from_pretrained(art.path, dtype=torch.float32).eval()
+    full = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    rtn = AutoModelForCausalLM.from_pretrained(rtn_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        assert torch.isfinite(reloaded(example_inputs(vocab=49152)).logits).all()
+        ref = full(ids).logits
+        awq_err = ((reloaded(ids).logits - ref).norm() / ref.norm()).item()
+        rtn_err = ((rtn(ids).logits - ref).norm() / ref.norm()).item()
+    assert awq_err < 2 * rtn_err, (awq_err, rtn_err)
