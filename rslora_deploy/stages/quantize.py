@@ -15,7 +15,7 @@ from typing import Any
 
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.config import QuantizeConfig
-from rslora_deploy.errors import ConfigError, QuantizationError
+from rslora_deploy.errors import ConfigError, QuantizationError, UnsupportedError
 from rslora_deploy.quantizers import QUANTIZERS
 from rslora_deploy.quantizers._checkpoint import (
     LinearSpec,
@@ -104,6 +104,11 @@ def quantize_model(
             f"use one of {list(handler.supported_bits)}"
         )
     linears = decoder_linears(model_dir)
+    if not linears:
+        raise UnsupportedError(
+            f"no nn.Linear layers in the decoder blocks of {model_dir} (GPT-2 style Conv1D "
+            "layers are not supported); use a Llama, Qwen2 or Gemma-3 style model"
+        )
     validate_shapes(linears, cfg, method)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

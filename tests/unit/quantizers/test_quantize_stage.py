@@ -206,3 +206,13 @@ def test_awq_tiny_real_engine(tiny_dir, rtn_dir, tmp_path):
         awq_err = ((reloaded(ids).logits - ref).norm() / ref.norm()).item()
         rtn_err = ((rtn(ids).logits - ref).norm() / ref.norm()).item()
     assert awq_err < 2 * rtn_err, (awq_err, rtn_err)
+
+
+def test_unsupported_architecture(tmp_path):
+    from rslora_deploy.errors import UnsupportedError
+    from rslora_deploy.testing.tiny import save_tiny, tiny_gpt2
+
+    src = save_tiny(tiny_gpt2(), tmp_path / "gpt2")
+    with pytest.raises(UnsupportedError, match="Conv1D"):
+        quantize_model(Artifact("hf", src), tmp_path / "q", QuantizeConfig(method="gptq"))
+    assert not (tmp_path / "q").exists()
