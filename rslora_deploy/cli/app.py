@@ -239,7 +239,7 @@ def package(
     import shutil
     import tempfile
 
-    from rslora_deploy.api import describe_dir
+    from rslora_deploy.api import describe_dir, measured_cpu
     from rslora_deploy.errors import InputError
     from rslora_deploy.profiles import load_profile
     from rslora_deploy.stages.budget import estimate
@@ -257,6 +257,7 @@ def package(
         with tempfile.TemporaryDirectory() as tmp:
             smoke = smoke_generate(cpu_view(staging / "model", Path(tmp) / "m"))
         result = estimate(staging / "model", _view_from_genai(staging / "model"), prof)
+        result["measured_cpu"] = measured_cpu(smoke, prof)
         (staging / "reports").mkdir()
         (staging / "reports" / "budget.json").write_text(json.dumps(result, indent=2) + "\n")
         body = {
