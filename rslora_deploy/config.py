@@ -104,6 +104,15 @@ class QuantizeConfig(_Section):
         "'text' field. None uses the calibration split of the fetched Brown corpus.",
     )
     batch_size: int = Field(default=8, ge=1, description="Calibration batch size for gptqmodel.")
+    protect_adapter: bool = Field(
+        default=False,
+        description="Keep modules whose adapter delta is small against the int4 step at 8 bits "
+        "(gptqmodel dynamic config); the size cost goes into the report.",
+    )
+    protect_ratio: float = Field(
+        default=0.15, gt=0,
+        description="With protect_adapter: protect modules with rms(delta)/step below this.",
+    )
     seed: int = Field(default=0, description="Seed for calibration sampling.")
 
     @field_validator("bits")

@@ -77,6 +77,8 @@ def build(
     recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (BuildConfig sections).")] = None,
     out: Annotated[Path | None, typer.Option(help="Package directory to write.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing package at --out.")] = False,
+    protect_adapter: Annotated[bool, typer.Option(
+        "--protect-adapter", help="Keep modules where int4 would erase the adapter at 8 bits.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity evaluation.")] = False,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
 ) -> None:
@@ -88,6 +90,7 @@ def build(
         "profile": profile, "base": base, "out": out, "overwrite": overwrite or None,
         "adapter.path": adapter, "adapter.use_demo_adapter": False if no_adapter else None,
         "quantize.method": method, "quantize.group_size": group_size, "quantize.calib_path": calib,
+        "quantize.protect_adapter": True if protect_adapter else None,
         "eval.enabled": False if no_eval else None,
     }  # fmt: skip
     config = load_recipe(recipe, **overrides) if recipe else make_config(apply_overrides({}, overrides))

@@ -147,21 +147,9 @@ def quantize(
 
 
 def _protection(base: Path, model: Path, cfg: Any, ratio: float) -> tuple[Any, dict[str, Any]]:
-    from rslora_deploy import survival
-    from rslora_deploy.quantizers._checkpoint import decoder_linears
-    from rslora_deploy.quantizers.base import QuantizeExtras
+    from rslora_deploy.stages.protect import plan_protection
 
-    ratios = survival.delta_to_step_ratios(base, model, cfg.bits, cfg.group_size, cfg.sym)
-    modules = survival.protected_modules(ratios, ratio)
-    cost = survival.protection_cost_bytes(decoder_linears(model), modules, cfg.bits, cfg.group_size)
-    logger.info("protect-adapter: %d modules kept at 8 bits (+%.1f MB)", len(modules), cost / 1e6)
-    info = {
-        "modules": len(modules),
-        "max_ratio": ratio,
-        "extra_bytes": cost,
-        "changed_modules": len(ratios),
-    }
-    return QuantizeExtras(dynamic=survival.protection_dynamic(ratios, ratio) or None), info
+    return plan_protection(base, model, cfg, ratio)
 
 
 def eval_cmd(

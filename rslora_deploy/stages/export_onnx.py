@@ -78,9 +78,16 @@ def export_onnx(
     with log_path.open("w", encoding="utf-8") as log:
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0 or not (out_dir / GENAI_CONFIG).is_file():
+        # The log sits in the build's staging directory, which is removed on failure: keep a
+        # copy in the system temp directory so the message can point at it.
+        import shutil
+        import tempfile
+
+        kept = Path(tempfile.gettempdir()) / f"rslora-deploy-export-{os.getpid()}.log"
+        shutil.copyfile(log_path, kept)
         raise ExportError(
             f"onnxruntime-genai builder failed (exit {proc.returncode}): {_last_error(log_path)}; "
-            f"full log: {log_path}"
+            f"full log: {kept}"
         )
     max_length = cfg.max_length or profile.max_seq_len
     _set_max_length(out_dir / GENAI_CONFIG, max_length)
