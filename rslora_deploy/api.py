@@ -114,7 +114,7 @@ def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> Buil
         work.mkdir()
         reports.mkdir()
         merged = _merge(runner, inputs.base, inputs.adapter_dir, work, config, reports)
-        quantized = _quantize(runner, merged, inputs.base.path, work, config)
+        quantized = _quantize(runner, merged, work, config)
         onnx = runner.run(
             "export_onnx", export_onnx, quantized, staging / "model", config.export, profile,
             work / "export.log",
@@ -178,29 +178,15 @@ def _merge(
     return merged
 
 
-def _quantize(
-    runner: _Runner, merged: Artifact, base_dir: Path, work: Path, config: BuildConfig
-) -> Artifact:
-    from rslora_deploy.errors import ConfigError
+def _quantize(runner: _Runner, merged: Artifact, work: Path, config: BuildConfig) -> Artifact:
     from rslora_deploy.stages.quantize import is_prequantized, quantize_model
 
     if is_prequantized(merged.path):
         logger.info("quantize: %s is already quantized, skipping to export", merged.path)
         return Artifact("hf-quantized", merged.path, {"method": "prequantized"})
-    extras, protection = None, None
-    if config.quantize.protect_adapter:
-        if merged.path == base_dir:
-            raise ConfigError("quantize.protect_adapter needs an adapter; none is merged in this "
-                              "build (drop --protect-adapter or pass --adapter)")
-        from rslora_deploy.stages.protect import plan_protection
-
-        extras, protection = runner.run(
-            "plan_protection", plan_protection, base_dir, merged.path, config.quantize,
-            config.quantize.protect_ratio,
-        )
     result: Artifact = runner.run("quantize", quantize_model, merged, work / "quantized",
-                                  config.quantize, extras=extras)
-    return result.with_meta(protection=protection) if protection else result
+                                  config.quantize)
+    return result
 
 
 def _evaluate(
