@@ -19,7 +19,8 @@ evaluation text (positions ``t``, next-token distributions ``P_X(t)``):
 bits: rounding to a step ``s`` adds an error of RMS ``s/sqrt(12)``, so a delta of RMS below
 about ``s`` is mostly rounded away. :func:`delta_to_step_ratios` measures
 ``rms(ΔW) / mean(s)`` per module and :func:`protection_dynamic` writes gptqmodel's per-module
-``dynamic`` overrides, honoured by gptqmodel, transformers and the onnxruntime-genai builder.
+``dynamic`` overrides. gptqmodel honours them; transformers (optimum 2.3.0) does not (see
+``evaluation.dequantized_gptq_model``); the genai 0.18 builder failed to export such a checkpoint.
 """
 
 from __future__ import annotations
