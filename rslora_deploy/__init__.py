@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rslora_deploy._version import __version__
 from rslora_deploy.config import BuildConfig, load_recipe
 from rslora_deploy.errors import RsloraDeployError
 from rslora_deploy.profiles import DeviceProfile, load_profile
 
-from rslora_deploy._version import __version__
 __all__ = [
     "BuildConfig",
     "DeviceProfile",

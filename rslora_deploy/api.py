@@ -68,7 +68,9 @@ class _Runner:
             result = func(*args, **kwargs)
         self.records.append(record)
         logger.info(
-            "stage %s: done in %.1f s, peak RSS %.0f MiB", name, record.seconds,
+            "stage %s: done in %.1f s, peak RSS %.0f MiB",
+            name,
+            record.seconds,
             record.peak_rss_bytes / 2**20,
         )
         self.on_stage(name, "end")
@@ -116,10 +118,17 @@ def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> Buil
         merged = _merge(runner, inputs.base, inputs.adapter_dir, work, config, reports)
         quantized = _quantize(runner, merged, work, config)
         onnx = runner.run(
-            "export_onnx", export_onnx, quantized, staging / "model", config.export, profile,
+            "export_onnx",
+            export_onnx,
+            quantized,
+            staging / "model",
+            config.export,
+            profile,
             work / "export.log",
         )
-        view_dir = cpu_view(onnx.path, work / "cpu_view") if profile.export_target != "cpu" else onnx.path
+        view_dir = (
+            cpu_view(onnx.path, work / "cpu_view") if profile.export_target != "cpu" else onnx.path
+        )
         smoke = runner.run("verify", smoke_generate, view_dir)
         quality = _evaluate(runner, merged, quantized, view_dir, inputs, config, reports)
         view = model_view(merged.path)
@@ -130,8 +139,9 @@ def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> Buil
         if config.package.keep_quantized_checkpoint and quantized.path.is_relative_to(work):
             shutil.move(quantized.path, staging / "quantized")
         shutil.rmtree(work)
-        manifest_body = _manifest_body(config, profile, inputs, merged, quantized, onnx, budget,
-                                       smoke, quality)
+        manifest_body = _manifest_body(
+            config, profile, inputs, merged, quantized, onnx, budget, smoke, quality
+        )
         runner.run("package", _package, staging, manifest_body, write_manifest, write_model_card)
     manifest = json.loads((Path(config.out) / "manifest.json").read_text())
     return BuildResult(Path(config.out), manifest, budget, runner.records)
@@ -160,7 +170,11 @@ def measured_cpu(smoke: dict[str, Any], profile: DeviceProfile) -> dict[str, Any
 
 
 def _merge(
-    runner: _Runner, base: Artifact, adapter_dir: Path | None, work: Path, config: BuildConfig,
+    runner: _Runner,
+    base: Artifact,
+    adapter_dir: Path | None,
+    work: Path,
+    config: BuildConfig,
     reports: Path,
 ) -> Artifact:
     if adapter_dir is None:
@@ -169,7 +183,12 @@ def _merge(
     from rslora_deploy.stages.merge import merge_adapter
 
     merged: Artifact = runner.run(
-        "merge_adapter", merge_adapter, base.path, adapter_dir, work / "merged", config.merge,
+        "merge_adapter",
+        merge_adapter,
+        base.path,
+        adapter_dir,
+        work / "merged",
+        config.merge,
         config.adapter,
     )
     report = merged.path / "merge_report.json"
@@ -184,14 +203,20 @@ def _quantize(runner: _Runner, merged: Artifact, work: Path, config: BuildConfig
     if is_prequantized(merged.path):
         logger.info("quantize: %s is already quantized, skipping to export", merged.path)
         return Artifact("hf-quantized", merged.path, {"method": "prequantized"})
-    result: Artifact = runner.run("quantize", quantize_model, merged, work / "quantized",
-                                  config.quantize)
+    result: Artifact = runner.run(
+        "quantize", quantize_model, merged, work / "quantized", config.quantize
+    )
     return result
 
 
 def _evaluate(
-    runner: _Runner, merged: Artifact, quantized: Artifact, onnx_dir: Path, inputs: Any,
-    config: BuildConfig, reports: Path,
+    runner: _Runner,
+    merged: Artifact,
+    quantized: Artifact,
+    onnx_dir: Path,
+    inputs: Any,
+    config: BuildConfig,
+    reports: Path,
 ) -> dict[str, Any] | None:
     if not config.eval.enabled:
         return None
@@ -203,8 +228,14 @@ def _evaluate(
     if genre is None and survival_base is not None and inputs.adapter_dir is not None:
         genre = _brown_genre_of(inputs.adapter_dir)
     quality: dict[str, Any] = runner.run(
-        "evaluate", evaluate_build, merged.path, quantized.path, onnx_dir, config.eval,
-        survival_base, survival_genre=genre,
+        "evaluate",
+        evaluate_build,
+        merged.path,
+        quantized.path,
+        onnx_dir,
+        config.eval,
+        survival_base,
+        survival_genre=genre,
     )
     _write_json(reports / "quality.json", quality)
     return quality
@@ -236,8 +267,14 @@ def _package(staging: Path, body: dict[str, Any], write_manifest: Any, write_car
 
 
 def _manifest_body(
-    config: BuildConfig, profile: DeviceProfile, inputs: Any, merged: Artifact,
-    quantized: Artifact, onnx: Artifact, budget: dict[str, Any], smoke: dict[str, Any],
+    config: BuildConfig,
+    profile: DeviceProfile,
+    inputs: Any,
+    merged: Artifact,
+    quantized: Artifact,
+    onnx: Artifact,
+    budget: dict[str, Any],
+    smoke: dict[str, Any],
     quality: dict[str, Any] | None,
 ) -> dict[str, Any]:
     adapter = None
@@ -281,8 +318,9 @@ def _quality_summary(quality: dict[str, Any] | None) -> dict[str, Any]:
     return summary
 
 
-def _build_report(records: list[StageRecord], config: BuildConfig,
-                  profile: DeviceProfile) -> dict[str, Any]:
+def _build_report(
+    records: list[StageRecord], config: BuildConfig, profile: DeviceProfile
+) -> dict[str, Any]:
     return {
         "profile": profile.name,
         "stages": [

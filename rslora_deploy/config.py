@@ -7,11 +7,11 @@ into :class:`BuildConfig`; the resolved config is written into every package's m
 
 from __future__ import annotations
 
-import tomllib
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rslora_deploy.errors import ConfigError
@@ -91,10 +91,15 @@ class QuantizeConfig(_Section):
         "(SmolLM2: 576 and 1536, so 64, not 128).",
     )
     sym: bool = Field(default=True, description="Symmetric quantization (no zero point).")
-    desc_act: bool = Field(default=False, description="GPTQ act-order: quantize columns by "
-        "decreasing Hessian diagonal.")
+    desc_act: bool = Field(
+        default=False,
+        description="GPTQ act-order: quantize columns by decreasing Hessian diagonal.",
+    )
     damp_percent: float = Field(
-        default=0.05, gt=0, lt=1, description="GPTQ Hessian damping, a fraction of its mean diagonal."
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="GPTQ Hessian damping, a fraction of its mean diagonal.",
     )
     calib_samples: int = Field(default=32, ge=1, description="Number of calibration sequences.")
     calib_seq_len: int = Field(default=256, ge=16, description="Tokens per calibration sequence.")
@@ -110,7 +115,8 @@ class QuantizeConfig(_Section):
         "(gptqmodel dynamic config); the size cost goes into the report.",
     )
     protect_ratio: float = Field(
-        default=0.15, gt=0,
+        default=0.15,
+        gt=0,
         description="With protect_adapter: protect modules with rms(delta)/step below this.",
     )
     seed: int = Field(default=0, description="Seed for calibration sampling.")

@@ -82,12 +82,15 @@ def write_splits(package_dir: Path, target: Path) -> dict[str, int]:
     finally:
         for handle in handles.values():
             handle.close()
-    (target / "splits.json").write_text(json.dumps({"rule": "every 5th text per genre -> "
-                                                    "evaluation", "counts": counts}, indent=2))
+    (target / "splits.json").write_text(
+        json.dumps({"rule": "every 5th text per genre -> evaluation", "counts": counts}, indent=2)
+    )
     return counts
 
 
-def iter_documents(split: str, genre: str | None = None, root: Path | None = None) -> Iterator[Document]:
+def iter_documents(
+    split: str, genre: str | None = None, root: Path | None = None
+) -> Iterator[Document]:
     """Documents of one split of the fetched corpus, optionally of one genre."""
     from rslora_deploy.assets import brown_dir
 

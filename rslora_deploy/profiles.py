@@ -8,10 +8,10 @@ this module only defines and loads the schema. ``--profile`` takes a profile nam
 from __future__ import annotations
 
 import os
-import tomllib
 from enum import Enum
 from pathlib import Path
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rslora_deploy.config import validation_message

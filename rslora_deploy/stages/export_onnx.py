@@ -44,7 +44,11 @@ GENAI_CONFIG = "genai_config.json"
 
 
 def builder_command(
-    source: Path, out_dir: Path, cache_dir: Path, cfg: ExportConfig, target: str,
+    source: Path,
+    out_dir: Path,
+    cache_dir: Path,
+    cfg: ExportConfig,
+    target: str,
     tied_embeddings: bool = False,
 ) -> list[str]:
     """The builder command line for one export (kept separate so tests can inspect it)."""
@@ -101,8 +105,9 @@ def export_onnx(
             "precision": "int4",
             "accuracy_level": cfg.accuracy_level,
             "lm_head": "int4" if cfg.lm_head_int4 else "full precision",
-            "embedding": "int4" if cfg.lm_head_int4 else
-            ("full precision, shared with lm_head" if tied else "full precision"),
+            "embedding": "int4"
+            if cfg.lm_head_int4
+            else ("full precision, shared with lm_head" if tied else "full precision"),
             "max_length": max_length,
         },
     )

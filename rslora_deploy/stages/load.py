@@ -49,7 +49,9 @@ def resolve_base(base: Path | None) -> tuple[Path, bool]:
             raise InputError(
                 f"base model {path} is a file but not a .gguf; pass a GGUF file or a directory"
             )
-        return assets.convert_gguf(path, assets.gguf_cache_dir(path), source={"file": str(path)}), False
+        return assets.convert_gguf(
+            path, assets.gguf_cache_dir(path), source={"file": str(path)}
+        ), False
     if not any(path.glob("*.safetensors")):
         pickled = [p.name for p in path.glob("*.bin")]
         hint = (
@@ -97,7 +99,11 @@ def load_inputs(config: BuildConfig) -> ResolvedInputs:
     adapter_dir = resolve_adapter(config, is_default)
     logger.info(
         "base %s (%s, %d layers, hidden %d); adapter %s",
-        base_dir, view.architecture, view.layers, view.hidden, adapter_dir or "none",
+        base_dir,
+        view.architecture,
+        view.layers,
+        view.hidden,
+        adapter_dir or "none",
     )
     base = Artifact("hf", base_dir, {"model": view.to_dict(), "default_asset": is_default})
     return ResolvedInputs(base=base, adapter_dir=adapter_dir, is_default_base=is_default)

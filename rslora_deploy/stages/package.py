@@ -34,11 +34,13 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
     """``{path, bytes, sha256}`` for every file under ``root`` except the manifest, sorted."""
     entries = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
-        entries.append({
-            "path": path.relative_to(root).as_posix(),
-            "bytes": path.stat().st_size,
-            "sha256": sha256_file(path),
-        })
+        entries.append(
+            {
+                "path": path.relative_to(root).as_posix(),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
     return entries
 
 
@@ -53,7 +55,9 @@ def manifest_header(created_utc: str | None = None) -> dict[str, Any]:
     }
 
 
-def write_manifest(root: Path, body: dict[str, Any], created_utc: str | None = None) -> dict[str, Any]:
+def write_manifest(
+    root: Path, body: dict[str, Any], created_utc: str | None = None
+) -> dict[str, Any]:
     """Write ``manifest.json`` with the tool header and the file list; returns it."""
     manifest = {**manifest_header(created_utc), **body, "files": file_entries(root)}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -19,7 +19,9 @@ DEFAULT_PROMPT = "The capital of France is"
 
 
 def smoke_generate(
-    onnx_dir: Path, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24,
+    onnx_dir: Path,
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 24,
     max_length: int | None = None,
 ) -> dict[str, Any]:
     """Greedy generation in a child process; returns text, token counts, speed and peak RSS.

@@ -28,8 +28,9 @@ def _peft_lora(directory: Path, module: str, d_in: int, d_out: int) -> Path:
     return directory
 
 
-def test_adapter_module_missing_from_base(tmp_path: Path, smollm2_dir: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_adapter_module_missing_from_base(
+    tmp_path: Path, smollm2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     adapter = _peft_lora(tmp_path / "adapter", "model.layers.99.self_attn.q_proj", 576, 576)
     out = tmp_path / "pkg"
     code = main(["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out", str(out)])
@@ -41,8 +42,9 @@ def test_adapter_module_missing_from_base(tmp_path: Path, smollm2_dir: Path,
     assert not out.exists() and not list(tmp_path.glob(".pkg*"))
 
 
-def test_adapter_shape_mismatch(tmp_path: Path, smollm2_dir: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_adapter_shape_mismatch(
+    tmp_path: Path, smollm2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     adapter = _peft_lora(tmp_path / "adapter", "model.layers.0.self_attn.q_proj", 512, 576)
     out = tmp_path / "pkg"
     code = main(["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out", str(out)])

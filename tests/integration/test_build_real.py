@@ -51,8 +51,12 @@ def test_package_layout_and_manifest(package: Path) -> None:
     for key in ("fits", "budget_bytes", "estimate_bytes"):
         assert key in manifest["budget"]
     paths = {entry["path"] for entry in manifest["files"]}
-    assert {"model/model.onnx", "model/genai_config.json", "reports/budget.json",
-            "README.md"} <= paths
+    assert {
+        "model/model.onnx",
+        "model/genai_config.json",
+        "reports/budget.json",
+        "README.md",
+    } <= paths
     assert manifest["inputs"]["base"]["sha256"]["model.safetensors"]
     assert verify_manifest(package) == []
     assert not list(package.parent.glob(".pkg.partial-*"))
@@ -76,10 +80,26 @@ def test_ascend_package_measured_under_estimate(package: Path, tmp_path: Path) -
     host CPU), package it, and check the runtime's real peak RSS with a full 1024-token KV cache
     stays under the budget estimate."""
     onnx_dir, out = tmp_path / "onnx", tmp_path / "asc"
-    assert main(["export", "--model", str(package / "quantized"), "--profile",
-                 "ascend-310b-2gb", "--out", str(onnx_dir)]) == 0
-    assert main(["package", "--model", str(onnx_dir), "--profile", "ascend-310b-2gb",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(package / "quantized"),
+                "--profile",
+                "ascend-310b-2gb",
+                "--out",
+                str(onnx_dir),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["package", "--model", str(onnx_dir), "--profile", "ascend-310b-2gb", "--out", str(out)]
+        )
+        == 0
+    )
     budget = json.loads((out / "reports" / "budget.json").read_text())
     measured = budget["measured_cpu"]
     assert measured["comparable_to_estimate"] is True
@@ -110,8 +130,9 @@ def test_dry_prediction_matches_exported_weights(package: Path, smollm2_dir: Pat
     from rslora_deploy.stages.budget import predict_weight_bytes
 
     budget = json.loads((package / "reports" / "budget.json").read_text())
-    predicted = sum(predict_weight_bytes(model_view(smollm2_dir), 4, 64,
-                                         load_profile("t4-2gb")).values())
+    predicted = sum(
+        predict_weight_bytes(model_view(smollm2_dir), 4, 64, load_profile("t4-2gb")).values()
+    )
     measured = budget["terms_bytes"]["weights"]
     assert abs(predicted - measured) / measured < 0.02
 

@@ -11,9 +11,19 @@ from rslora_deploy.model_view import ModelView
 from rslora_deploy.profiles import load_profile
 from rslora_deploy.stages.budget import estimate, kv_cache_bytes
 
-SMOL = ModelView("LlamaForCausalLM", "llama", hidden=576, layers=30, heads=9, kv_heads=3,
-                 head_dim=64, vocab=49152, intermediate=1536, tie_word_embeddings=True,
-                 quantization=None)
+SMOL = ModelView(
+    "LlamaForCausalLM",
+    "llama",
+    hidden=576,
+    layers=30,
+    heads=9,
+    kv_heads=3,
+    head_dim=64,
+    vocab=49152,
+    intermediate=1536,
+    tie_word_embeddings=True,
+    quantization=None,
+)
 
 
 def test_kv_cache_matches_stack_notes_measurement() -> None:
@@ -42,11 +52,15 @@ def test_estimate_terms_by_hand(tmp_path: Path) -> None:
 
 @settings(max_examples=50, deadline=None)
 @given(
-    layers=st.integers(1, 64), kv_heads=st.integers(1, 16), head_dim=st.sampled_from([32, 64, 128]),
-    seq=st.integers(1, 8192), batch=st.integers(1, 8),
+    layers=st.integers(1, 64),
+    kv_heads=st.integers(1, 16),
+    head_dim=st.sampled_from([32, 64, 128]),
+    seq=st.integers(1, 8192),
+    batch=st.integers(1, 8),
 )
-def test_kv_cache_monotone_and_linear(layers: int, kv_heads: int, head_dim: int, seq: int,
-                                      batch: int) -> None:
+def test_kv_cache_monotone_and_linear(
+    layers: int, kv_heads: int, head_dim: int, seq: int, batch: int
+) -> None:
     view = ModelView("x", "x", 64, layers, kv_heads, kv_heads, head_dim, 100, 128, False, None)
     profile = load_profile("t4-2gb").model_copy(update={"batch_size": batch})
     one = kv_cache_bytes(view, profile, seq)

@@ -34,8 +34,9 @@ def test_unknown_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_missing_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "pkg"
     missing = tmp_path / "no-such-model"
-    code, err = _run(["build", "--profile", "t4-2gb", "--base", str(missing), "--out", str(out)],
-                     capsys)
+    code, err = _run(
+        ["build", "--profile", "t4-2gb", "--base", str(missing), "--out", str(out)], capsys
+    )
     _assert_clean_failure(code, err, out, str(missing), "does not exist")
 
 
@@ -45,8 +46,9 @@ def test_base_with_only_pickle_weights(tmp_path: Path, capsys: pytest.CaptureFix
     (base / "config.json").write_text("{}")
     (base / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     out = tmp_path / "pkg"
-    code, err = _run(["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)],
-                     capsys)
+    code, err = _run(
+        ["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)], capsys
+    )
     _assert_clean_failure(code, err, out, "pytorch_model.bin", "pickle")
 
 
@@ -54,8 +56,9 @@ def test_base_file_not_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     base = tmp_path / "model.txt"
     base.write_text("hello")
     out = tmp_path / "pkg"
-    code, err = _run(["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)],
-                     capsys)
+    code, err = _run(
+        ["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)], capsys
+    )
     _assert_clean_failure(code, err, out, "not a .gguf")
 
 
@@ -65,16 +68,18 @@ def test_unreadable_base_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     (base / "model.safetensors").write_bytes(b"")
     (base / "config.json").write_text("{not json")
     out = tmp_path / "pkg"
-    code, err = _run(["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)],
-                     capsys)
+    code, err = _run(
+        ["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)], capsys
+    )
     _assert_clean_failure(code, err, out, "config.json", "not valid JSON")
 
 
 def test_missing_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "pkg"
     adapter = tmp_path / "no-adapter"
-    code, err = _run(["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out",
-                      str(out)], capsys)
+    code, err = _run(
+        ["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out", str(out)], capsys
+    )
     _assert_clean_failure(code, err, out, str(adapter), "does not exist")
 
 
@@ -83,8 +88,9 @@ def test_adapter_dir_without_config(tmp_path: Path, capsys: pytest.CaptureFixtur
     adapter.mkdir()
     (adapter / "notes.txt").write_text("x")
     out = tmp_path / "pkg"
-    code, err = _run(["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out",
-                      str(out)], capsys)
+    code, err = _run(
+        ["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out", str(out)], capsys
+    )
     _assert_clean_failure(code, err, out, "rslora_config.json", "adapter_config.json")
 
 
@@ -102,8 +108,9 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["build", "--profile", "t4-2gb", "--method", "gptq", "--no-such-flag"]) == 2
 
 
-def test_debug_env_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_debug_env_shows_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("RSLORA_DEPLOY_DEBUG", "1")
     code, err = _run(["build", "--profile", "nope", "--out", str(tmp_path / "o")], capsys)
     assert code == 1 and "Traceback" in err
@@ -111,8 +118,9 @@ def test_debug_env_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_package_needs_an_onnx_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "pkg"
-    code, err = _run(["package", "--model", str(tmp_path), "--profile", "t4-2gb", "--out",
-                      str(out)], capsys)
+    code, err = _run(
+        ["package", "--model", str(tmp_path), "--profile", "t4-2gb", "--out", str(out)], capsys
+    )
     _assert_clean_failure(code, err, out, "genai_config.json")
 
 
@@ -126,9 +134,11 @@ def test_verify_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 1 and "manifest.json" in err
 
 
-def test_protect_adapter_build_refused_up_front(tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_protect_adapter_build_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "pkg"
-    code, err = _run(["build", "--profile", "t4-2gb", "--protect-adapter", "--out", str(out)],
-                     capsys)
+    code, err = _run(
+        ["build", "--profile", "t4-2gb", "--protect-adapter", "--out", str(out)], capsys
+    )
     _assert_clean_failure(code, err, out, "--protect-adapter", "rslora-deploy quantize")

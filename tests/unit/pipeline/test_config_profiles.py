@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from rslora_deploy.config import BuildConfig, load_recipe, make_config
 from rslora_deploy.errors import ConfigError
@@ -15,7 +15,11 @@ from rslora_deploy.profiles import list_profiles, load_profile
 
 def _to_toml(data: dict) -> str:
     """Tiny TOML writer for flat sections (enough for BuildConfig)."""
-    top = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    top = [
+        f"{k} = {json.dumps(v)}"
+        for k, v in data.items()
+        if not isinstance(v, dict) and v is not None
+    ]
     lines = top
     for section, body in data.items():
         if isinstance(body, dict):
