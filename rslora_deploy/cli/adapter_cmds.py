@@ -8,57 +8,26 @@ RsloraDeployError; the main app prints them as one line and exits 1.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from rslora_deploy.cli._output import OutputFormat, emit
+from rslora_deploy.config import MergeDtype
 from rslora_deploy.errors import ConfigError, InputError
-
-
-class _Format(str, Enum):
-    TEXT = "text"
-    JSON = "json"
-
-
-class _Dtype(str, Enum):
-    AUTO = "auto"
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
 
 
 class _Target(str, Enum):
     PEFT_LORA = "peft-lora"
 
 
-def _print(data: dict[str, Any], fmt: _Format, text: str) -> None:
-    print(json.dumps(data, indent=2, default=str) if fmt is _Format.JSON else text)
+def atomic_dir(out: Path) -> Any:
+    """The shared staged output (temp dir beside ``out``, renamed on success, removed on error)."""
+    from rslora_deploy.stages.package import staged_output
 
-
-@contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield an empty temp dir beside ``out``; rename it to ``out`` on success, delete on error."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out} already exists and is not empty; choose a new path or "
-                         "delete it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield staging
-        staging.chmod(0o755)  # mkdtemp makes it 0700; the result is an ordinary output directory
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return staged_output(out, overwrite=False, hint="choose a new --out or delete it")
 
 
 def _default_base(base: Path | None) -> Path:
@@ -71,19 +40,26 @@ def _default_base(base: Path | None) -> Path:
 
 def merge(
     out: Annotated[Path, typer.Option(help="Directory to write (must not exist or be empty).")],
-    base: Annotated[Path | None, typer.Option(help="Base HF model dir (default: SmolLM2-135M).")]
-    = None,
-    adapter: Annotated[Path | None, typer.Option(
-        help="RS-LoRA v1, PEFT LoRA or PEFT VeRA dir (default: the demo adapter).")] = None,
-    dtype: Annotated[_Dtype, typer.Option(help="Merged weights' dtype (auto keeps the base's).")]
-    = _Dtype.FLOAT32,
-    untie: Annotated[bool, typer.Option(help="Untie embedding/lm_head to merge into them.")]
-    = False,
-    allow_base_mismatch: Annotated[bool, typer.Option(help="Downgrade E010 to a warning.")]
-    = False,
-    allow_unverified_vera_regeneration: Annotated[bool, typer.Option(
-        help="Regenerate VeRA projections saved with save_projection=False.")] = False,
-    fmt: Annotated[_Format, typer.Option("--format", help="text or json.")] = _Format.TEXT,
+    base: Annotated[
+        Path | None, typer.Option(help="Base HF model dir (default: SmolLM2-135M).")
+    ] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(help="RS-LoRA v1, PEFT LoRA or PEFT VeRA dir (default: the demo adapter)."),
+    ] = None,
+    dtype: Annotated[
+        MergeDtype, typer.Option(help="Merged weights' dtype (auto keeps the base's).")
+    ] = MergeDtype.FLOAT32,
+    untie: Annotated[
+        bool, typer.Option(help="Untie embedding/lm_head to merge into them.")
+    ] = False,
+    allow_base_mismatch: Annotated[bool, typer.Option(help="Downgrade E010 to a warning.")] = False,
+    allow_unverified_vera_regeneration: Annotated[
+        bool, typer.Option(help="Regenerate VeRA projections saved with save_projection=False.")
+    ] = False,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """Merge an adapter into a base model and write a plain HF directory + merge_report.json."""
     from rslora_deploy.adapters import demo_adapter_dir
@@ -93,16 +69,22 @@ def merge(
     base_dir = _default_base(base)
     adapter_dir = adapter if adapter is not None else demo_adapter_dir()
     merge_cfg = MergeConfig(dtype=dtype.value, untie=untie)
-    adapter_cfg = AdapterConfig(path=adapter_dir, allow_base_mismatch=allow_base_mismatch,
-                                allow_unverified_vera_regeneration=
-                                allow_unverified_vera_regeneration)
+    adapter_cfg = AdapterConfig(
+        path=adapter_dir,
+        allow_base_mismatch=allow_base_mismatch,
+        allow_unverified_vera_regeneration=allow_unverified_vera_regeneration,
+    )
     with atomic_dir(out) as staging:
         artifact = merge_adapter(base_dir, adapter_dir, staging, merge_cfg, adapter_cfg)
     data = {"out": str(out), **artifact.meta}
-    _print(data, fmt, f"merged {artifact.meta['adapter']['format']} adapter "
-           f"({artifact.meta['adapter']['modules']} modules) into {base_dir} -> {out} "
-           f"[{artifact.meta['dtype']}; max relative merge error "
-           f"{artifact.meta['max_relative_merge_error']:.3g}]")
+    emit(
+        data,
+        fmt,
+        f"merged {artifact.meta['adapter']['format']} adapter "
+        f"({artifact.meta['adapter']['modules']} modules) into {base_dir} -> {out} "
+        f"[{artifact.meta['dtype']}; max relative merge error "
+        f"{artifact.meta['max_relative_merge_error']:.3g}]",
+    )
 
 
 adapter_app = typer.Typer(help="Inspect, convert and train adapters.", no_args_is_help=True)
@@ -112,30 +94,48 @@ adapter_app = typer.Typer(help="Inspect, convert and train adapters.", no_args_i
 def inspect_cmd(
     path: Annotated[Path, typer.Argument(help="Adapter directory.")],
     allow_unverified_vera_regeneration: Annotated[bool, typer.Option(hidden=True)] = False,
-    fmt: Annotated[_Format, typer.Option("--format", help="text or json.")] = _Format.TEXT,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """Format, modules, r, k, trainable parameters, projection mode and checksum status."""
     from rslora_deploy.adapters.detect import load_adapter
 
     adapter = load_adapter(path)
     meta = adapter.meta
-    modules = [{"name": d.name, "d_out": d.d_out, "d_in": d.d_in, "layout": d.layout,
-                "rank": d.rank, "scale": d.scale,
-                "out_slice": list(d.out_slice) if d.out_slice else None} for d in adapter.deltas]
-    lines = [f"format: {meta['format']}", f"modules: {meta['modules']}",
-             f"r: {meta.get('r')}", f"k: {meta.get('k', '-')}",
-             f"trainable parameters: {meta.get('trainable_parameters')}"]
+    modules = [
+        {
+            "name": d.name,
+            "d_out": d.d_out,
+            "d_in": d.d_in,
+            "layout": d.layout,
+            "rank": d.rank,
+            "scale": d.scale,
+            "out_slice": list(d.out_slice) if d.out_slice else None,
+        }
+        for d in adapter.deltas
+    ]
+    lines = [
+        f"format: {meta['format']}",
+        f"modules: {meta['modules']}",
+        f"r: {meta.get('r')}",
+        f"k: {meta.get('k', '-')}",
+        f"trainable parameters: {meta.get('trainable_parameters')}",
+    ]
     if "projection" in meta:
         proj = meta["projection"]
-        lines.append(f"projection: {proj['storage']} mode, generator {proj['generator']}, "
-                     f"seed {proj['seed']}, sharing {proj['sharing']}, "
-                     f"normalization {proj['normalization']}")
+        lines.append(
+            f"projection: {proj['storage']} mode, generator {proj['generator']}, "
+            f"seed {proj['seed']}, sharing {proj['sharing']}, "
+            f"normalization {proj['normalization']}"
+        )
     lines.append(f"checksums: {meta['checksums']}")
-    lines.extend(f"  {m['name']}  {m['d_out']}x{m['d_in']}  {m['layout'] or 'auto'}"
-                 for m in modules[:50])
+    lines.extend(
+        f"  {m['name']}  {m['d_out']}x{m['d_in']}  {m['layout'] or 'auto'}" for m in modules[:50]
+    )
     if len(modules) > 50:
         lines.append(f"  ... {len(modules) - 50} more")
-    _print({**meta, "module_list": modules}, fmt, "\n".join(lines))
+    emit({**meta, "module_list": modules}, fmt, "\n".join(lines))
 
 
 @adapter_app.command("convert")
@@ -172,16 +172,18 @@ def _texts(data: str) -> list[str]:
         try:
             return [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"--data {path}: every line must be JSON with a 'text' field "
-                              f"({exc})") from None
+            raise ConfigError(
+                f"--data {path}: every line must be JSON with a 'text' field ({exc})"
+            ) from None
     return [t for t in raw.split("\n\n") if t.strip()]
 
 
 @adapter_app.command("train")
 def train_cmd(
     out: Annotated[Path, typer.Option(help="Directory to write the RS-LoRA v1 checkpoint to.")],
-    data: Annotated[str, typer.Option(help="Text: .txt (blank-line separated), .jsonl, or "
-                                           "brown:GENRE.")],
+    data: Annotated[
+        str, typer.Option(help="Text: .txt (blank-line separated), .jsonl, or brown:GENRE.")
+    ],
     base: Annotated[Path | None, typer.Option(help="Base HF model dir.")] = None,
     r: Annotated[int, typer.Option(min=1)] = 64,
     k: Annotated[int, typer.Option(min=1)] = 8,
@@ -196,8 +198,17 @@ def train_cmd(
     """Train only the v vectors of RS-LoRA modules on attention and MLP projections."""
     from rslora_deploy.training import TrainConfig, train_adapter
 
-    cfg = TrainConfig(r=r, k=k, steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
-                      seed=seed, task_id=task_id, threads=threads)
+    cfg = TrainConfig(
+        r=r,
+        k=k,
+        steps=steps,
+        lr=lr,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        task_id=task_id,
+        threads=threads,
+    )
     texts = _texts(data)
     with atomic_dir(out) as staging:
         summary = train_adapter(_default_base(base), texts, staging, cfg)
@@ -208,4 +219,3 @@ def register(app: typer.Typer) -> None:
     """Attach ``merge`` and the ``adapter`` sub-app to the main app."""
     app.command("merge")(merge)
     app.add_typer(adapter_app, name="adapter")
-

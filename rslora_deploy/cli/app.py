@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +16,7 @@ import typer
 
 from rslora_deploy.cli import adapter_cmds, quantize_cmds
 from rslora_deploy.cli._errors import EXIT_OVER_BUDGET, EXIT_USAGE, report
+from rslora_deploy.cli._output import OutputFormat, emit
 
 app = typer.Typer(
     name="rslora-deploy",
@@ -32,17 +32,6 @@ assets_app = typer.Typer(
 )
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(assets_app, name="assets")
-
-
-class OutputFormat(str, Enum):
-    """How results are printed on stdout."""
-
-    TEXT = "text"
-    JSON = "json"
-
-
-def _emit(data: dict[str, Any], fmt: OutputFormat, text: str) -> None:
-    print(json.dumps(data, indent=2, default=str) if fmt is OutputFormat.JSON else text)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -117,7 +106,7 @@ def build(
         f"{budget['budget_bytes'] / 2**20:.0f} MiB ({config.profile}): "
         f"{'fits' if result.fits else 'OVER BUDGET'}"
     )
-    _emit({"package": str(result.package_dir), "budget": budget}, fmt, text)
+    emit({"package": str(result.package_dir), "budget": budget}, fmt, text)
     if not result.fits:
         raise typer.Exit(EXIT_OVER_BUDGET)
 
@@ -215,7 +204,7 @@ def budget(
             f"{result['budget_bytes'] / 2**20:.0f} MiB: {'fits' if result['fits'] else 'OVER'}"
         ]
     )
-    _emit(result, fmt, text)
+    emit(result, fmt, text)
     if not result["fits"]:
         raise typer.Exit(EXIT_OVER_BUDGET)
 
@@ -263,7 +252,7 @@ def verify(
     text = f"manifest ok ({package})"
     if generate:
         text += f"\n{result['smoke_test']['text']}"
-    _emit(result, fmt, text)
+    emit(result, fmt, text)
 
 
 @app.command()
@@ -315,7 +304,7 @@ def package(
         header = manifest_header()
         write_model_card(staging, {**header, **body})
         write_manifest(staging, body, created_utc=header["created_utc"])
-    _emit({"package": str(out), "budget": result}, fmt, f"package: {out}")
+    emit({"package": str(out), "budget": result}, fmt, f"package: {out}")
     if not result["fits"]:
         raise typer.Exit(EXIT_OVER_BUDGET)
 
@@ -330,7 +319,7 @@ def profiles_list(
     from rslora_deploy.profiles import list_profiles
 
     profiles = list_profiles()
-    _emit(
+    emit(
         {"profiles": [p.model_dump(mode="json") for p in profiles]},
         fmt,
         "\n".join(f"{p.name:18s} {p.description}" for p in profiles),

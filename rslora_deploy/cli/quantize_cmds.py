@@ -11,52 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from rslora_deploy.cli._output import OutputFormat, emit
+from rslora_deploy.config import QuantMethod
 from rslora_deploy.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
 
-class _Method(str, Enum):
-    GPTQ = "gptq"
-    AWQ = "awq"
-    RTN = "rtn"
+def _atomic_dir(out: Path) -> Any:
+    """The shared staged output (temp dir beside ``out``, renamed on success, removed on error)."""
+    from rslora_deploy.stages.package import staged_output
 
-
-class _Format(str, Enum):
-    TEXT = "text"
-    JSON = "json"
-
-
-@contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(
-            f"--out {out} already exists and is not empty; choose a new path or delete it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _emit(data: dict[str, Any], fmt: _Format, text: str) -> None:
-    print(json.dumps(data, indent=2, default=str) if fmt is _Format.JSON else text)
+    return staged_output(out, overwrite=False, hint="choose a new --out or delete it")
 
 
 def _quantize_config(**fields: Any) -> Any:
@@ -79,7 +50,7 @@ def _require_dir(path: Path, flag: str) -> Path:
 def quantize(
     model: Annotated[Path, typer.Option(help="Merged full-precision HF model directory.")],
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write (new or empty).")],
-    method: Annotated[_Method, typer.Option(help="gptq, awq or rtn.")] = _Method.GPTQ,
+    method: Annotated[QuantMethod, typer.Option(help="gptq, awq or rtn.")] = QuantMethod.GPTQ,
     bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8.")] = 4,
     group_size: Annotated[
         int, typer.Option(help="Columns per scale; must divide every width.")
@@ -110,7 +81,9 @@ def quantize(
     base: Annotated[
         Path | None, typer.Option(help="Base model before merging (for --protect-adapter).")
     ] = None,
-    fmt: Annotated[_Format, typer.Option("--format", help="text or json.")] = _Format.TEXT,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """Quantize a merged model into a GPTQ/AWQ checkpoint (atomic: nothing at --out on error)."""
     from rslora_deploy.artifact import Artifact
@@ -138,7 +111,7 @@ def quantize(
             item.rename(staging / item.name)
         (staging / "q").rmdir()
     meta = {**art.meta, "path": str(out), "protection": protection}
-    _emit(
+    emit(
         meta,
         fmt,
         f"quantized {model} -> {out} ({meta.get('method')}, {bits}-bit, "
@@ -169,7 +142,9 @@ def eval_cmd(
         typer.Option(help="Brown genre of the adapter's domain for survival (e.g. government)."),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
-    fmt: Annotated[_Format, typer.Option("--format", help="text or json.")] = _Format.TEXT,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
 ) -> None:
     """Perplexity, greedy agreement, ONNX-vs-PyTorch logit error and adapter survival."""
     from rslora_deploy.config import EvalConfig
@@ -211,7 +186,7 @@ def eval_cmd(
     ]
     if "survival" in report:
         lines.append(f"adapter survival (retained): {report['survival']['retained']:.3f}")
-    _emit(report, fmt, "\n".join(lines))
+    emit(report, fmt, "\n".join(lines))
 
 
 def register(app: typer.Typer) -> None:

@@ -132,18 +132,21 @@ def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
 
 
 @contextmanager
-def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
+def staged_output(
+    target: Path, overwrite: bool, hint: str = "pass --overwrite or choose another --out"
+) -> Iterator[Path]:
     """Yield a staging directory beside ``target``; on success rename it to ``target``.
 
     On any exception the staging directory (and any parent directories this call created) are
     removed, so nothing is left at or beside the output path.
 
     Raises:
-        ConfigError: ``target`` exists and ``overwrite`` is False.
+        ConfigError: ``target`` exists, is not an empty directory, and ``overwrite`` is False.
     """
     target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise ConfigError(f"output path {target} already exists; pass --overwrite or choose --out")
+    empty_dir = target.is_dir() and not any(target.iterdir())
+    if target.exists() and not empty_dir and not overwrite:
+        raise ConfigError(f"output path {target} already exists and is not empty; {hint}")
     created = []
     parent = target.parent
     while not parent.exists():
