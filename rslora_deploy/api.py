@@ -98,25 +98,21 @@ def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> Buil
     from rslora_deploy.stages.verify import smoke_generate
 
     profile = load_profile(config.profile)
-    if config.quantize.protect_adapter:
-        # Measured: onnxruntime-genai 0.18's builder fails on a GPTQ checkpoint whose
-        # quantization_config.dynamic keeps some modules at 8 bits ("size of tensor a (3072)
-        # must match ... (1536)"). Refuse before any work rather than after the quantizer.
-        from rslora_deploy.errors import UnsupportedError
-
-        raise UnsupportedError(
-            "--protect-adapter makes a mixed 4/8-bit GPTQ checkpoint, which the onnxruntime-genai "
-            "builder cannot export yet; run `rslora-deploy quantize --protect-adapter` for a "
-            "PyTorch checkpoint, or build without it"
-        )
     runner = _Runner(on_stage)
     inputs = runner.run("load", load_inputs, config)
+    if config.quantize.protect_adapter and inputs.adapter_dir is None:
+        from rslora_deploy.errors import ConfigError
+
+        raise ConfigError(
+            "--protect-adapter keeps the adapter's modules at 8 bits, but this build merges no "
+            "adapter; pass --adapter or drop --protect-adapter"
+        )
     with staged_output(config.out, config.overwrite) as staging:
         work, reports = staging / "_work", staging / "reports"
         work.mkdir()
         reports.mkdir()
         merged = _merge(runner, inputs.base, inputs.adapter_dir, work, config, reports)
-        quantized = _quantize(runner, merged, work, config)
+        quantized = _quantize(runner, inputs.base, merged, work, config)
         onnx = runner.run(
             "export_onnx",
             export_onnx,
@@ -197,15 +193,28 @@ def _merge(
     return merged
 
 
-def _quantize(runner: _Runner, merged: Artifact, work: Path, config: BuildConfig) -> Artifact:
+def _quantize(
+    runner: _Runner, base: Artifact, merged: Artifact, work: Path, config: BuildConfig
+) -> Artifact:
     from rslora_deploy.stages.quantize import is_prequantized, quantize_model
 
     if is_prequantized(merged.path):
         logger.info("quantize: %s is already quantized, skipping to export", merged.path)
         return Artifact("hf-quantized", merged.path, {"method": "prequantized"})
+    extras, protection = None, None
+    if config.quantize.protect_adapter:
+        from rslora_deploy.stages.protect import plan_protection
+
+        extras, protection = plan_protection(
+            base.path, merged.path, config.quantize, config.quantize.protect_ratio
+        )
     result: Artifact = runner.run(
-        "quantize", quantize_model, merged, work / "quantized", config.quantize
+        "quantize", quantize_model, merged, work / "quantized", config.quantize, extras=extras
     )
+    if protection is not None:
+        # The regex list is in the checkpoint's quantization_config; the manifest keeps the count.
+        result.meta.get("extras", {}).pop("dynamic", None)
+        result.meta["protection"] = protection
     return result
 
 

@@ -74,9 +74,18 @@ def export_onnx(
     """
     cache_dir = out_dir.parent / f".{out_dir.name}.builder-cache"
     from rslora_deploy.model_view import model_view
+    from rslora_deploy.stages import mixed_bits
 
     tied = model_view(quantized.path).tie_word_embeddings
-    command = builder_command(quantized.path, out_dir, cache_dir, cfg, profile.export_target, tied)
+    mixed = mixed_bits.mixed_bits(quantized.path)
+    source = quantized.path
+    if mixed is not None:
+        # The builder reads one bit width: it gets a uniform 4-bit view, and the protected
+        # modules' 8-bit weights are written into its graph afterwards (stages/mixed_bits.py).
+        source = mixed_bits.builder_view(
+            quantized.path, out_dir.parent / f".{out_dir.name}.builder-view", mixed
+        )
+    command = builder_command(source, out_dir, cache_dir, cfg, profile.export_target, tied)
     logger.info("export_onnx: %s", " ".join(command))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w", encoding="utf-8") as log:
@@ -96,6 +105,11 @@ def export_onnx(
     max_length = cfg.max_length or profile.max_seq_len
     _set_max_length(out_dir / GENAI_CONFIG, max_length)
     _remove_tree(cache_dir)
+    protected = None
+    if mixed is not None:
+        _remove_tree(source)
+        protected = mixed_bits.rewrite_protected_nodes(out_dir, quantized.path, mixed)
+        logger.info("export_onnx: %d MatMulNBits nodes rewritten at 8 bits", protected["nodes"])
     return Artifact(
         "onnx-genai",
         out_dir,
@@ -109,6 +123,7 @@ def export_onnx(
             if cfg.lm_head_int4
             else ("full precision, shared with lm_head" if tied else "full precision"),
             "max_length": max_length,
+            "protected_8bit": protected,
         },
     )
 

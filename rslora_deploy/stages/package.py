@@ -102,6 +102,12 @@ def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
         f"| memory estimate | {budget['estimate_bytes'] / 2**20:.1f} MiB of "
         f"{budget['budget_bytes'] / 2**20:.0f} MiB: {'fits' if budget['fits'] else 'DOES NOT FIT'} |",
     ]
+    protection = quant.get("protection")
+    if protection:
+        lines.append(
+            f"| --protect-adapter | {protection['modules']} modules at 8 bits "
+            f"(+{protection['extra_bytes'] / 2**20:.1f} MiB) |"
+        )
     quality = manifest.get("quality") or {}
     for key, value in quality.items():
         lines.append(f"| {key} | {value} |")

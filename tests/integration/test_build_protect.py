@@ -1,0 +1,67 @@
+"""``build --protect-adapter`` on the real model: the demo adapter's fragile modules ship at 8 bits.
+
+RTN keeps it inside CI time (the protection logic is the same for every quantizer) and the Ascend
+profile gives a CPU-target graph with fp32 activations, so the ONNX logits can be held to an exact
+dequantization of the mixed 4/8-bit checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rslora_deploy.cli.app import main
+from rslora_deploy.stages.package import verify_manifest
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """
+[quantize]
+method = "rtn"
+group_size = 64
+[eval]
+windows = 2
+window_len = 256
+"""
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("protect")
+    recipe = root / "recipe.toml"
+    recipe.write_text(RECIPE)
+    out = root / "pkg"
+    argv = ["build", "--profile", "ascend-310b-2gb", "--recipe", str(recipe), "--out", str(out)]
+    assert main([*argv, "--protect-adapter"]) == 0
+    return out
+
+
+def test_protection_is_reported_with_its_size(package: Path) -> None:
+    manifest = json.loads((package / "manifest.json").read_text())
+    protection = manifest["quantization"]["protection"]
+    assert protection["modules"] > 0
+    assert protection["extra_bytes"] > 0
+    rewritten = manifest["export"]["protected_8bit"]
+    assert rewritten["protected_modules"] == protection["modules"]
+    assert rewritten["bytes_after"] > rewritten["bytes_before"]
+    assert "--protect-adapter" in (package / "README.md").read_text()
+    assert verify_manifest(package) == []
+
+
+def test_onnx_matches_the_mixed_checkpoint(package: Path) -> None:
+    quality = json.loads((package / "reports" / "quality.json").read_text())
+    assert quality["relative_logit_error"]["onnx_vs_quantized"] < 1e-3
+    assert "retained" in quality["survival"]
+
+
+def test_protect_without_adapter_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pkg"
+    argv = ["build", "--profile", "t4-2gb", "--no-adapter", "--protect-adapter", "--no-eval"]
+    code = main([*argv, "--out", str(out)])
+    assert code == 1
+    assert "merges no adapter" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,121 @@
+"""Mixed 4/8-bit export (``--protect-adapter``): 8-bit MatMulNBits written into the builder's graph.
+
+The tiny model goes through the real onnxruntime-genai builder and the real onnxruntime; the ONNX
+logits are compared with an exact dequantization of the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rslora_deploy.errors import UnsupportedError
+from rslora_deploy.quantizers import _rtn_math
+from rslora_deploy.stages import mixed_bits
+
+PROTECTED = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
+    """The tiny model at RTN int4 g64 with two modules kept at 8 bits, as --protect-adapter does."""
+    from rslora_deploy.artifact import Artifact
+    from rslora_deploy.config import QuantizeConfig
+    from rslora_deploy.quantizers.base import QuantizeExtras
+    from rslora_deploy.stages.quantize import quantize_model
+
+    dynamic = {f"+:^{m.replace('.', chr(92) + '.')}$": {"bits": 8} for m in PROTECTED}
+    out = tmp_path_factory.mktemp("mixed") / "q"
+    cfg = QuantizeConfig(method="rtn", group_size=64)
+    quantize_model(Artifact("hf", tiny_dir), out, cfg, extras=QuantizeExtras(dynamic=dynamic))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_onnx(tmp_path_factory: pytest.TempPathFactory, mixed_dir: Path) -> Path:
+    from rslora_deploy.cli.app import main
+
+    out = tmp_path_factory.mktemp("mixed-onnx") / "onnx"
+    argv = ["export", "--model", str(mixed_dir), "--profile", "ascend-310b-2gb", "--out", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+def test_mixed_bits_reads_the_overrides(mixed_dir: Path, rtn_dir: Path) -> None:
+    mixed = mixed_bits.mixed_bits(mixed_dir)
+    assert mixed is not None
+    assert mixed.overrides == dict.fromkeys(PROTECTED, 8)
+    assert mixed_bits.mixed_bits(rtn_dir) is None
+
+
+def test_protected_nodes_are_8bit_and_the_rest_4bit(mixed_onnx: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(mixed_onnx / "model.onnx"), load_external_data=False).graph
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    eight = {name for name, b in bits.items() if b == 8}
+    assert eight == {
+        "/model/layers.0/attn/qkv_proj/MatMulNBits",
+        "/model/layers.1/mlp/down_proj/MatMulNBits",
+    }
+    assert len(bits) > len(eight)
+    assert not list(mixed_onnx.glob(".*"))
+
+
+def test_onnx_logits_equal_exact_dequantization(mixed_onnx: Path, mixed_dir: Path) -> None:
+    """fp32 activations (cpu target, accuracy_level 1) against the exact dequantized weights: the
+    8-bit codes, the promoted 4-bit k/v codes of the fused node and the untouched 4-bit nodes all
+    have to be right for the error to be at float rounding level."""
+    from rslora_deploy.evaluation import relative_logit_error
+
+    assert relative_logit_error(mixed_onnx, mixed_dir, windows=2, window_len=64) < 1e-4
+
+
+def test_promoted_4bit_codes_keep_their_values() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((48, 128)).astype(np.float32)
+    for sym in (True, False):
+        gq = _rtn_math.quantize_rtn(weight, 4, 64, sym=sym)
+        q8, z8 = mixed_bits.codes_8bit(gq)
+        as_8bit = _rtn_math.GroupQuant(q8, gq.scales, z8.astype(np.int64), 8, 64)
+        np.testing.assert_array_equal(_rtn_math.dequantize(as_8bit), _rtn_math.dequantize(gq))
+
+
+def test_node_names_map_to_modules() -> None:
+    assert mixed_bits.node_modules("model.layers.3.attn.qkv_proj") == (
+        "model.layers.3.self_attn.q_proj",
+        "model.layers.3.self_attn.k_proj",
+        "model.layers.3.self_attn.v_proj",
+    )
+    assert mixed_bits.node_modules("model.layers.3.attn.o_proj") == (
+        "model.layers.3.self_attn.o_proj",
+    )
+    assert mixed_bits.node_modules("model.layers.0.mlp.down_proj") == (
+        "model.layers.0.mlp.down_proj",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"desc_act": True}, "act-order"), ({"quant_method": "awq"}, "GPTQ checkpoint")],
+)
+def test_unsupported_mixed_checkpoints_are_refused(
+    tmp_path: Path, mixed_dir: Path, change: dict[str, object], message: str
+) -> None:
+    copy = tmp_path / "q"
+    copy.mkdir()
+    for item in mixed_dir.iterdir():
+        (copy / item.name).symlink_to(item)
+    config = json.loads((mixed_dir / "config.json").read_text())
+    config["quantization_config"].update(change)
+    (copy / "config.json").unlink()
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedError, match=message):
+        mixed_bits.mixed_bits(copy)
