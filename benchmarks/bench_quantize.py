@@ -42,7 +42,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "rtn": ({"method": "rtn"}, {}),
     "gptq": ({"method": "gptq", "calib_samples": 32, "calib_seq_len": 256}, {}),
     "gptq_small": ({"method": "gptq", "calib_samples": 8, "calib_seq_len": 128}, {}),
-    "gptq_mse": ({"method": "gptq", "calib_samples": 32, "calib_seq_len": 256}, {"mse": 2.4}),
+    "gptq_mse": ({"method": "gptq", "calib_samples": 32, "calib_seq_len": 256, "mse": 2.4}, {}),
     "gptq_desc": (
         {"method": "gptq", "calib_samples": 32, "calib_seq_len": 256, "desc_act": True},
         {},

@@ -65,6 +65,12 @@ def quantize(
     calib_samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 32,
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
     seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
+    mse: Annotated[
+        float, typer.Option(help="GPTQ clipping search norm (e.g. 2.4; 0 = off, twice the time).")
+    ] = 0.0,
+    compute_dtype: Annotated[
+        str, typer.Option(help="Calibration dtype: bfloat16, float16 or float32 (not for awq).")
+    ] = "bfloat16",
     protect_adapter: Annotated[
         bool,
         typer.Option(
@@ -96,7 +102,7 @@ def quantize(
     cfg = _quantize_config(
         method=method.value, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
         damp_percent=damp_percent, calib_path=calib, calib_samples=calib_samples,
-        calib_seq_len=calib_seq_len, seed=seed,
+        calib_seq_len=calib_seq_len, seed=seed, mse=mse, compute_dtype=compute_dtype,
     )  # fmt: skip
     extras, protection = QuantizeExtras(), None
     if protect_adapter:

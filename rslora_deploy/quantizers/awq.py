@@ -58,14 +58,9 @@ class AWQQuantizer:
         """Calibrate, scale-search, quantize and save into ``out_dir``."""
         if calib is None:
             raise QuantizationError("awq needs calibration data; the stage passed none")
-        if extras.compute_dtype not in ("bfloat16", "float16"):
-            raise QuantizationError(
-                f"awq on gptqmodel runs in bfloat16 or float16, not {extras.compute_dtype}; "
-                "set compute_dtype to bfloat16"
-            )
         from gptqmodel import BACKEND
 
-        model = _gptqmodel.load(model_dir, awq_config(cfg, extras), extras.compute_dtype)
+        model = _gptqmodel.load(model_dir, awq_config(cfg, extras), cfg.compute_dtype)
         _gptqmodel.run_quantize(
             model, calib.as_gptqmodel(), batch_size=cfg.batch_size, backend=BACKEND.AWQ_TORCH
         )

@@ -33,7 +33,7 @@ def gptq_config(cfg: QuantizeConfig, extras: QuantizeExtras) -> Any:
     kwargs: dict[str, Any] = {
         "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act,
         "sym": cfg.sym, "damp_percent": cfg.damp_percent, "true_sequential": extras.true_sequential,
-        "mse": extras.mse, "lm_head": False, "dynamic": extras.dynamic,
+        "mse": cfg.mse, "lm_head": False, "dynamic": extras.dynamic,
     }  # fmt: skip
     if extras.act_group_aware is not None:
         kwargs["act_group_aware"] = extras.act_group_aware
@@ -61,7 +61,7 @@ class GPTQQuantizer:
         """Calibrate, quantize and save into ``out_dir``."""
         if calib is None:
             raise QuantizationError("gptq needs calibration data; the stage passed none")
-        model = _gptqmodel.load(model_dir, gptq_config(cfg, extras), extras.compute_dtype)
+        model = _gptqmodel.load(model_dir, gptq_config(cfg, extras), cfg.compute_dtype)
         _gptqmodel.run_quantize(model, calib.as_gptqmodel(), batch_size=cfg.batch_size)
         model.save(str(out_dir))
         del model

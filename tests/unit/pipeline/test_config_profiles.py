@@ -51,6 +51,9 @@ def test_cli_overrides_beat_recipe(tmp_path: Path) -> None:
         ({"profile": "t4-2gb", "quantize": {"group_size": 100}}, "quantize.group_size"),
         ({"profile": "t4-2gb", "quantize": {"metod": "rtn"}}, "quantize.metod"),
         ({"quantize": {}}, "profile"),
+        ({"profile": "t4-2gb", "quantize": {"compute_dtype": "int8"}}, "quantize.compute_dtype"),
+        ({"profile": "t4-2gb", "quantize": {"mse": -1.0}}, "quantize.mse"),
+        ({"profile": "t4-2gb", "quantize": {"method": "awq", "compute_dtype": "float32"}}, "awq"),
     ],
 )
 def test_invalid_config_names_field(data: dict, field: str) -> None:

@@ -53,6 +53,8 @@ def test_quantize_rtn_ok(capsys, tiny_dir, tmp_path):
         (["--group-size", "256"], "not divisible by quantize.group_size=256"),
         (["--group-size", "48"], "group_size must be -1 or a power of two"),
         (["--method", "awq", "--bits", "8"], "not supported by method awq"),
+        (["--method", "awq", "--compute-dtype", "float32"], "not supported by method awq"),
+        (["--mse", "-1"], "mse"),
     ],
 )
 def test_quantize_bad_options(capsys, tiny_dir, tmp_path, args, needle):
