@@ -198,11 +198,9 @@ def _quantize(
 ) -> Artifact:
     from rslora_deploy.stages.quantize import is_prequantized, quantize_model
 
-    if is_prequantized(merged.path):
-        logger.info("quantize: %s is already quantized, skipping to export", merged.path)
-        return Artifact("hf-quantized", merged.path, {"method": "prequantized"})
+    # An already-quantized input is checked (config against tensors) and passed through.
     extras, protection = None, None
-    if config.quantize.protect_adapter:
+    if config.quantize.protect_adapter and not is_prequantized(merged.path):
         from rslora_deploy.stages.protect import plan_protection
 
         extras, protection = plan_protection(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,18 @@ def copy_extras(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
+def module_overrides(name: str, dynamic: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
+    """gptqmodel ``dynamic`` semantics for one module: ``{}`` none, ``None`` = skip (``-:``)."""
+    for pattern, override in (dynamic or {}).items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                return None
+            continue
+        if re.match(pattern.removeprefix("+:"), name):
+            return dict(override)
+    return {}
+
+
 def quantization_config(model_dir: Path) -> dict[str, Any] | None:
     """The checkpoint's quantization config (config.json first, then quantize_config.json)."""
     cfg = read_config(model_dir).get("quantization_config")
@@ -203,7 +216,9 @@ def check_prequantized(model_dir: Path) -> dict[str, Any]:
             "the checkpoint is incomplete"
         )
     for layer in layers:
-        _check_layer(model_dir, layer, shapes, method, bits, group)
+        # Per-module ``dynamic`` bits (gptqmodel; --protect-adapter writes 8-bit modules).
+        layer_bits = int((module_overrides(layer, cfg.get("dynamic")) or {}).get("bits", bits))
+        _check_layer(model_dir, layer, shapes, method, layer_bits, group)
     return {
         "method": method, "bits": bits, "group_size": group, "sym": bool(cfg.get("sym", True)),
         "desc_act": bool(cfg.get("desc_act", False)), "layers": len(layers),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,18 +27,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 QUANTIZER_TAG = "rslora-deploy:rtn"
-
-
-def module_overrides(name: str, dynamic: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
-    """gptqmodel ``dynamic`` semantics for one module: ``{}`` none, ``None`` = skip (``-:``)."""
-    for pattern, override in (dynamic or {}).items():
-        if pattern.startswith("-:"):
-            if re.match(pattern[2:], name):
-                return None
-            continue
-        if re.match(pattern.removeprefix("+:"), name):
-            return dict(override)
-    return {}
 
 
 class RTNQuantizer:
@@ -64,7 +51,7 @@ class RTNQuantizer:
         max_err = 0.0
         quantized = 0
         for spec in _checkpoint.decoder_linears(model_dir):
-            override = module_overrides(spec.name, extras.dynamic)
+            override = _checkpoint.module_overrides(spec.name, extras.dynamic)
             if override is None:
                 continue
             bits = int(override.get("bits", cfg.bits))

@@ -33,8 +33,11 @@ import numpy as np
 
 from rslora_deploy.errors import ExportError, UnsupportedError
 from rslora_deploy.quantizers import _rtn_math
-from rslora_deploy.quantizers._checkpoint import quantization_config, tensor_shapes
-from rslora_deploy.quantizers.rtn import module_overrides
+from rslora_deploy.quantizers._checkpoint import (
+    module_overrides,
+    quantization_config,
+    tensor_shapes,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,8 @@ group_size = 64
 [eval]
 windows = 2
 window_len = 256
+[package]
+keep_quantized_checkpoint = true
 """
 
 
@@ -65,3 +67,15 @@ def test_protect_without_adapter_is_refused(
     assert code == 1
     assert "merges no adapter" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_mixed_checkpoint_from_elsewhere_builds(package: Path, tmp_path: Path) -> None:
+    """The kept mixed 4/8-bit checkpoint as ``--base``: checked as already quantized (8-bit
+    layers against 8 bits), passed through, exported with the same 8-bit nodes."""
+    out = tmp_path / "again"
+    argv = ["build", "--profile", "ascend-310b-2gb", "--base", str(package / "quantized")]
+    assert main([*argv, "--no-adapter", "--no-eval", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["prequantized"] is True
+    first = json.loads((package / "manifest.json").read_text())["export"]["protected_8bit"]
+    assert manifest["export"]["protected_8bit"]["nodes"] == first["nodes"]

@@ -119,3 +119,10 @@ def test_unsupported_mixed_checkpoints_are_refused(
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedError, match=message):
         mixed_bits.mixed_bits(copy)
+
+
+def test_mixed_checkpoint_passes_the_consistency_check(mixed_dir: Path) -> None:
+    """Handed to a build as an already-quantized model, the 8-bit layers check at 8 bits."""
+    from rslora_deploy.quantizers._checkpoint import check_prequantized
+
+    assert check_prequantized(mixed_dir)["layers"] == 14
