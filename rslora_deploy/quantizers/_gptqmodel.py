@@ -51,7 +51,7 @@ def load(model_dir: Path, qcfg: Any, dtype_name: str) -> Any:
         raise UnsupportedError(
             f"gptqmodel 7.6.0 cannot load {model_dir} for quantization "
             f"({type(exc).__name__}: {str(exc)[:200]}); use --method rtn or a supported "
-            "architecture (Llama, Qwen2, Gemma-3, ...)"
+            "architecture (Llama, Qwen2, Gemma-3 with gptq, ...)"
         ) from exc
 
 

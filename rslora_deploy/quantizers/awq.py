@@ -46,6 +46,13 @@ class AWQQuantizer:
     name: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
     supported_bits: ClassVar[tuple[int, ...]] = (4,)
+    #: Measured on gptqmodel 7.6.0 + transformers 5.24 (docs/benchmarks-quantize.md, Gemma-3):
+    #: its AWQ calls Gemma3RotaryEmbedding without ``layer_type`` (TypeError 8 s in), and its
+    #: Gemma-3 layout folds MLP scales into the wrong norm, so even a patched call would be wrong.
+    unsupported_model_types: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("gemma3", "gemma3_text"),
+        "gptqmodel 7.6.0's AWQ fails on Gemma-3's per-layer-type rotary embedding",
+    )
 
     def quantize(
         self,

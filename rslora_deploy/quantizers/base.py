@@ -46,6 +46,7 @@ class Quantizer(Protocol):
         name: registry name (``gptq``, ``awq``, ``rtn``).
         needs_calibration: whether :meth:`quantize` needs a :class:`CalibrationSet`.
         supported_bits: bit widths the method can write.
+        unsupported_model_types: optional ``model_type -> reason`` the stage refuses up front.
     """
 
     name: ClassVar[str]

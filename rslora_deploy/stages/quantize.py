@@ -22,6 +22,7 @@ from rslora_deploy.quantizers._checkpoint import (
     check_prequantized,
     decoder_linears,
     quantization_config,
+    read_config,
 )
 from rslora_deploy.quantizers.base import QuantizeExtras
 
@@ -102,6 +103,14 @@ def quantize_model(
         raise ConfigError(
             f"quantize.bits={cfg.bits} is not supported by method {method}; "
             f"use one of {list(handler.supported_bits)}"
+        )
+    model_type = read_config(model_dir).get("model_type")
+    refused = getattr(handler, "unsupported_model_types", {})
+    if model_type in refused:
+        other = "gptq or rtn" if method == "awq" else "another --method"
+        raise UnsupportedError(
+            f"method {method} cannot quantize model_type {model_type!r}: {refused[model_type]}; "
+            f"use --method {other}"
         )
     linears = decoder_linears(model_dir)
     if not linears:

@@ -56,6 +56,7 @@ def test_onnx_matches_the_mixed_checkpoint(package: Path) -> None:
     quality = json.loads((package / "reports" / "quality.json").read_text())
     assert quality["relative_logit_error"]["onnx_vs_quantized"] < 1e-3
     assert "retained" in quality["survival"]
+    assert quality["survival"]["quantized_model"] == "onnx"
 
 
 def test_protect_without_adapter_is_refused(

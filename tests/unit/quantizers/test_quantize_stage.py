@@ -216,3 +216,15 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(UnsupportedError, match="Conv1D"):
         quantize_model(Artifact("hf", src), tmp_path / "q", QuantizeConfig(method="gptq"))
     assert not (tmp_path / "q").exists()
+
+
+def test_awq_refuses_gemma3_up_front(tmp_path):
+    """gptqmodel 7.6.0's AWQ fails on Gemma-3 (benchmarks): refused before any work."""
+    from rslora_deploy.errors import UnsupportedError
+
+    src = tmp_path / "gemma"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "gemma3_text"}')
+    with pytest.raises(UnsupportedError, match="use --method gptq or rtn"):
+        quantize_model(Artifact("hf", src), tmp_path / "q", QuantizeConfig(method="awq"))
+    assert not (tmp_path / "q").exists()
