@@ -222,7 +222,7 @@ class BuildConfig(_Section):
     """Everything ``build()`` needs. Field names are the recipe keys and, kebab-cased, CLI flags."""
 
     schema_version: int = Field(default=SCHEMA_VERSION, description="Recipe schema version.")
-    profile: str = Field(description="Device profile name (profiles/*.toml), e.g. t4-2gb.")
+    profile: str = Field(description="Device profile name (device_profiles/*.toml), e.g. t4-2gb.")
     base: Path | None = Field(
         default=None,
         description="Base model: a Hugging Face model directory or a .gguf file. None uses the "

@@ -1,8 +1,8 @@
 """Device profiles: the memory budget and runtime facts of one edge target.
 
-The data lives in ``profiles/*.toml`` at the top of the repository (or in ``$RSLORA_DEPLOY_PROFILES``);
-this module only defines and loads the schema. ``--profile`` takes a profile name or a path to a
-``.toml`` file of the same shape.
+The data lives in ``rslora_deploy/device_profiles/*.toml`` (package data, so a wheel carries it) or
+in ``$RSLORA_DEPLOY_PROFILES``; this module only defines and loads the schema. ``--profile`` takes
+a profile name or a path to a ``.toml`` file of the same shape.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ class DeviceProfile(BaseModel):
 
 
 def profiles_dir() -> Path:
-    """Where the named profiles live: ``$RSLORA_DEPLOY_PROFILES`` or the repository's profiles/."""
+    """Where the named profiles live: ``$RSLORA_DEPLOY_PROFILES`` or the packaged device_profiles/."""
     env = os.environ.get("RSLORA_DEPLOY_PROFILES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "profiles"
+    return Path(__file__).resolve().parent / "device_profiles"
 
 
 def list_profiles() -> list[DeviceProfile]:
