@@ -1,8 +1,8 @@
 """Build configuration: pydantic models that map 1:1 onto a recipe TOML file.
 
-A recipe has the sections ``[adapter] [merge] [quantize] [export] [eval] [package]``; every field is
-documented here once (``Field(description=...)``) and nowhere else. ``load_recipe`` reads a TOML file
-into :class:`BuildConfig`; the resolved config is written into every package's manifest.
+A recipe has the sections ``[adapter] [merge] [quantize] [export] [eval] [package]``; every field
+is documented here once (``Field(description=...)``) and nowhere else. ``load_recipe`` reads a TOML
+file into :class:`BuildConfig`; the resolved config is written into every package's manifest.
 """
 
 from __future__ import annotations
@@ -68,8 +68,26 @@ class AdapterConfig(_Section):
     )
     allow_unverified_vera_regeneration: bool = Field(
         default=False,
-        description="Regenerate VeRA projections saved with save_projection=False (E071 otherwise).",
+        description="Regenerate VeRA projections saved with save_projection=False (E071 "
+        "otherwise).",
     )
+    rename: dict[str, str] = Field(
+        default_factory=dict,
+        description="Module-name prefixes, old -> new, applied to the adapter's recorded module "
+        "names before they are looked up in the base (spec 5.2 step 1), e.g. "
+        '{"model.language_model" = "model"}. Longest prefix wins; projection seeds keep the '
+        "recorded names.",
+    )
+
+    @field_validator("rename")
+    @classmethod
+    def _check_rename(cls, value: dict[str, str]) -> dict[str, str]:
+        from rslora_deploy.adapters.rename import check_rename_map
+
+        try:
+            return check_rename_map(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
 
 
 class MergeConfig(_Section):

@@ -41,8 +41,19 @@ logger = logging.getLogger(__name__)
 
 # Class names of packed/quantized linear layers from GPTQ/AWQ/bitsandbytes/HQQ/torchao backends:
 # matching by name avoids importing any of those backends just to refuse them.
-_QUANTIZED_NAMES = ("QuantLinear", "Linear4bit", "Linear8bitLt", "WQLinear", "HQQLinear",
-                    "QLinear", "GPTQ", "AWQ", "Marlin", "ExllamaV2", "TorchaoLinear")
+_QUANTIZED_NAMES = (
+    "QuantLinear",
+    "Linear4bit",
+    "Linear8bitLt",
+    "WQLinear",
+    "HQQLinear",
+    "QLinear",
+    "GPTQ",
+    "AWQ",
+    "Marlin",
+    "ExllamaV2",
+    "TorchaoLinear",
+)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -71,21 +82,29 @@ def layer_layout(module: nn.Module, name: str) -> str:
     cls_name = type(module).__name__
     weight = getattr(module, "weight", None)
     weight_cls = type(weight).__name__ if weight is not None else ""
-    if (any(q in cls_name for q in _QUANTIZED_NAMES) or hasattr(module, "qweight")
-            or weight_cls in ("Params4bit", "Int8Params")
-            or (isinstance(weight, torch.Tensor) and weight.dtype not in _FLOAT_DTYPES)):
+    if (
+        any(q in cls_name for q in _QUANTIZED_NAMES)
+        or hasattr(module, "qweight")
+        or weight_cls in ("Params4bit", "Int8Params")
+        or (isinstance(weight, torch.Tensor) and weight.dtype not in _FLOAT_DTYPES)
+    ):
         dtype = getattr(weight, "dtype", None) if weight is not None else None
         raise UnsupportedError(
             f"{name} is already quantized ({cls_name}, weight dtype {dtype}); merge into the "
-            "fp32/fp16/bf16 base first, then quantize", code="E060")
+            "fp32/fp16/bf16 base first, then quantize",
+            code="E060",
+        )
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
     if cls_name == "Conv1D" and weight is not None and weight.ndim == 2:
         return "conv1d"
-    raise UnsupportedError(f"{name} is a {cls_name}; supported targets are nn.Linear, "
-                           "transformers Conv1D and nn.Embedding", code="E021")
+    raise UnsupportedError(
+        f"{name} is a {cls_name}; supported targets are nn.Linear, "
+        "transformers Conv1D and nn.Embedding",
+        code="E021",
+    )
 
 
 def logical_shape(module: nn.Module, layout: str) -> tuple[int, int]:
@@ -94,15 +113,27 @@ def logical_shape(module: nn.Module, layout: str) -> tuple[int, int]:
     return (rows, cols) if layout == "linear" else (cols, rows)
 
 
-def resolve_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule at ``name`` (E020 if absent)."""
+def resolve_module(model: nn.Module, name: str, recorded: str | None = None) -> nn.Module:
+    """The submodule at ``name`` (spec 5.2 step 1; E020 if absent).
+
+    ``recorded`` is the adapter's own name when a user rename map turned it into ``name``; the
+    error then names both, so a wrong map is easy to spot.
+    """
     try:
         return model.get_submodule(name)
     except AttributeError:
+        if recorded and recorded != name:
+            raise AdapterFormatError(
+                f"module {name} (renamed from {recorded} by adapter.rename) does not exist in "
+                f"the base model ({type(model).__name__}); fix the --rename map",
+                code="E020",
+            ) from None
         raise AdapterFormatError(
             f"module {name} listed in the adapter does not exist in the base model "
-            f"({type(model).__name__}); the adapter was made for another architecture",
-            code="E020") from None
+            f"({type(model).__name__}); the adapter was made for another architecture, or its "
+            "names need --rename OLD=NEW",
+            code="E020",
+        ) from None
 
 
 def _is_tied(model: nn.Module, module: nn.Module) -> bool:
@@ -123,48 +154,61 @@ def check_delta_against_layer(delta: ModuleDelta, layout: str, d_out: int, d_in:
     """Resolve the delta's layout and check its shapes against the layer (E022, E051)."""
     want = delta.layout or layout
     if want != layout:
-        raise ShapeMismatchError(f"{delta.name}: adapter says layout {want!r} but the base layer "
-                                 f"is {layout!r}; fix the adapter's module entry")
+        raise ShapeMismatchError(
+            f"{delta.name}: adapter says layout {want!r} but the base layer "
+            f"is {layout!r}; fix the adapter's module entry"
+        )
     delta.fit_to_layer(delta.d_out, d_in)
     delta.check_shapes()
     if delta.d_in != d_in:
-        raise ShapeMismatchError(f"{delta.name}: adapter d_in={delta.d_in}, base layer d_in="
-                                 f"{d_in}; the adapter was made for another base model")
+        raise ShapeMismatchError(
+            f"{delta.name}: adapter d_in={delta.d_in}, base layer d_in="
+            f"{d_in}; the adapter was made for another base model"
+        )
     if delta.out_slice is None:
         if delta.d_out < d_out:
-            raise MergeError(f"{delta.name}: adapter d_out={delta.d_out} < base layer d_out="
-                             f"{d_out} and no out_slice; a split adapter on a fused weight needs "
-                             "out_slice=[start, stop]", code="E051")
+            raise MergeError(
+                f"{delta.name}: adapter d_out={delta.d_out} < base layer d_out="
+                f"{d_out} and no out_slice; a split adapter on a fused weight needs "
+                "out_slice=[start, stop]",
+                code="E051",
+            )
         if delta.d_out != d_out:
-            raise ShapeMismatchError(f"{delta.name}: adapter d_out={delta.d_out}, base layer "
-                                     f"d_out={d_out}; the adapter was made for another base")
+            raise ShapeMismatchError(
+                f"{delta.name}: adapter d_out={delta.d_out}, base layer "
+                f"d_out={d_out}; the adapter was made for another base"
+            )
     else:
         start, stop = delta.out_slice
         if stop > d_out or stop - start != delta.d_out:
             raise ShapeMismatchError(
                 f"{delta.name}: out_slice [{start}, {stop}) with d_out={delta.d_out} does not fit "
-                f"the layer's out dimension {d_out}; fix out_slice")
+                f"the layer's out dimension {d_out}; fix out_slice"
+            )
     return layout
 
 
 def validate(model: nn.Module, deltas: list[ModuleDelta], *, untie: bool = False) -> None:
     """Run every per-module check of spec 5.2 steps 1-3 without changing the model."""
     for delta in deltas:
-        module = resolve_module(model, delta.name)
+        module = resolve_module(model, delta.name, delta.recorded_name)
         layout = layer_layout(module, delta.name)
         check_delta_against_layer(delta, layout, *logical_shape(module, layout))
         if delta.expected_base is not None and not torch.equal(
-                torch.from_numpy(np.asarray(delta.expected_base, np.float32)),
-                module.weight.detach().to(torch.float32)):
+            torch.from_numpy(np.asarray(delta.expected_base, np.float32)),
+            module.weight.detach().to(torch.float32),
+        ):
             raise BaseMismatchError(
                 f"{delta.name}: the adapter carries a saved base weight that differs from the "
-                "base model's; it was trained on another base (or a resized vocabulary)")
+                "base model's; it was trained on another base (or a resized vocabulary)"
+            )
         if not untie and _is_tied(model, module):
             raise MergeError(
                 f"{delta.name} shares its weight with the tied input/output embedding "
                 "(tie_word_embeddings=True); merging would silently change both. Pass --untie "
                 "(merge.untie=true) to untie them, which doubles that matrix's memory",
-                code="E050")
+                code="E050",
+            )
 
 
 def _delta_tensor(delta: ModuleDelta) -> torch.Tensor:
@@ -195,7 +239,10 @@ def _stored_update(deltas: list[ModuleDelta], layout: str, shape: torch.Size) ->
 
 
 def _merge_one(
-    name: str, module: nn.Module, layout: str, deltas: list[ModuleDelta],
+    name: str,
+    module: nn.Module,
+    layout: str,
+    deltas: list[ModuleDelta],
     target: torch.dtype | None,
 ) -> ModuleStats:
     weight = module.weight
@@ -206,14 +253,19 @@ def _merge_one(
     merged32 = w32 + added  # fp32 add into a new tensor; the base weight is untouched so far
     if not torch.isfinite(merged32).all():
         where = "dW" if not torch.isfinite(added).all() else "W + dW"
-        raise NonFiniteError(f"{name}: {where} contains NaN/Inf in fp32; the adapter's factors "
-                             "are too large or corrupted")
+        raise NonFiniteError(
+            f"{name}: {where} contains NaN/Inf in fp32; the adapter's factors "
+            "are too large or corrupted"
+        )
     merged = merged32 if out_dtype == torch.float32 else merged32.to(out_dtype)  # ONE rounding
     if merged is not merged32 and not torch.isfinite(merged).all():
         limit = torch.finfo(out_dtype).max
-        raise MergeError(f"{name}: merged weight overflows {out_dtype} (max |W'| "
-                         f"{float(merged32.abs().max()):.6g} > {limit:.6g}); keep "
-                         "merge.dtype=float32 or bfloat16", code="E080")
+        raise MergeError(
+            f"{name}: merged weight overflows {out_dtype} (max |W'| "
+            f"{float(merged32.abs().max()):.6g} > {limit:.6g}); keep "
+            "merge.dtype=float32 or bfloat16",
+            code="E080",
+        )
     # Fidelity against the base rounded to the output dtype, so a dtype change of the base alone
     # is not counted as lost update (docs/rslora-format.md).
     ref = w32 if out_dtype == w.dtype == torch.float32 else w.to(out_dtype).to(torch.float32)
@@ -222,15 +274,18 @@ def _merge_one(
     n_nonzero = int(nonzero.sum())
     delta_norm = float(torch.linalg.vector_norm(added))
     stats = ModuleStats(
-        module=name, layout=layout, deltas=len(deltas),
+        module=name,
+        layout=layout,
+        deltas=len(deltas),
         out_slices=[list(d.out_slice) if d.out_slice else None for d in deltas],
         base_dtype=str(w.dtype).removeprefix("torch."),
         out_dtype=str(out_dtype).removeprefix("torch."),
         max_abs_delta=float(added.abs().max()),
         delta_to_weight_norm=delta_norm / max(float(torch.linalg.vector_norm(w32)), 1e-30),
         lost_fraction=(int((nonzero & (change == 0)).sum()) / n_nonzero) if n_nonzero else 0.0,
-        relative_merge_error=(float(torch.linalg.vector_norm(change - added)) / delta_norm
-                              if delta_norm > 0 else 0.0),
+        relative_merge_error=(
+            float(torch.linalg.vector_norm(change - added)) / delta_norm if delta_norm > 0 else 0.0
+        ),
     )
     with torch.no_grad():
         if merged.dtype == w.dtype:
@@ -277,8 +332,9 @@ def merge_deltas(
         layout = layer_layout(module, name)
         if _is_tied(model, module):
             # untie: give this module its own storage so the other side keeps the base weight
-            module.weight = nn.Parameter(module.weight.detach().clone(),
-                                         requires_grad=module.weight.requires_grad)
+            module.weight = nn.Parameter(
+                module.weight.detach().clone(), requires_grad=module.weight.requires_grad
+            )
             if getattr(model, "config", None) is not None:
                 model.config.tie_word_embeddings = False
             logger.warning("untied %s from the shared embedding (its memory is now doubled)", name)
@@ -287,16 +343,29 @@ def merge_deltas(
             logger.warning(
                 "%s: %.1f%% of the update was lost to rounding to %s (relative error %.3g > %.3g);"
                 " keep merge.dtype=float32 or merge right before quantization",
-                name, 100 * row.lost_fraction, row.out_dtype, row.relative_merge_error,
-                fidelity_warn_threshold)
+                name,
+                100 * row.lost_fraction,
+                row.out_dtype,
+                row.relative_merge_error,
+                fidelity_warn_threshold,
+            )
         logger.debug("merged %s: %s", name, row)
         stats.append(row)
     return stats
 
 
-def verify_base(base_dir: Path, base_hashes: dict[str, str] | None, modules: list[str], *,
-                allow_mismatch: bool = False) -> dict[str, Any]:
+def verify_base(
+    base_dir: Path,
+    base_hashes: dict[str, str] | None,
+    modules: list[str],
+    *,
+    allow_mismatch: bool = False,
+    live_names: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Compare the adapter's recorded base fingerprints with ``base_dir`` (E010).
+
+    ``modules`` are the *recorded* names (they enter the hash lines); ``live_names`` maps those a
+    rename map changed to the names under which the base stores their weights (spec 5.2 step 1).
 
     Decision (docs/rslora-format.md): a ``target_weights_sha256`` difference is E010; a
     ``config_sha256`` difference alone is a warning, because config.json bytes also change with
@@ -307,23 +376,38 @@ def verify_base(base_dir: Path, base_hashes: dict[str, str] | None, modules: lis
     if not base_hashes:
         return {"checked": False, "reason": "the adapter format records no base hashes"}
     want_w = base_hashes.get("target_weights_sha256")
-    got_w, missing = target_weights_sha256(base_dir, modules)
+    got_w, missing = target_weights_sha256(base_dir, modules, live_names)
     want_c = base_hashes.get("config_sha256")
     got_c = config_sha256(base_dir)
-    result = {"checked": True, "target_weights_sha256": {"expected": want_w, "actual": got_w},
-              "config_sha256": {"expected": want_c, "actual": got_c},
-              "weights_match": want_w == got_w, "config_match": want_c == got_c}
+    result = {
+        "checked": True,
+        "target_weights_sha256": {"expected": want_w, "actual": got_w},
+        "config_sha256": {"expected": want_c, "actual": got_c},
+        "weights_match": want_w == got_w,
+        "config_match": want_c == got_c,
+    }
     if want_w != got_w:
-        msg = (f"base mismatch: target_weights_sha256 of {base_dir} is {got_w}, the adapter "
-               f"expects {want_w} (trained on {base_hashes.get('name_or_path')!r}"
-               + (f"; weights not found for {missing[:2]}" if missing else "")
-               + "); use the adapter's base or set adapter.allow_base_mismatch=true")
+        msg = (
+            f"base mismatch: target_weights_sha256 of {base_dir} is {got_w}, the adapter "
+            f"expects {want_w} (trained on {base_hashes.get('name_or_path')!r}"
+            + (
+                f"; weights not found for {missing[:2]}, pass --rename OLD=NEW if the base "
+                "names these modules differently"
+                if missing
+                else ""
+            )
+            + "); use the adapter's base or set adapter.allow_base_mismatch=true"
+        )
         if not allow_mismatch:
             raise BaseMismatchError(msg)
         logger.warning("%s (allowed)", msg)
     if want_c != got_c:
-        logger.warning("base config.json differs from the adapter's (config_sha256 %s != %s); "
-                       "weights %s", got_c, want_c, "match" if want_w == got_w else "differ")
+        logger.warning(
+            "base config.json differs from the adapter's (config_sha256 %s != %s); weights %s",
+            got_c,
+            want_c,
+            "match" if want_w == got_w else "differ",
+        )
     return result
 
 

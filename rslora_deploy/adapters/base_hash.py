@@ -1,15 +1,16 @@
 """Fingerprints of a base model directory that bind an adapter to the weights it was trained on.
 
-Spec 4.1: ``config_sha256`` is SHA-256 of the raw ``config.json`` bytes; ``target_weights_sha256``
-is SHA-256 over, for each target module sorted by name, the line ``f"{module}\\t{dtype}\\t{shape}\\n"``
-(stored dtype and shape, ``x``-joined) followed by the raw stored bytes of ``{module}.weight``.
+Spec 4.1: ``config_sha256`` is SHA-256 of the raw ``config.json`` bytes;
+``target_weights_sha256`` is SHA-256 over, for each target module sorted by name, the line
+``f"{module}\\t{dtype}\\t{shape}\\n"`` (stored dtype and shape, ``x``-joined) followed by the raw
+stored bytes of ``{module}.weight``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from rslora_deploy.adapters.st_io import SafetensorsFile
@@ -40,8 +41,15 @@ def config_sha256(base_dir: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def target_weights_sha256(base_dir: Path, modules: Iterable[str]) -> tuple[str, list[str]]:
+def target_weights_sha256(
+    base_dir: Path, modules: Iterable[str], live_names: Mapping[str, str] | None = None
+) -> tuple[str, list[str]]:
     """Hash of the target modules' stored weights.
+
+    ``modules`` are the names recorded in the adapter and enter the hash lines (spec 4.1).
+    ``live_names`` (from a user rename map, spec 5.2 step 1) says under which name the base stores
+    a module's weight; the recorded name is tried when the live one is absent. So a base whose
+    modules were renamed still matches the adapter's hash when its weights are the same.
 
     Returns:
         (hex digest, names of modules whose ``.weight`` is not in any file). A missing weight
@@ -51,12 +59,13 @@ def target_weights_sha256(base_dir: Path, modules: Iterable[str]) -> tuple[str, 
     index: dict[str, SafetensorsFile] = {}
     for path in safetensors_files(base_dir):
         handle = SafetensorsFile(path)
-        for key in handle.keys():
-            index[key] = handle
+        index.update(dict.fromkeys(handle.keys(), handle))
     digest = hashlib.sha256()
     missing = []
     for module in sorted(modules):
-        key = f"{module}.weight"
+        key = f"{(live_names or {}).get(module, module)}.weight"
+        if key not in index:
+            key = f"{module}.weight"
         handle = index.get(key)
         if handle is None:
             missing.append(module)

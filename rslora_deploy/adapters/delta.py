@@ -39,6 +39,8 @@ class ModuleDelta:
         source: free-form facts for reports (format, r, alpha...).
         expected_base: a copy of the base weight the adapter file carries (PEFT saves whole
             embeddings); the merge checks it equals the base's weight.
+        recorded_name: the name in the adapter file when a user rename map changed ``name``
+            (spec 5.2 step 1); None otherwise. Projection keys always use the recorded name.
     """
 
     name: str
@@ -52,6 +54,7 @@ class ModuleDelta:
     dense: np.ndarray | None = None
     source: dict[str, Any] = field(default_factory=dict)
     expected_base: np.ndarray | None = None
+    recorded_name: str | None = None
 
     @property
     def kind(self) -> str:
@@ -71,7 +74,8 @@ class ModuleDelta:
         """
         if self.dense is not None:
             return np.asarray(self.dense, dtype=dtype)
-        assert self.A is not None and self.B is not None  # invariant of the importers
+        assert self.A is not None
+        assert self.B is not None
         product = np.asarray(self.B, dtype=np.float64) @ np.asarray(self.A, dtype=np.float64)
         product *= float(self.scale)
         return product.astype(dtype, copy=False)
@@ -89,7 +93,8 @@ class ModuleDelta:
         if self.A.shape[1] < d_in:
             raise ShapeMismatchError(
                 f"{self.name}: shared vera_A has {self.A.shape[1]} columns but the layer has "
-                f"d_in={d_in}; max_in must be >= every target's d_in (spec 6.2)")
+                f"d_in={d_in}; max_in must be >= every target's d_in (spec 6.2)"
+            )
         self.A = self.A[:, :d_in]
         self.d_in = d_in
         self.source["slice_in_from_layer"] = False

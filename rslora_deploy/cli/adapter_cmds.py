@@ -23,6 +23,19 @@ class _Target(str, Enum):
     PEFT_LORA = "peft-lora"
 
 
+# Shared by ``merge`` and ``build``: spec 5.2 step 1's user rename map, parsed by
+# rslora_deploy.adapters.rename.parse_rename_args.
+RenameOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--rename",
+        metavar="OLD=NEW",
+        help="Rename the adapter's module-name prefix OLD to NEW before lookup in the base "
+        "(repeatable; longest prefix wins; replaces a recipe's adapter.rename).",
+    ),
+]
+
+
 def atomic_dir(out: Path) -> Any:
     """The shared staged output (temp dir beside ``out``, renamed on success, removed on error)."""
     from rslora_deploy.stages.package import staged_output
@@ -57,12 +70,14 @@ def merge(
     allow_unverified_vera_regeneration: Annotated[
         bool, typer.Option(help="Regenerate VeRA projections saved with save_projection=False.")
     ] = False,
+    rename: RenameOption = None,
     fmt: Annotated[
         OutputFormat, typer.Option("--format", help="text or json.")
     ] = OutputFormat.TEXT,
 ) -> None:
     """Merge an adapter into a base model and write a plain HF directory + merge_report.json."""
     from rslora_deploy.adapters import demo_adapter_dir
+    from rslora_deploy.adapters.rename import parse_rename_args
     from rslora_deploy.config import AdapterConfig, MergeConfig
     from rslora_deploy.stages.merge import merge_adapter
 
@@ -73,6 +88,7 @@ def merge(
         path=adapter_dir,
         allow_base_mismatch=allow_base_mismatch,
         allow_unverified_vera_regeneration=allow_unverified_vera_regeneration,
+        rename=parse_rename_args(rename),
     )
     with atomic_dir(out) as staging:
         artifact = merge_adapter(base_dir, adapter_dir, staging, merge_cfg, adapter_cfg)

@@ -80,11 +80,13 @@ def build(
         ),
     ] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity evaluation.")] = False,
+    rename: adapter_cmds.RenameOption = None,
     fmt: Annotated[
         OutputFormat, typer.Option("--format", help="text or json.")
     ] = OutputFormat.TEXT,
 ) -> None:
     """Build a quantized, verified, budget-checked ONNX package."""
+    from rslora_deploy.adapters.rename import parse_rename_args
     from rslora_deploy.api import build as run_build
     from rslora_deploy.config import apply_overrides, load_recipe, make_config
 
@@ -94,6 +96,7 @@ def build(
         "quantize.method": method, "quantize.group_size": group_size, "quantize.calib_path": calib,
         "quantize.protect_adapter": True if protect_adapter else None,
         "eval.enabled": False if no_eval else None,
+        "adapter.rename": parse_rename_args(rename) if rename else None,
     }  # fmt: skip
     config = (
         load_recipe(recipe, **overrides) if recipe else make_config(apply_overrides({}, overrides))

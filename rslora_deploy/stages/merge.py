@@ -23,23 +23,34 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "merge_report.json"
 # Tokenizer and chat files a HF directory may hold; copied verbatim so the merged model tokenizes
 # exactly like the base.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
-                   "vocab.txt", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 def _torch_dtype(dtype: MergeDtype) -> Any:
     import torch
 
-    return {MergeDtype.AUTO: None, MergeDtype.FLOAT32: torch.float32,
-            MergeDtype.FLOAT16: torch.float16, MergeDtype.BFLOAT16: torch.bfloat16}[
-        MergeDtype(dtype)]
+    return {
+        MergeDtype.AUTO: None,
+        MergeDtype.FLOAT32: torch.float32,
+        MergeDtype.FLOAT16: torch.float16,
+        MergeDtype.BFLOAT16: torch.bfloat16,
+    }[MergeDtype(dtype)]
 
 
 def check_base_dir(base_dir: Path) -> None:
     """A HF directory with config.json and safetensors weights (never pickle)."""
     from rslora_deploy.adapters.base_hash import safetensors_files
-
     from rslora_deploy.adapters.st_io import SafetensorsFile
     from rslora_deploy.errors import AdapterFormatError
 
@@ -59,18 +70,25 @@ def load_base(base_dir: Path) -> Any:
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            base_dir, dtype="auto", trust_remote_code=False, use_safetensors=True)
+            base_dir, dtype="auto", trust_remote_code=False, use_safetensors=True
+        )
     except Exception as exc:  # transformers raises many types for a bad model directory
-        raise InputError(f"cannot load base model {base_dir} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise InputError(
+            f"cannot load base model {base_dir} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
 
 
-def _base_shapes(model: Any, names: list[str]) -> dict[str, tuple[int, int]]:
+def _base_shapes(
+    model: Any, names: list[str], rename: dict[str, str]
+) -> dict[str, tuple[int, int]]:
+    """Layer shapes keyed by the *recorded* names, looked up under their renamed names."""
+    from rslora_deploy.adapters.rename import rename_name
     from rslora_deploy.merging import layer_layout, logical_shape, resolve_module
 
     shapes = {}
     for name in names:
-        module = resolve_module(model, name)
+        module = resolve_module(model, rename_name(name, rename), name)
         shapes[name] = logical_shape(module, layer_layout(module, name))
     return shapes
 
@@ -80,8 +98,13 @@ def _vera_module_names(adapter_dir: Path) -> list[str]:
     from rslora_deploy.adapters.st_io import SafetensorsFile
 
     keys = SafetensorsFile(adapter_dir / SAFETENSORS_NAME).keys()
-    return sorted({k[len(PREFIX):].rpartition(".")[0] for k in keys
-                   if k.startswith(PREFIX) and k.endswith(".vera_lambda_b")})
+    return sorted(
+        {
+            k[len(PREFIX) :].rpartition(".")[0]
+            for k in keys
+            if k.startswith(PREFIX) and k.endswith(".vera_lambda_b")
+        }
+    )
 
 
 def write_hf_dir(model: Any, base_dir: Path, out_dir: Path) -> None:
@@ -90,8 +113,10 @@ def write_hf_dir(model: Any, base_dir: Path, out_dir: Path) -> None:
     for name in TOKENIZER_FILES:
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, out_dir / name)
-    if not (out_dir / "generation_config.json").is_file() and (
-            base_dir / "generation_config.json").is_file():
+    if (
+        not (out_dir / "generation_config.json").is_file()
+        and (base_dir / "generation_config.json").is_file()
+    ):
         shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
 
 
@@ -109,7 +134,8 @@ def merge_adapter(
         adapter_dir: RS-LoRA v1, PEFT LoRA or PEFT VeRA directory (detected from its files).
         out_dir: fresh directory to write (must not exist or be empty).
         merge_cfg: dtype, untie, fidelity threshold.
-        adapter_cfg: allow_base_mismatch, allow_unverified_vera_regeneration.
+        adapter_cfg: allow_base_mismatch, allow_unverified_vera_regeneration, rename (prefix map
+            applied to the recorded module names after loading, spec 5.2 step 1).
 
     Returns:
         ``Artifact(kind="hf", path=out_dir, meta={"adapter", "merge_report", "dtype", ...})``.
@@ -118,43 +144,69 @@ def merge_adapter(
         RsloraDeployError: any catalogue error (E001-E080) or a bad path; out_dir is left empty.
     """
     from rslora_deploy.adapters.detect import load_adapter, needs_base_shapes
+    from rslora_deploy.adapters.rename import apply_renames
 
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"merge output {out_dir} already exists and is not empty; pass a fresh "
-                         "directory")
+        raise InputError(
+            f"merge output {out_dir} already exists and is not empty; pass a fresh directory"
+        )
     started = time.perf_counter()
     check_base_dir(base_dir)
     model = None
+    rename = dict(adapter_cfg.rename)
     if needs_base_shapes(adapter_dir) and adapter_cfg.allow_unverified_vera_regeneration:
         model = load_base(base_dir)
         names = _vera_module_names(adapter_dir)
-        adapter = load_adapter(adapter_dir, allow_unverified_vera_regeneration=True,
-                               base_shapes=_base_shapes(model, names))
+        adapter = load_adapter(
+            adapter_dir,
+            allow_unverified_vera_regeneration=True,
+            base_shapes=_base_shapes(model, names, rename),
+        )
     else:
         adapter = load_adapter(
             adapter_dir,
-            allow_unverified_vera_regeneration=adapter_cfg.allow_unverified_vera_regeneration)
+            allow_unverified_vera_regeneration=adapter_cfg.allow_unverified_vera_regeneration,
+        )
     logger.info("adapter %s: %s, %d modules", adapter_dir, adapter.format, len(adapter.deltas))
+    # Renamed only now: RSG-1 keys and P~ checksums were derived from the recorded names while
+    # loading, so P~ does not depend on the map (spec 9, module renames).
+    renamed = apply_renames(adapter.deltas, rename)
     from rslora_deploy.merging import merge_deltas, stats_as_dicts, verify_base
 
-    base_check = verify_base(base_dir, adapter.base_hashes, [d.name for d in adapter.deltas],
-                             allow_mismatch=adapter_cfg.allow_base_mismatch)
+    recorded = sorted({d.recorded_name or d.name for d in adapter.deltas})
+    base_check = verify_base(
+        base_dir,
+        adapter.base_hashes,
+        recorded,
+        allow_mismatch=adapter_cfg.allow_base_mismatch,
+        live_names=renamed,
+    )
     if model is None:
         model = load_base(base_dir)
     target = _torch_dtype(merge_cfg.dtype)
     created = not out_dir.exists()
     try:
-        stats = merge_deltas(model, adapter.deltas, dtype=target, untie=merge_cfg.untie,
-                             fidelity_warn_threshold=merge_cfg.fidelity_warn_threshold)
+        stats = merge_deltas(
+            model,
+            adapter.deltas,
+            dtype=target,
+            untie=merge_cfg.untie,
+            fidelity_warn_threshold=merge_cfg.fidelity_warn_threshold,
+        )
         if target is not None:
             model.to(target)
         out_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         out_dir.mkdir(parents=True, exist_ok=True)
         write_hf_dir(model, base_dir, out_dir)
         report = {
-            "adapter": adapter.meta, "base": str(base_dir), "base_check": base_check,
-            "dtype": out_dtype, "untie": merge_cfg.untie,
+            "adapter": adapter.meta,
+            "base": str(base_dir),
+            "base_check": base_check,
+            "dtype": out_dtype,
+            "untie": merge_cfg.untie,
+            "rename": rename,
+            "renamed": renamed,
             "fidelity_warn_threshold": merge_cfg.fidelity_warn_threshold,
             "modules": stats_as_dicts(stats),
             "summary": _summary(stats, merge_cfg.fidelity_warn_threshold),
@@ -164,22 +216,37 @@ def merge_adapter(
     except (RsloraDeployError, OSError):
         _clean(out_dir, created)
         raise
-    logger.info("merged %d weights into %s (%s) in %.1f s", len(stats), out_dir, out_dtype,
-                report["seconds"])
-    adapter_meta = {k: adapter.meta.get(k) for k in ("format", "sha256", "modules",
-                                                      "trainable_parameters", "r", "k", "path")}
-    return Artifact(kind="hf", path=out_dir, meta={
-        "adapter": adapter_meta, "merge_report": REPORT_NAME, "dtype": out_dtype,
-        "max_relative_merge_error": report["summary"]["max_relative_merge_error"]})
+    logger.info(
+        "merged %d weights into %s (%s) in %.1f s",
+        len(stats),
+        out_dir,
+        out_dtype,
+        report["seconds"],
+    )
+    adapter_meta = {
+        k: adapter.meta.get(k)
+        for k in ("format", "sha256", "modules", "trainable_parameters", "r", "k", "path")
+    }
+    return Artifact(
+        kind="hf",
+        path=out_dir,
+        meta={
+            "adapter": adapter_meta,
+            "merge_report": REPORT_NAME,
+            "dtype": out_dtype,
+            "max_relative_merge_error": report["summary"]["max_relative_merge_error"],
+        },
+    )
 
 
 def _summary(stats: list[Any], threshold: float) -> dict[str, Any]:
     errors = [s.relative_merge_error for s in stats]
-    return {"merged_weights": len(stats),
-            "max_relative_merge_error": max(errors, default=0.0),
-            "max_lost_fraction": max((s.lost_fraction for s in stats), default=0.0),
-            "modules_over_threshold": [s.module for s in stats
-                                       if s.relative_merge_error > threshold]}
+    return {
+        "merged_weights": len(stats),
+        "max_relative_merge_error": max(errors, default=0.0),
+        "max_lost_fraction": max((s.lost_fraction for s in stats), default=0.0),
+        "modules_over_threshold": [s.module for s in stats if s.relative_merge_error > threshold],
+    }
 
 
 def _clean(out_dir: Path, created: bool) -> None:
