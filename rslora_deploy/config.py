@@ -71,6 +71,11 @@ class AdapterConfig(_Section):
         description="Regenerate VeRA projections saved with save_projection=False (E071 "
         "otherwise).",
     )
+    allow_full_module_overrides: bool = Field(
+        default=False,
+        description="Copy PEFT modules_to_save tensors and trainable_token_indices rows into the "
+        "base (exact shape and dtype checks); E070 otherwise.",
+    )
     rename: dict[str, str] = Field(
         default_factory=dict,
         description="Module-name prefixes, old -> new, applied to the adapter's recorded module "

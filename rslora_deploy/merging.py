@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rslora_deploy.adapters.delta import ModuleDelta
+from rslora_deploy.adapters.delta import ModuleDelta, TensorOverride
 from rslora_deploy.errors import (
     AdapterFormatError,
     BaseMismatchError,
@@ -352,6 +352,136 @@ def merge_deltas(
         logger.debug("merged %s: %s", name, row)
         stats.append(row)
     return stats
+
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+}
+
+
+def _override_target(model: nn.Module, override: TensorOverride) -> tuple[nn.Module, torch.Tensor]:
+    module = resolve_module(model, override.name, override.recorded_name)
+    own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+    if override.param not in own:
+        raise AdapterFormatError(
+            f"{override.kind} tensor {override.target}: module {override.name} "
+            f"({type(module).__name__}) has no tensor {override.param!r} (it has "
+            f"{sorted(own)}); the adapter was made for another architecture",
+            code="E020",
+        )
+    return module, own[override.param]
+
+
+def _check_override(model: nn.Module, override: TensorOverride, tensor: torch.Tensor) -> None:
+    """Exact shape and dtype checks (spec 6.1: "copy tensors with exact shape and dtype checks")."""
+    base_dtype = _ST_DTYPES.get(tensor.dtype, str(tensor.dtype))
+    if override.stored_dtype != base_dtype:
+        raise AdapterFormatError(
+            f"{override.kind} tensor {override.target} is saved as {override.stored_dtype} but "
+            f"the base tensor is {base_dtype}; re-save the adapter with the base's dtype "
+            "(a full copy is never cast)",
+            code="E024",
+        )
+    shape = tuple(override.value.shape)
+    if override.rows is None:
+        if shape != tuple(tensor.shape):
+            raise ShapeMismatchError(
+                f"{override.kind} tensor {override.target} has shape {list(shape)}, the base "
+                f"tensor {list(tensor.shape)}; the adapter was made for another base (or a "
+                "resized vocabulary)"
+            )
+        return
+    if (
+        tensor.ndim != 2
+        or shape != (len(override.rows), tensor.shape[1])
+        or max(override.rows) >= tensor.shape[0]
+    ):
+        raise ShapeMismatchError(
+            f"trainable tokens for {override.target}: {len(override.rows)} rows of shape "
+            f"{list(shape)} with ids up to {max(override.rows)} do not fit the base tensor "
+            f"{list(tensor.shape)}; the adapter was made for another base or vocabulary"
+        )
+
+
+def apply_overrides(
+    model: nn.Module,
+    overrides: list[TensorOverride],
+    deltas: list[ModuleDelta] | None = None,
+    *,
+    untie: bool = False,
+) -> list[dict[str, Any]]:
+    """Copy PEFT ``modules_to_save`` tensors and trainable-token rows into ``model``.
+
+    Spec 6.1 rejections: with ``allow_full_module_overrides`` these tensors are copied "with
+    exact shape and dtype checks". Every override is checked before any is copied. A whole-tensor
+    copy into a tied embedding/lm_head follows the E050 rule of the merge (``untie`` clones it
+    first); trainable-token rows are written in place, so a tied partner sees them, as in PEFT,
+    which ties the lm_head's token adapter to the embedding's.
+
+    Returns:
+        One JSON-ready row per override (for merge_report.json).
+
+    Raises:
+        RsloraDeployError: E020 (module or tensor missing), E022 (shape), E024 (dtype), E050
+            (tied without untie), E070 (the tensor is also a LoRA/VeRA target).
+    """
+    targets = {d.name for d in deltas or []}
+    plan = []
+    for override in overrides:
+        module, tensor = _override_target(model, override)
+        if override.name in targets and override.param == "weight":
+            raise UnsupportedError(
+                f"{override.target} is both a LoRA/VeRA target and a {override.kind} tensor; "
+                "their order is ambiguous, retrain with one of them",
+                code="E070",
+            )
+        _check_override(model, override, tensor)
+        tied = override.param == "weight" and _is_tied(model, module)
+        if tied and override.rows is None and not untie:
+            raise MergeError(
+                f"{override.target} ({override.kind}) shares its weight with the tied input/output "
+                "embedding; copying it would silently change both. Pass --untie (merge.untie=true)",
+                code="E050",
+            )
+        plan.append((override, module, tensor, tied))
+    rows = []
+    for override, module, tensor, tied in plan:
+        # Exact: value is the float32 widening of a tensor stored in this very dtype.
+        value = torch.from_numpy(np.ascontiguousarray(override.value)).to(tensor.dtype)
+        before = tensor.detach().to(torch.float32, copy=True)
+        with torch.no_grad():
+            if override.rows is not None:
+                tensor[list(override.rows)] = value
+            elif tied:
+                module.weight = nn.Parameter(value.clone(), requires_grad=tensor.requires_grad)
+                if getattr(model, "config", None) is not None:
+                    model.config.tie_word_embeddings = False
+                logger.warning(
+                    "untied %s from the shared embedding to copy its %s tensor",
+                    override.name,
+                    override.kind,
+                )
+            else:
+                tensor.copy_(value)
+        after = getattr(module, override.param).detach().to(torch.float32)
+        rows.append(
+            {
+                "tensor": override.target,
+                "kind": override.kind,
+                "recorded_name": override.recorded_name,
+                "shape": list(override.value.shape),
+                "dtype": override.stored_dtype,
+                "rows": list(override.rows) if override.rows is not None else None,
+                "max_abs_change": float((after - before).abs().max()) if before.numel() else 0.0,
+            }
+        )
+        logger.info(
+            "copied %s tensor %s %s", override.kind, override.target, list(override.value.shape)
+        )
+    return rows
 
 
 def verify_base(

@@ -133,3 +133,36 @@ def trainable_count(deltas: list[ModuleDelta]) -> int:
         elif delta.A is not None and delta.B is not None:
             total += int(delta.A.size + delta.B.size)
     return total
+
+
+@dataclass
+class TensorOverride:
+    """A base tensor replaced by one a PEFT adapter saved (spec 6.1, full module overrides).
+
+    ``modules_to_save`` copies the whole tensor; ``trainable_token_indices`` replaces the listed
+    rows of an embedding (PEFT stores the new rows, not a difference, and merges with
+    ``index_copy``). Neither is a factored update, so they bypass :class:`ModuleDelta`.
+
+    Attributes:
+        name: path of the module owning the tensor (renamable like ``ModuleDelta.name``).
+        param: the tensor's name inside that module (``weight``, ``bias``...).
+        value: the saved values as float32 (an exact widening of ``stored_dtype``).
+        stored_dtype: safetensors dtype string as saved (``F32``, ``BF16``, ``F16``...); it must
+            equal the base tensor's dtype.
+        kind: ``modules_to_save`` or ``trainable_tokens``.
+        rows: for trainable tokens, the replaced row indices (``value`` has one row each).
+        recorded_name: the adapter's module name when a rename map changed ``name``.
+    """
+
+    name: str
+    param: str
+    value: np.ndarray
+    stored_dtype: str
+    kind: str
+    rows: tuple[int, ...] | None = None
+    recorded_name: str | None = None
+
+    @property
+    def target(self) -> str:
+        """``{name}.{param}``, the base state-dict key this replaces."""
+        return f"{self.name}.{self.param}"

@@ -1,9 +1,10 @@
 """Import PEFT LoRA adapters into :class:`ModuleDelta` (spec 6.1).
 
 LoRA (Hu et al. 2021, arXiv 2106.09685): dW = s * B A with s = alpha/r; rank-stabilized LoRA
-(Kalajdzievski 2023, arXiv 2312.03732, PEFT ``use_rslora``): s = alpha/sqrt(r). Per-module r and alpha
-come from ``rank_pattern``/``alpha_pattern``. Embedding adapters (``lora_embedding_A/B``) use the
-embedding layout, ``fan_in_fan_out`` the conv1d layout.
+(Kalajdzievski 2023, arXiv 2312.03732, PEFT ``use_rslora``): s = alpha/sqrt(r). Per-module r and
+alpha come from ``rank_pattern``/``alpha_pattern``. Embedding adapters (``lora_embedding_A/B``) use
+the embedding layout, ``fan_in_fan_out`` the conv1d layout. ``modules_to_save`` and trainable-token
+tensors are returned as overrides only with ``allow_full_module_overrides`` (E070 otherwise).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from rslora_deploy.adapters.delta import ModuleDelta
+from rslora_deploy.adapters.delta import ModuleDelta, TensorOverride
 from rslora_deploy.adapters.peft_common import (
     pattern_value,
     read_config,
     read_weights,
     reject_unsupported,
+    split_overrides,
+    stored_dtypes,
     strip_prefix,
 )
 from rslora_deploy.errors import (
@@ -44,20 +47,33 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
 
 def _split_key(module_key: str, path: Path) -> tuple[str, str, bool]:
     if module_key.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in module_key:
-        raise UnsupportedError(f"{path}: tensor {module_key!r} is a DoRA magnitude vector; DoRA's "
-                               "merge is not W + BA. Retrain without use_dora", code="E070")
+        raise UnsupportedError(
+            f"{path}: tensor {module_key!r} is a DoRA magnitude vector; DoRA's "
+            "merge is not W + BA. Retrain without use_dora",
+            code="E070",
+        )
     for suffix, (factor, embedding) in _SUFFIXES.items():
         if module_key.endswith(suffix):
             return module_key[: -len(suffix)], factor, embedding
-    raise AdapterFormatError(f"{path}: unexpected tensor {module_key!r} in a LoRA adapter "
-                             "(expected *.lora_A.weight / *.lora_B.weight)", code="E023")
+    raise AdapterFormatError(
+        f"{path}: unexpected tensor {module_key!r} in a LoRA adapter "
+        "(expected *.lora_A.weight / *.lora_B.weight)",
+        code="E023",
+    )
 
 
-def load_peft_lora(directory: Path) -> tuple[list[ModuleDelta], dict[str, Any]]:
+def load_peft_lora(
+    directory: Path, *, allow_full_module_overrides: bool = False
+) -> tuple[list[ModuleDelta], dict[str, Any], list[TensorOverride]]:
     """Read a PEFT LoRA directory.
 
+    Args:
+        directory: adapter directory.
+        allow_full_module_overrides: accept ``modules_to_save`` / ``trainable_token_indices``
+            and return their tensors as overrides (spec 6.1 rejections; E070 otherwise).
+
     Returns:
-        (deltas, summary) where summary has r, alpha, use_rslora, trainable parameter count.
+        (deltas, summary, overrides); summary has r, alpha, use_rslora, trainable parameters.
 
     Raises:
         UnsupportedError: E070 for DoRA, lora_bias, modules_to_save and the other rejections.
@@ -65,8 +81,10 @@ def load_peft_lora(directory: Path) -> tuple[list[ModuleDelta], dict[str, Any]]:
     """
     directory = Path(directory)
     cfg = read_config(directory)
-    reject_unsupported(cfg, directory / "adapter_config.json")
+    reject_unsupported(cfg, directory / "adapter_config.json", allow_full_module_overrides)
     tensors, path = read_weights(directory)
+    all_tensors = tensors
+    tensors, overrides = split_overrides(cfg, tensors, stored_dtypes(path), path)
     groups: dict[str, dict[str, np.ndarray]] = {}
     embedding_modules = set()
     saved_bases: dict[str, np.ndarray] = {}
@@ -89,8 +107,10 @@ def load_peft_lora(directory: Path) -> tuple[list[ModuleDelta], dict[str, Any]]:
     for module, factors in groups.items():
         for factor in ("A", "B"):
             if factor not in factors:
-                raise AdapterFormatError(f"{path}: missing tensor for {module} factor {factor} "
-                                         f"(lora_{factor})", code="E023")
+                raise AdapterFormatError(
+                    f"{path}: missing tensor for {module} factor {factor} (lora_{factor})",
+                    code="E023",
+                )
         a_mat, b_mat = factors["A"], factors["B"]
         embedding = module in embedding_modules
         r_m = int(pattern_value(cfg.get("rank_pattern"), module, r_default))
@@ -99,24 +119,44 @@ def load_peft_lora(directory: Path) -> tuple[list[ModuleDelta], dict[str, Any]]:
             raise ShapeMismatchError(
                 f"{path}: {module} has lora_A {list(a_mat.shape)} and lora_B "
                 f"{list(b_mat.shape)}, expected rank r={r_m} (A [r, d_in], B [d_out, r]) from "
-                "r/rank_pattern in adapter_config.json")
+                "r/rank_pattern in adapter_config.json"
+            )
         for factor, array in (("A", a_mat), ("B", b_mat)):
             if not np.all(np.isfinite(array)):
                 raise NonFiniteError(f"{path}: {module} lora_{factor} contains NaN/Inf")
         layout = "embedding" if embedding else ("conv1d" if fan_in_fan_out else None)
-        deltas.append(ModuleDelta(
-            name=module, layout=layout, d_in=int(a_mat.shape[1]), d_out=int(b_mat.shape[0]),
-            B=b_mat, A=a_mat, scale=lora_scale(alpha_m, r_m, use_rslora),
-            source={"format": "peft-lora", "r": r_m, "alpha": alpha_m, "use_rslora": use_rslora},
-        ))
+        deltas.append(
+            ModuleDelta(
+                name=module,
+                layout=layout,
+                d_in=int(a_mat.shape[1]),
+                d_out=int(b_mat.shape[0]),
+                B=b_mat,
+                A=a_mat,
+                scale=lora_scale(alpha_m, r_m, use_rslora),
+                source={
+                    "format": "peft-lora",
+                    "r": r_m,
+                    "alpha": alpha_m,
+                    "use_rslora": use_rslora,
+                },
+            )
+        )
         if module in saved_bases:
             deltas[-1].expected_base = saved_bases.pop(module)
     if saved_bases:
-        raise AdapterFormatError(f"{path}: unexpected tensor {next(iter(saved_bases))}"
-                                 ".base_layer.weight without LoRA factors", code="E023")
+        raise AdapterFormatError(
+            f"{path}: unexpected tensor {next(iter(saved_bases))}"
+            ".base_layer.weight without LoRA factors",
+            code="E023",
+        )
     if not deltas:
         raise AdapterFormatError(f"{path} holds no LoRA tensors", code="E023")
-    summary = {"r": r_default, "lora_alpha": alpha_default, "use_rslora": use_rslora,
-               "trainable_parameters": int(sum(t.size for t in tensors.values())),
-               "weights_file": path.name}
-    return deltas, summary
+    summary = {
+        "r": r_default,
+        "lora_alpha": alpha_default,
+        "use_rslora": use_rslora,
+        "trainable_parameters": int(sum(t.size for t in all_tensors.values())),
+        "weights_file": path.name,
+    }
+    return deltas, summary, overrides

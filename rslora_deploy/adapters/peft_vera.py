@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from rslora_deploy.adapters.delta import ModuleDelta
+from rslora_deploy.adapters.delta import ModuleDelta, TensorOverride
 from rslora_deploy.adapters.peft_common import (
     PREFIX,
     read_config,
     read_weights,
     reject_unsupported,
+    split_overrides,
+    stored_dtypes,
 )
 from rslora_deploy.errors import AdapterFormatError, NonFiniteError, ShapeMismatchError
 
@@ -33,7 +35,7 @@ _SHARED = {"base_model.vera_A": "A", "base_model.vera_B": "B"}
 
 
 def regenerate_projections(key: int, r: int, max_in: int, max_out: int) -> tuple[np.ndarray, ...]:
-    """PEFT's seed-only projections: one CPU generator, A ~ U(+-sqrt(6/max_in)) then B ~ U(+-sqrt(6/r)).
+    """PEFT's seed-only projections: one CPU generator, A ~ U(+-sqrt(6/max_in)), B ~ U(+-sqrt(6/r)).
 
     B is drawn from the same generator after A, so it depends on max_in (spec 6.2 steps 1-4).
     """
@@ -52,21 +54,25 @@ def load_peft_vera(
     *,
     allow_unverified_regeneration: bool = False,
     base_shapes: dict[str, tuple[int, int]] | None = None,
-) -> tuple[list[ModuleDelta], dict[str, Any]]:
+    allow_full_module_overrides: bool = False,
+) -> tuple[list[ModuleDelta], dict[str, Any], list[TensorOverride]]:
     """Read a PEFT VeRA directory.
 
     Args:
         directory: adapter directory.
         allow_unverified_regeneration: regenerate missing vera_A/vera_B (E071 otherwise).
         base_shapes: module -> (d_out, d_in) of the base layers; needed only to regenerate.
+        allow_full_module_overrides: accept ``modules_to_save`` / ``trainable_token_indices``
+            (spec 6.1 rejections apply to VeRA too; E070 otherwise).
 
     Returns:
-        (deltas, summary).
+        (deltas, summary, overrides).
     """
     directory = Path(directory)
     cfg = read_config(directory)
-    reject_unsupported(cfg, directory / "adapter_config.json")
+    reject_unsupported(cfg, directory / "adapter_config.json", allow_full_module_overrides)
     tensors, path = read_weights(directory)
+    tensors, overrides = split_overrides(cfg, tensors, stored_dtypes(path), path)
     shared: dict[str, np.ndarray] = {}
     lambdas: dict[str, dict[str, np.ndarray]] = {}
     for key, array in tensors.items():
@@ -74,58 +80,79 @@ def load_peft_vera(
             shared[_SHARED[key]] = array
             continue
         if key.startswith(PREFIX):
-            module, _, leaf = key[len(PREFIX):].rpartition(".")
+            module, _, leaf = key[len(PREFIX) :].rpartition(".")
             if leaf in ("vera_lambda_b", "vera_lambda_d"):
                 lambdas.setdefault(module, {})[leaf[-1]] = array
                 continue
-        raise AdapterFormatError(f"{path}: unexpected tensor {key!r} in a VeRA adapter", code="E023")
+        raise AdapterFormatError(
+            f"{path}: unexpected tensor {key!r} in a VeRA adapter", code="E023"
+        )
     if not lambdas:
         raise AdapterFormatError(f"{path} holds no vera_lambda tensors", code="E023")
     r = int(cfg.get("r", 256))
     for module, pair in lambdas.items():
         for leaf in ("b", "d"):
             if leaf not in pair:
-                raise AdapterFormatError(f"{path}: missing tensor {module}.vera_lambda_{leaf}",
-                                         code="E023")
+                raise AdapterFormatError(
+                    f"{path}: missing tensor {module}.vera_lambda_{leaf}", code="E023"
+                )
             if not np.all(np.isfinite(pair[leaf])):
                 raise NonFiniteError(f"{path}: {module}.vera_lambda_{leaf} contains NaN/Inf")
         if pair["d"].shape != (r,):
-            raise ShapeMismatchError(f"{path}: {module}.vera_lambda_d has shape "
-                                     f"{list(pair['d'].shape)}, expected [{r}] (r)")
+            raise ShapeMismatchError(
+                f"{path}: {module}.vera_lambda_d has shape "
+                f"{list(pair['d'].shape)}, expected [{r}] (r)"
+            )
     regenerated = False
     if set(shared) != {"A", "B"}:
         if shared:
-            raise AdapterFormatError(f"{path}: only one of base_model.vera_A/vera_B is present",
-                                     code="E023")
+            raise AdapterFormatError(
+                f"{path}: only one of base_model.vera_A/vera_B is present", code="E023"
+            )
         shared = _regenerate(cfg, lambdas, r, path, allow_unverified_regeneration, base_shapes)
         regenerated = True
     vera_a, vera_b = shared["A"], shared["B"]
     if vera_a.ndim != 2 or vera_b.ndim != 2 or vera_a.shape[0] != r or vera_b.shape[1] != r:
-        raise ShapeMismatchError(f"{path}: vera_A {list(vera_a.shape)} / vera_B "
-                                 f"{list(vera_b.shape)} do not have rank r={r}")
+        raise ShapeMismatchError(
+            f"{path}: vera_A {list(vera_a.shape)} / vera_B "
+            f"{list(vera_b.shape)} do not have rank r={r}"
+        )
     deltas = []
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     for module, pair in lambdas.items():
         d_out = int(pair["b"].shape[0])
         if d_out > vera_b.shape[0]:
-            raise ShapeMismatchError(f"{path}: {module} has d_out={d_out} > max_out="
-                                     f"{vera_b.shape[0]} rows of vera_B")
+            raise ShapeMismatchError(
+                f"{path}: {module} has d_out={d_out} > max_out={vera_b.shape[0]} rows of vera_B"
+            )
         b_eff = pair["b"][:, None].astype(np.float32) * vera_b[:d_out, :]
         a_eff = pair["d"][:, None].astype(np.float32) * vera_a
-        deltas.append(ModuleDelta(
-            name=module, layout="conv1d" if fan_in_fan_out else None, d_in=int(vera_a.shape[1]),
-            d_out=d_out, B=b_eff, A=a_eff, scale=1.0,
-            source={"format": "peft-vera", "r": r, "slice_in_from_layer": True},
-        ))
-    summary = {"r": r, "save_projection": not regenerated, "regenerated_projections": regenerated,
-               "projection_prng_key": cfg.get("projection_prng_key", 0),
-               "trainable_parameters": int(sum(p["b"].size + p["d"].size for p in lambdas.values())),
-               "weights_file": path.name}
+        deltas.append(
+            ModuleDelta(
+                name=module,
+                layout="conv1d" if fan_in_fan_out else None,
+                d_in=int(vera_a.shape[1]),
+                d_out=d_out,
+                B=b_eff,
+                A=a_eff,
+                scale=1.0,
+                source={"format": "peft-vera", "r": r, "slice_in_from_layer": True},
+            )
+        )
+    summary = {
+        "r": r,
+        "save_projection": not regenerated,
+        "regenerated_projections": regenerated,
+        "projection_prng_key": cfg.get("projection_prng_key", 0),
+        "trainable_parameters": int(sum(p["b"].size + p["d"].size for p in lambdas.values())),
+        "weights_file": path.name,
+    }
     if regenerated:
         summary["regenerated_sha256"] = {
             f: hashlib.sha256(np.ascontiguousarray(shared[f], "<f4").tobytes()).hexdigest()
-            for f in ("A", "B")}
-    return deltas, summary
+            for f in ("A", "B")
+        }
+    return deltas, summary, overrides
 
 
 def _regenerate(
@@ -141,23 +168,30 @@ def _regenerate(
             f"{path}: VeRA adapter saved with save_projection=False has no vera_A/vera_B; "
             "regenerating them from projection_prng_key is not reproducible across torch versions. "
             "Re-save with save_projection=True, or opt in with allow_unverified_vera_regeneration",
-            code="E071")
+            code="E071",
+        )
     if base_shapes is None:
         raise AdapterFormatError(
             f"{path}: regenerating VeRA projections needs the base model's layer shapes; load it "
-            "through the merge stage", code="E071")
+            "through the merge stage",
+            code="E071",
+        )
     missing = sorted(set(lambdas) - set(base_shapes))
     if missing:
-        raise AdapterFormatError(f"{path}: VeRA module {missing[0]} is not in the base model",
-                                 code="E020")
+        raise AdapterFormatError(
+            f"{path}: VeRA module {missing[0]} is not in the base model", code="E020"
+        )
     max_out = max(base_shapes[m][0] for m in lambdas)
     max_in = max(base_shapes[m][1] for m in lambdas)
-    vera_a, vera_b = regenerate_projections(int(cfg.get("projection_prng_key", 0)), r, max_in,
-                                            max_out)
+    vera_a, vera_b = regenerate_projections(
+        int(cfg.get("projection_prng_key", 0)), r, max_in, max_out
+    )
     logger.warning(
         "VeRA projections regenerated from projection_prng_key=%s with torch %s: sha256(vera_A)=%s "
         "sha256(vera_B)=%s; compare them on the training machine, nothing here can verify them",
-        cfg.get("projection_prng_key", 0), __import__("torch").__version__,
+        cfg.get("projection_prng_key", 0),
+        __import__("torch").__version__,
         hashlib.sha256(np.ascontiguousarray(vera_a, "<f4").tobytes()).hexdigest(),
-        hashlib.sha256(np.ascontiguousarray(vera_b, "<f4").tobytes()).hexdigest())
+        hashlib.sha256(np.ascontiguousarray(vera_b, "<f4").tobytes()).hexdigest(),
+    )
     return {"A": vera_a, "B": vera_b}

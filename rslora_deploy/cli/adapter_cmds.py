@@ -35,6 +35,16 @@ RenameOption = Annotated[
     ),
 ]
 
+# Spec 6.1 rejections: PEFT modules_to_save / trainable_token_indices are E070 unless allowed.
+AllowOverridesOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-full-module-overrides",
+        help="Copy PEFT modules_to_save tensors and trainable_token_indices rows into the base "
+        "(exact shape and dtype checks; E070 otherwise).",
+    ),
+]
+
 
 def atomic_dir(out: Path) -> Any:
     """The shared staged output (temp dir beside ``out``, renamed on success, removed on error)."""
@@ -71,6 +81,7 @@ def merge(
         bool, typer.Option(help="Regenerate VeRA projections saved with save_projection=False.")
     ] = False,
     rename: RenameOption = None,
+    allow_full_module_overrides: AllowOverridesOption = False,
     fmt: Annotated[
         OutputFormat, typer.Option("--format", help="text or json.")
     ] = OutputFormat.TEXT,
@@ -89,6 +100,7 @@ def merge(
         allow_base_mismatch=allow_base_mismatch,
         allow_unverified_vera_regeneration=allow_unverified_vera_regeneration,
         rename=parse_rename_args(rename),
+        allow_full_module_overrides=allow_full_module_overrides,
     )
     with atomic_dir(out) as staging:
         artifact = merge_adapter(base_dir, adapter_dir, staging, merge_cfg, adapter_cfg)

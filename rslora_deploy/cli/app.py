@@ -81,6 +81,7 @@ def build(
     ] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity evaluation.")] = False,
     rename: adapter_cmds.RenameOption = None,
+    allow_full_module_overrides: adapter_cmds.AllowOverridesOption = False,
     fmt: Annotated[
         OutputFormat, typer.Option("--format", help="text or json.")
     ] = OutputFormat.TEXT,
@@ -97,6 +98,7 @@ def build(
         "quantize.protect_adapter": True if protect_adapter else None,
         "eval.enabled": False if no_eval else None,
         "adapter.rename": parse_rename_args(rename) if rename else None,
+        "adapter.allow_full_module_overrides": True if allow_full_module_overrides else None,
     }  # fmt: skip
     config = (
         load_recipe(recipe, **overrides) if recipe else make_config(apply_overrides({}, overrides))

@@ -135,7 +135,9 @@ def merge_adapter(
         out_dir: fresh directory to write (must not exist or be empty).
         merge_cfg: dtype, untie, fidelity threshold.
         adapter_cfg: allow_base_mismatch, allow_unverified_vera_regeneration, rename (prefix map
-            applied to the recorded module names after loading, spec 5.2 step 1).
+            applied to the recorded module names after loading, spec 5.2 step 1),
+            allow_full_module_overrides (copy PEFT modules_to_save / trainable-token tensors with
+            exact shape and dtype checks, spec 6.1; recorded under ``overrides`` in the report).
 
     Returns:
         ``Artifact(kind="hf", path=out_dir, meta={"adapter", "merge_report", "dtype", ...})``.
@@ -162,17 +164,19 @@ def merge_adapter(
             adapter_dir,
             allow_unverified_vera_regeneration=True,
             base_shapes=_base_shapes(model, names, rename),
+            allow_full_module_overrides=adapter_cfg.allow_full_module_overrides,
         )
     else:
         adapter = load_adapter(
             adapter_dir,
             allow_unverified_vera_regeneration=adapter_cfg.allow_unverified_vera_regeneration,
+            allow_full_module_overrides=adapter_cfg.allow_full_module_overrides,
         )
     logger.info("adapter %s: %s, %d modules", adapter_dir, adapter.format, len(adapter.deltas))
     # Renamed only now: RSG-1 keys and P~ checksums were derived from the recorded names while
     # loading, so P~ does not depend on the map (spec 9, module renames).
-    renamed = apply_renames(adapter.deltas, rename)
-    from rslora_deploy.merging import merge_deltas, stats_as_dicts, verify_base
+    renamed = apply_renames([*adapter.deltas, *adapter.overrides], rename)
+    from rslora_deploy.merging import apply_overrides, merge_deltas, stats_as_dicts, verify_base
 
     recorded = sorted({d.recorded_name or d.name for d in adapter.deltas})
     base_check = verify_base(
@@ -187,6 +191,9 @@ def merge_adapter(
     target = _torch_dtype(merge_cfg.dtype)
     created = not out_dir.exists()
     try:
+        # Overrides first (all checked before any copy), so an untied lm_head clone made by the
+        # delta merge already holds trainable-token rows written into a tied embedding.
+        copied = apply_overrides(model, adapter.overrides, adapter.deltas, untie=merge_cfg.untie)
         stats = merge_deltas(
             model,
             adapter.deltas,
@@ -209,6 +216,7 @@ def merge_adapter(
             "renamed": renamed,
             "fidelity_warn_threshold": merge_cfg.fidelity_warn_threshold,
             "modules": stats_as_dicts(stats),
+            "overrides": copied,
             "summary": _summary(stats, merge_cfg.fidelity_warn_threshold),
             "seconds": round(time.perf_counter() - started, 3),
         }
