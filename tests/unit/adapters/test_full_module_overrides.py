@@ -249,3 +249,20 @@ def test_tied_lm_head_copy_needs_untie(tmp_path: Path) -> None:
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
     assert model.config.tie_word_embeddings is False
+
+
+def test_cli_build_passes_the_flag(monkeypatch: Any, tmp_path: Path) -> None:
+    import rslora_deploy.api
+    from rslora_deploy.errors import ConfigError
+
+    seen = []
+
+    def fake_build(config: Any, **_: Any) -> None:
+        seen.append(config)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(rslora_deploy.api, "build", fake_build)
+    args = ["build", "--profile", "t4-2gb", "--out", str(tmp_path / "pkg")]
+    assert main(args) == 1
+    assert main([*args, "--allow-full-module-overrides"]) == 1
+    assert [c.adapter.allow_full_module_overrides for c in seen] == [False, True]
