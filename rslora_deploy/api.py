@@ -126,7 +126,7 @@ def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> Buil
             cpu_view(onnx.path, work / "cpu_view") if profile.export_target != "cpu" else onnx.path
         )
         smoke = runner.run("verify", smoke_generate, view_dir)
-        quality = _evaluate(runner, merged, quantized, view_dir, inputs, config, reports)
+        quality = _evaluate(runner, merged, quantized, view_dir, inputs, config, reports, profile)
         view = model_view(merged.path)
         budget = runner.run("check_budget", budget_stage.estimate, onnx.path, view, profile)
         budget["measured_cpu"] = measured_cpu(smoke, profile)
@@ -224,6 +224,7 @@ def _evaluate(
     inputs: Any,
     config: BuildConfig,
     reports: Path,
+    profile: DeviceProfile,
 ) -> dict[str, Any] | None:
     if not config.eval.enabled:
         return None
@@ -243,6 +244,11 @@ def _evaluate(
         config.eval,
         survival_base,
         survival_genre=genre,
+        survival_threshold=(
+            config.eval.survival_threshold
+            if config.eval.survival_threshold is not None
+            else profile.survival_threshold
+        ),
     )
     _write_json(reports / "quality.json", quality)
     return quality
@@ -295,12 +301,12 @@ def _manifest_body(
         "export": onnx.meta,
         "budget": {k: budget[k] for k in ("fits", "budget_bytes", "estimate_bytes")},
         "smoke_test": {k: smoke[k] for k in ("prompt", "text", "runtime")},
-        "quality": _quality_summary(quality),
+        "quality": _quality_summary(quality, config.quantize.protect_adapter),
         "config": config.to_json_dict(),
     }
 
 
-def _quality_summary(quality: dict[str, Any] | None) -> dict[str, Any]:
+def _quality_summary(quality: dict[str, Any] | None, protected: bool = False) -> dict[str, Any]:
     """The headline numbers of ``reports/quality.json`` for the manifest and model card."""
     if not quality:
         return {}
@@ -316,9 +322,12 @@ def _quality_summary(quality: dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(survival, dict) and "retained" in survival:
         summary["adapter_survival_retained"] = round(survival["retained"], 3)
         if survival.get("warning"):
-            summary["adapter_survival_warning"] = (
-                f"below {survival.get('threshold')}: rebuild with --protect-adapter"
+            fix = (
+                "raise quantize.protect_ratio (1.0 keeps every adapter module at 8 bits)"
+                if protected
+                else "rebuild with --protect-adapter"
             )
+            summary["adapter_survival_warning"] = f"below {survival.get('threshold')}: {fix}"
     protocol = quality.get("protocol", {})
     if "scored_tokens" in protocol:
         summary["eval_tokens"] = protocol["scored_tokens"]

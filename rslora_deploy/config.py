@@ -231,6 +231,14 @@ class EvalConfig(_Section):
         description="Brown genre of the adapter's own domain, where adapter survival is measured. "
         "None: the demo adapter's genre for the demo adapter, all genres otherwise.",
     )
+    survival_threshold: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Warn (log, manifest, model card and the build's last lines) when the "
+        "quantized model retains less of the adapter's effect than this. None: the profile's "
+        "survival_threshold (0.5 in the shipped profiles).",
+    )
 
 
 class PackageConfig(_Section):

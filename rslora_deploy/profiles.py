@@ -51,6 +51,13 @@ class DeviceProfile(BaseModel):
     batch_size: int = Field(gt=0, description="Concurrent sequences the KV cache is sized for.")
     kv_dtype: str = Field(description="KV cache dtype: float16 or float32.")
     notes: str = Field(default="", description="Caveats shown in the budget report.")
+    survival_threshold: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Warn when a build's adapter survival (retained share of the adapter's "
+        "effect) is below this; a recipe's eval.survival_threshold overrides it.",
+    )
 
     @property
     def kv_bytes_per_element(self) -> int:

@@ -111,7 +111,15 @@ def build(
         f"{budget['budget_bytes'] / 2**20:.0f} MiB ({config.profile}): "
         f"{'fits' if result.fits else 'OVER BUDGET'}"
     )
-    emit({"package": str(result.package_dir), "budget": budget}, fmt, text)
+    quality = result.manifest.get("quality") or {}
+    warning = quality.get("adapter_survival_warning")
+    if warning:
+        # Loud on purpose: the package works, but may behave like the base model.
+        retained = quality.get("adapter_survival_retained")
+        warning = f"adapter survival {retained} is {warning}"
+        text += f"\nWARNING: {warning}"
+    payload = {"package": str(result.package_dir), "budget": budget, "warning": warning}
+    emit(payload, fmt, text)
     if not result.fits:
         raise typer.Exit(EXIT_OVER_BUDGET)
 

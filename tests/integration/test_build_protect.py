@@ -24,6 +24,7 @@ group_size = 64
 [eval]
 windows = 2
 window_len = 256
+survival_threshold = 0.999
 [package]
 keep_quantized_checkpoint = true
 """
@@ -57,6 +58,10 @@ def test_onnx_matches_the_mixed_checkpoint(package: Path) -> None:
     assert quality["relative_logit_error"]["onnx_vs_quantized"] < 1e-3
     assert "retained" in quality["survival"]
     assert quality["survival"]["quantized_model"] == "onnx"
+    # The recipe's threshold (0.999) overrides the profile's 0.5: protected RTN keeps ~0.98.
+    assert quality["survival"]["threshold"] == 0.999
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert "raise quantize.protect_ratio" in manifest["quality"]["adapter_survival_warning"]
 
 
 def test_protect_without_adapter_is_refused(

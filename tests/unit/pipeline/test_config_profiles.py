@@ -53,6 +53,7 @@ def test_cli_overrides_beat_recipe(tmp_path: Path) -> None:
         ({"quantize": {}}, "profile"),
         ({"profile": "t4-2gb", "quantize": {"compute_dtype": "int8"}}, "quantize.compute_dtype"),
         ({"profile": "t4-2gb", "quantize": {"mse": -1.0}}, "quantize.mse"),
+        ({"profile": "t4-2gb", "eval": {"survival_threshold": 1.5}}, "eval.survival_threshold"),
         ({"profile": "t4-2gb", "quantize": {"method": "awq", "compute_dtype": "float32"}}, "awq"),
     ],
 )
