@@ -132,13 +132,3 @@ def test_budget_on_a_non_model(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_verify_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(["verify", str(tmp_path)], capsys)
     assert code == 1 and "manifest.json" in err
-
-
-def test_protect_adapter_build_refused_up_front(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "pkg"
-    code, err = _run(
-        ["build", "--profile", "t4-2gb", "--protect-adapter", "--out", str(out)], capsys
-    )
-    _assert_clean_failure(code, err, out, "--protect-adapter", "rslora-deploy quantize")
