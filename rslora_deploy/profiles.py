@@ -30,7 +30,10 @@ class Device(str, Enum):
 
 
 class DeviceProfile(BaseModel):
-    """Memory budget and runtime limits of one deployment target. Required fields have no default."""
+    """Memory budget and runtime limits of one deployment target.
+
+    Required fields have no default.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -66,7 +69,10 @@ class DeviceProfile(BaseModel):
 
 
 def profiles_dir() -> Path:
-    """Where the named profiles live: ``$RSLORA_DEPLOY_PROFILES`` or the packaged device_profiles/."""
+    """Where the named profiles live.
+
+    ``$RSLORA_DEPLOY_PROFILES`` if set, else the packaged device_profiles/.
+    """
     env = os.environ.get("RSLORA_DEPLOY_PROFILES")
     if env:
         return Path(env)

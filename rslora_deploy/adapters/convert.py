@@ -42,7 +42,8 @@ def to_peft_lora(adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
             raise UnsupportedError(
                 f"{delta.name}: out_slice {list(delta.out_slice)} cannot be expressed in PEFT LoRA "
                 "(it targets whole weights); merge with rslora-deploy instead")
-        assert delta.A is not None and delta.B is not None
+        assert delta.A is not None
+        assert delta.B is not None
         lora_a = np.ascontiguousarray(delta.A, dtype=np.float32)
         lora_b = np.ascontiguousarray(np.asarray(delta.B, np.float64) * delta.scale,
                                       dtype=np.float32)

@@ -1,4 +1,4 @@
-"""RS-LoRA v1 checkpoints: ``rslora_config.json`` + ``rslora_model.safetensors`` (spec sections 3-4).
+"""RS-LoRA v1 checkpoints: ``rslora_config.json`` + ``rslora_model.safetensors`` (spec 3-4).
 
 Random-Subspace LoRA (NOLA-style; Koohpayegani et al., ICLR 2024, arXiv 2310.02556) per module:
 

@@ -10,7 +10,7 @@ model config, never guessed:
     logits      = batch * max_seq_len * vocab * io_bytes     (a full-context prefill's logits)
     activations = batch * max_seq_len * (4 * hidden + 3 * intermediate) * io_bytes
                   + batch * heads * max_seq_len**2 * 4       (one layer's fp32 attention scores,
-                                                              an upper bound: fused kernels use less)
+                                                              upper bound: fused kernels use less)
     reserved    = the profile's runtime allowance (context, kernels, workspace)
 
     total = weights + kv_cache + logits + activations + reserved;  fits = total <= memory_bytes

@@ -41,8 +41,8 @@ def resolve_base(base: Path | None) -> tuple[Path, bool]:
     path = Path(base).expanduser()
     if not path.exists():
         raise InputError(
-            f"base model path {path} does not exist; pass a Hugging Face model directory or a .gguf "
-            "file, or omit --base for the default SmolLM2-135M"
+            f"base model path {path} does not exist; pass a Hugging Face model directory or a "
+            ".gguf file, or omit --base for the default SmolLM2-135M"
         )
     if path.is_file():
         if path.suffix != ".gguf":

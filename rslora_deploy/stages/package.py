@@ -95,12 +95,13 @@ def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
         "|---|---|",
         f"| base | {manifest['inputs']['base'].get('name')} |",
         f"| adapter | {(manifest['inputs'].get('adapter') or {}).get('format', 'none')} |",
-        f"| quantization | {quant.get('method')} {quant.get('bits')}-bit, group {quant.get('group_size')}"
-        f", sym={quant.get('sym')} |",
+        f"| quantization | {quant.get('method')} {quant.get('bits')}-bit, "
+        f"group {quant.get('group_size')}, sym={quant.get('sym')} |",
         f"| runtime | {manifest['profile']['runtime']} ({manifest['profile']['execution_provider']}"
         f" EP) |",
         f"| memory estimate | {budget['estimate_bytes'] / 2**20:.1f} MiB of "
-        f"{budget['budget_bytes'] / 2**20:.0f} MiB: {'fits' if budget['fits'] else 'DOES NOT FIT'} |",
+        f"{budget['budget_bytes'] / 2**20:.0f} MiB: "
+        f"{'fits' if budget['fits'] else 'DOES NOT FIT'} |",
     ]
     protection = quant.get("protection")
     if protection:

@@ -37,9 +37,12 @@ def test_adapter_module_missing_from_base(
     err = capsys.readouterr().err
     assert code == 1, err
     error_lines = [ln for ln in err.splitlines() if ln.startswith("error")]
-    assert len(error_lines) == 1 and "Traceback" not in err
-    assert "E020" in error_lines[0] and "model.layers.99.self_attn.q_proj" in error_lines[0]
-    assert not out.exists() and not list(tmp_path.glob(".pkg*"))
+    assert len(error_lines) == 1
+    assert "Traceback" not in err
+    assert "E020" in error_lines[0]
+    assert "model.layers.99.self_attn.q_proj" in error_lines[0]
+    assert not out.exists()
+    assert not list(tmp_path.glob(".pkg*"))
 
 
 def test_adapter_shape_mismatch(
@@ -50,5 +53,7 @@ def test_adapter_shape_mismatch(
     code = main(["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1, err
-    assert "E022" in err and "model.layers.0.self_attn.q_proj" in err
-    assert not out.exists() and not list(tmp_path.glob(".pkg*"))
+    assert "E022" in err
+    assert "model.layers.0.self_attn.q_proj" in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".pkg*"))

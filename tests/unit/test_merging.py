@@ -68,7 +68,8 @@ def test_merged_checkpoint_logits_equal_on_the_fly(tmp_path: Path, name: str,
                                                    modules: Callable[[Any], dict]) -> None:
     model, base, adapter = _build(tmp_path, factory, modules)
     art = merge_adapter(base, adapter, tmp_path / "out", MergeConfig(), AdapterConfig())
-    assert art.kind == "hf" and art.meta["adapter"]["format"] == "rslora-v1"
+    assert art.kind == "hf"
+    assert art.meta["adapter"]["format"] == "rslora-v1"
     report = json.loads((art.path / "merge_report.json").read_text())
     assert report["base_check"]["weights_match"] is True
     assert len(report["modules"]) == len(modules(model))
@@ -90,9 +91,10 @@ def test_merged_checkpoint_logits_equal_on_the_fly(tmp_path: Path, name: str,
                            base_model.model.layers[0].self_attn.q_proj.bias)
     if name == "gpt2":  # out_slice: the other columns of c_attn are bit-identical
         base_model = AutoModelForCausalLM.from_pretrained(base)
-        w, w0 = merged.transformer.h[0].attn.c_attn.weight, base_model.transformer.h[
-            0].attn.c_attn.weight
-        assert torch.equal(w[:, :128], w0[:, :128]) and not torch.equal(w[:, 128:], w0[:, 128:])
+        w = merged.transformer.h[0].attn.c_attn.weight
+        w0 = base_model.transformer.h[0].attn.c_attn.weight
+        assert torch.equal(w[:, :128], w0[:, :128])
+        assert not torch.equal(w[:, 128:], w0[:, 128:])
 
 
 def test_tied_embedding_refused_then_untied(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ def test_register_and_alias() -> None:
     class A:
         pass
 
-    assert reg.get("a") is A and reg.get("alias") is A
+    assert reg.get("a") is A
+    assert reg.get("alias") is A
     assert reg.names() == ["a", "alias"]
 
 

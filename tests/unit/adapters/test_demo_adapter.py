@@ -18,7 +18,8 @@ def test_demo_adapter_is_small_seed_mode_and_verifies() -> None:
     assert set(sizes) >= {"rslora_config.json", "rslora_model.safetensors"}
     assert sizes["rslora_model.safetensors"] < 64 * 1024  # kilobytes, not megabytes
     cfg = read_checkpoint(path).config
-    assert cfg.storage == "seed" and cfg.generator == "rsg"
+    assert cfg.storage == "seed"
+    assert cfg.generator == "rsg"
     assert (cfg.r, cfg.k) == (64, 8)
     adapter = load_adapter(path)  # regenerates every P~ and checks its sha256
     assert adapter.meta["checksums"] == "verified"

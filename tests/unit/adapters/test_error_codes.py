@@ -175,7 +175,9 @@ def _tiny() -> nn.Module:
 
 
 def test_e020_missing_module() -> None:
-    delta = ModuleDelta("model.layers.7.self_attn.q_proj", "linear", 64, 64, dense=np.zeros((64, 64)))
+    delta = ModuleDelta(
+        "model.layers.7.self_attn.q_proj", "linear", 64, 64, dense=np.zeros((64, 64))
+    )
     expect("E020", lambda: merge_deltas(_tiny(), [delta]), "model.layers.7.self_attn.q_proj")
 
 

@@ -61,8 +61,8 @@ def ref_dw(seed: int, task: str, pkey: str, d_out: int, d_in: int, r: int, k: in
            v_a: list[float], v_b: list[float], s: float) -> np.ndarray:
     p_a = ref_basis(ref_key(seed, task, pkey, "A"), k, r, d_in)
     p_b = ref_basis(ref_key(seed, task, pkey, "B"), k, d_out, r)
-    a = [[sum(v_a[l] * p_a[l][i][j] for l in range(k)) for j in range(d_in)] for i in range(r)]
-    b = [[sum(v_b[l] * p_b[l][i][j] for l in range(k)) for j in range(r)] for i in range(d_out)]
+    a = [[sum(v_a[t] * p_a[t][i][j] for t in range(k)) for j in range(d_in)] for i in range(r)]
+    b = [[sum(v_b[t] * p_b[t][i][j] for t in range(k)) for j in range(r)] for i in range(d_out)]
     return np.array([[s * sum(b[i][q] * a[q][j] for q in range(r)) for j in range(d_in)]
                      for i in range(d_out)])
 
@@ -82,7 +82,7 @@ def test_variant_vectors_against_reference(tmp_path: Path, variant: str) -> None
     alpha, rule, norm = 2.0, "alpha_over_r", "inv_sqrt_k"
     if variant == "global":
         v = {"rslora_v_A": VA, "rslora_v_B": VB}
-        per = {m: (VA, VB) for m in MODS}
+        per = dict.fromkeys(MODS, (VA, VB))
         kwargs["v_sharing"] = "global"
     elif variant == "grouped":
         v = {"rslora_group.q.v_A": VA, "rslora_group.q.v_B": VB,
@@ -95,11 +95,11 @@ def test_variant_vectors_against_reference(tmp_path: Path, variant: str) -> None
         kwargs["v_ab_tied"] = True
     elif variant == "per_shape":
         v = {f"{m}.rslora_v_{f}": vec for m in MODS for f, vec in (("A", VA), ("B", VC))}
-        per = {m: (VA, VC) for m in MODS}
+        per = dict.fromkeys(MODS, (VA, VC))
         kwargs["sharing"] = "per_shape"
     else:
         v = {f"{m}.rslora_v_{f}": vec for m in MODS for f, vec in (("A", VB), ("B", VA))}
-        per = {m: (VB, VA) for m in MODS}
+        per = dict.fromkeys(MODS, (VB, VA))
         rule, norm = "alpha_over_sqrt_r", "none"
     r, k, seed, task = 2, 3, 99, "variant"
     s = (alpha / (r if rule == "alpha_over_r" else math.sqrt(r))) / (k if norm == "inv_sqrt_k"

@@ -52,7 +52,8 @@ def test_merge_writes_hf_dir(setup: tuple[Path, Path], tmp_path: Path,
         p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.tmp")]
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["modules"][0]["module"] == Q and report["modules"][0]["out_dtype"] == "bfloat16"
+    assert report["modules"][0]["module"] == Q
+    assert report["modules"][0]["out_dtype"] == "bfloat16"
 
 
 def test_inspect_and_convert(setup: tuple[Path, Path], tmp_path: Path,
@@ -60,8 +61,10 @@ def test_inspect_and_convert(setup: tuple[Path, Path], tmp_path: Path,
     _, adapter = setup
     code, stdout, _ = run(capsys, "adapter", "inspect", str(adapter))
     assert code == 0
-    assert "format: rslora-v1" in stdout and "trainable parameters: 6" in stdout
-    assert "seed mode" in stdout and "checksums: verified" in stdout
+    assert "format: rslora-v1" in stdout
+    assert "trainable parameters: 6" in stdout
+    assert "seed mode" in stdout
+    assert "checksums: verified" in stdout
     out = tmp_path / "peft"
     code, _, err = run(capsys, "adapter", "convert", str(adapter), "--to", "peft-lora",
                        "--out", str(out))
@@ -116,9 +119,11 @@ def test_merge_refuses_existing_out_and_missing_base(setup: tuple[Path, Path], t
     (out / "keep.txt").write_text("x")
     code, _, err = run(capsys, "merge", "--base", str(base), "--adapter", str(adapter),
                        "--out", str(out))
-    assert code == 1 and "not empty" in err
+    assert code == 1
+    assert "not empty" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     code, _, err = run(capsys, "merge", "--base", str(tmp_path / "nope"), "--adapter",
                        str(adapter), "--out", str(tmp_path / "o2"))
-    assert code == 1 and "config.json" in err
+    assert code == 1
+    assert "config.json" in err
     assert not (tmp_path / "o2").exists()

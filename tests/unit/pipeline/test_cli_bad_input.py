@@ -99,7 +99,8 @@ def test_existing_out_is_not_touched(tmp_path: Path, capsys: pytest.CaptureFixtu
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     code, err = _run(["build", "--profile", "t4-2gb", "--no-adapter", "--out", str(out)], capsys)
-    assert code == 1 and "--overwrite" in err
+    assert code == 1
+    assert "--overwrite" in err
     assert (out / "mine.txt").read_text() == "keep"
 
 
@@ -113,7 +114,8 @@ def test_debug_env_shows_traceback(
 ) -> None:
     monkeypatch.setenv("RSLORA_DEPLOY_DEBUG", "1")
     code, err = _run(["build", "--profile", "nope", "--out", str(tmp_path / "o")], capsys)
-    assert code == 1 and "Traceback" in err
+    assert code == 1
+    assert "Traceback" in err
 
 
 def test_package_needs_an_onnx_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,9 +128,11 @@ def test_package_needs_an_onnx_folder(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_budget_on_a_non_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(["budget", str(tmp_path), "--profile", "t4-2gb"], capsys)
-    assert code == 1 and "neither a package" in err
+    assert code == 1
+    assert "neither a package" in err
 
 
 def test_verify_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(["verify", str(tmp_path)], capsys)
-    assert code == 1 and "manifest.json" in err
+    assert code == 1
+    assert "manifest.json" in err

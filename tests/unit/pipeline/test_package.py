@@ -20,7 +20,8 @@ def _fill(root: Path) -> None:
 def test_staged_output_places_package_atomically(tmp_path: Path) -> None:
     target = tmp_path / "a" / "b" / "pkg"
     with staged_output(target, overwrite=False) as staging:
-        assert staging.parent == target.parent and staging != target
+        assert staging.parent == target.parent
+        assert staging != target
         assert not target.exists()
         _fill(staging)
         write_manifest(staging, {"budget": {}})
@@ -29,11 +30,16 @@ def test_staged_output_places_package_atomically(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["pkg"]
 
 
-def test_failure_leaves_nothing(tmp_path: Path) -> None:
-    target = tmp_path / "new" / "pkg"
-    with pytest.raises(InputError), staged_output(target, overwrite=False) as staging:
+def _fail_while_staging(target: Path) -> None:
+    with staged_output(target, overwrite=False) as staging:
         _fill(staging)
         raise InputError("boom")
+
+
+def test_failure_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "pkg"
+    with pytest.raises(InputError):
+        _fail_while_staging(target)
     assert not (tmp_path / "new").exists()
 
 
