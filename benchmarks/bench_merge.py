@@ -55,8 +55,13 @@ def worker(kind: str, base: Path, adapter: Path, out: Path) -> dict:
         model = model.merge_and_unload(safe_merge=True)
         merge_s = time.perf_counter() - t0
         model.save_pretrained(out)
-    return {"kind": kind, "wall_s": time.perf_counter() - start, "merge_only_s": merge_s,
-            "peak_rss_mib": _rss_mib(), "rss_after_imports_mib": rss_imports}
+    return {
+        "kind": kind,
+        "wall_s": time.perf_counter() - start,
+        "merge_only_s": merge_s,
+        "peak_rss_mib": _rss_mib(),
+        "rss_after_imports_mib": rss_imports,
+    }
 
 
 def make_adapter(base: Path, out: Path) -> None:
@@ -66,8 +71,9 @@ def make_adapter(base: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32,
-                                                         target_modules=TARGETS))
+    wrapped = peft.get_peft_model(
+        model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in wrapped.named_parameters():
@@ -94,23 +100,30 @@ def rsg_numbers() -> dict:
         rsg.generate_slab(key, index, 1536, 64)
     slab_throughput = slabs * 1536 * 64 / (time.perf_counter() - start)
     if not (demo_adapter_dir() / "rslora_config.json").is_file():
-        raise SystemExit("the demo adapter is missing; run benchmarks/bench_demo_adapter.py "
-                         "--train first")
+        raise SystemExit(
+            "the demo adapter is missing; run benchmarks/bench_demo_adapter.py --train first"
+        )
     cfg = parse_config((demo_adapter_dir() / "rslora_config.json").read_bytes())
     values = sum(cfg.k * cfg.r * (m.d_in + m.d_out) for m in cfg.modules.values())
     start = time.perf_counter()
     for entry in cfg.modules.values():
         for factor, rows, cols in (("A", cfg.r, entry.d_in), ("B", entry.d_out, cfg.r)):
-            for _ in rsg.iter_slabs(rsg.derive_key(cfg.seed or 0, cfg.task_id, entry.name, factor),
-                                    cfg.k, rows, cols):
+            for _ in rsg.iter_slabs(
+                rsg.derive_key(cfg.seed or 0, cfg.task_id, entry.name, factor), cfg.k, rows, cols
+            ):
                 pass
     regen = time.perf_counter() - start
     start = time.perf_counter()
     load_adapter(demo_adapter_dir())
     load = time.perf_counter() - start
-    return {"values_per_s": throughput, "slab_values_per_s": slab_throughput,
-            "demo_values": values, "demo_regen_s": regen,
-            "demo_load_verify_s": load, "demo_modules": len(cfg.modules)}
+    return {
+        "values_per_s": throughput,
+        "slab_values_per_s": slab_throughput,
+        "demo_values": values,
+        "demo_regen_s": regen,
+        "demo_load_verify_s": load,
+        "demo_modules": len(cfg.modules),
+    }
 
 
 def machine() -> dict:
@@ -128,9 +141,15 @@ def machine() -> dict:
         pass
     import os
 
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "numpy": numpy.__version__}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
 def main() -> None:
@@ -158,15 +177,27 @@ def main() -> None:
             for kind in ("ours", "peft"):
                 out = Path(tmp) / f"{kind}{i}"
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--worker", kind, "--base", str(base),
-                     "--adapter", str(adapter), "--out", str(out)],
-                    capture_output=True, text=True, check=True)
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        kind,
+                        "--base",
+                        str(base),
+                        "--adapter",
+                        str(adapter),
+                        "--out",
+                        str(out),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 runs[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(kind, runs[kind][-1], flush=True)
     best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items()}
     peak = {k: max(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
-    result = {"machine": machine(), "runs": runs, "rsg": rsg_result,
-              "base_mib": base_bytes / 2**20}
+    result = {"machine": machine(), "runs": runs, "rsg": rsg_result, "base_mib": base_bytes / 2**20}
     print(json.dumps(result, indent=2))
     write_doc(args.doc, result, best, peak)
 
@@ -178,18 +209,23 @@ def write_doc(doc: Path, result: dict, best: dict, peak: dict) -> None:
     ours_rise = peak["ours"] - o["rss_after_imports_mib"]
     peft_rise = peak["peft"] - p["rss_after_imports_mib"]
     lines = [
-        "# Merge benchmark", "",
-        "Generated by `python benchmarks/bench_merge.py` (numbers measured, not estimated).", "",
+        "# Merge benchmark",
+        "",
+        "Generated by `python benchmarks/bench_merge.py` (numbers measured, not estimated).",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs), Python "
         f"{m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft "
         f"{m['peft']}, numpy {m['numpy']}. Each merge ran in its own subprocess with 1 torch "
-        "thread; best wall time of the repeats, highest peak RSS.", "",
+        "thread; best wall time of the repeats, highest peak RSS.",
+        "",
         "Workload: PEFT LoRA r=16, alpha=32 on all 7 linear projections (210 modules) of "
         f"SmolLM2-135M-Instruct (fp32 safetensors, {base_mib:.0f} MiB), random non-zero A and "
         "B. Each side: load base + load adapter + merge + save a safetensors HF directory. Ours "
         "also validates, hashes and writes merge_report.json; peft runs `merge_and_unload("
-        "safe_merge=True)`.", "",
-        "| | ours | peft | ours / peft |", "|---|---:|---:|---:|",
+        "safe_merge=True)`.",
+        "",
+        "| | ours | peft | ours / peft |",
+        "|---|---:|---:|---:|",
         f"| wall time, load+merge+save (s) | {o['wall_s']:.2f} | {p['wall_s']:.2f} | "
         f"{o['wall_s'] / p['wall_s']:.2f} |",
         f"| peak RSS (MiB) | {peak['ours']:.0f} | {peak['peft']:.0f} | "
@@ -200,17 +236,25 @@ def write_doc(doc: Path, result: dict, best: dict, peak: dict) -> None:
         f"{peak['peft'] / base_mib:.2f} | |",
         f"| peak RSS increase / base model size | "
         f"{(peak['ours'] - o['rss_after_imports_mib']) / base_mib:.2f} | "
-        f"{(peak['peft'] - p['rss_after_imports_mib']) / base_mib:.2f} | |", "",
-        "All runs (s, MiB): " + "; ".join(
+        f"{(peak['peft'] - p['rss_after_imports_mib']) / base_mib:.2f} | |",
+        "",
+        "All runs (s, MiB): "
+        + "; ".join(
             f"{k} {r['wall_s']:.2f} s / {r['peak_rss_mib']:.0f} MiB"
-            for k, v in result["runs"].items() for r in v), "",
+            for k, v in result["runs"].items()
+            for r in v
+        ),
+        "",
         "Targets (issue #3): no slower than peft (ratio <= 1) and peak RSS <= 1.3x the base "
         "model's size. The RSS measured after `import torch, transformers` and before loading "
         f"anything is {o['rss_after_imports_mib']:.0f} MiB of interpreter and libraries; the merge "
         "itself adds the increase row, which is the number compared with the base size. The "
-        "whole-process peak includes that fixed library cost.", "",
-        "## RSG-1", "",
-        "| measure | value |", "|---|---:|",
+        "whole-process peak includes that fixed library cost.",
+        "",
+        "## RSG-1",
+        "",
+        "| measure | value |",
+        "|---|---:|",
         f"| generation throughput, one 50 M-value call (one thread, numpy uint64) | "
         f"{rsg_r['values_per_s'] / 1e6:.1f} M values/s |",
         f"| generation throughput, slab by slab (1536 x 64 values per call, as the loader does) "
@@ -218,7 +262,8 @@ def write_doc(doc: Path, result: dict, best: dict, peak: dict) -> None:
         f"| demo adapter: regenerate all projections ({rsg_r['demo_modules']} modules, "
         f"{rsg_r['demo_values'] / 1e6:.1f} M values) | {rsg_r['demo_regen_s']:.2f} s |",
         f"| demo adapter: load_adapter (regenerate + sha256-verify + build factors) | "
-        f"{rsg_r['demo_load_verify_s']:.2f} s |", "",
+        f"{rsg_r['demo_load_verify_s']:.2f} s |",
+        "",
     ]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines) + "\n", encoding="utf-8")

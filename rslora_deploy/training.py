@@ -29,8 +29,18 @@ from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                   "c_attn", "c_proj", "c_fc")
+DEFAULT_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "c_attn",
+    "c_proj",
+    "c_fc",
+)
 
 
 @dataclass
@@ -58,8 +68,9 @@ def target_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
     out = []
     for name, module in model.named_modules():
         kind = type(module).__name__
-        if name.rpartition(".")[2] in wanted and (isinstance(module, nn.Linear)
-                                                  or kind == "Conv1D"):
+        if name.rpartition(".")[2] in wanted and (
+            isinstance(module, nn.Linear) or kind == "Conv1D"
+        ):
             out.append(name)
     return out
 
@@ -96,8 +107,10 @@ def token_windows(tokenizer: Any, texts: Iterable[str], seq_len: int) -> torch.T
     if n == 0:
         from rslora_deploy.errors import ConfigError
 
-        raise ConfigError(f"training text has {len(ids)} tokens, fewer than one window of "
-                          f"seq_len={seq_len}; give more text or a smaller --seq-len")
+        raise ConfigError(
+            f"training text has {len(ids)} tokens, fewer than one window of "
+            f"seq_len={seq_len}; give more text or a smaller --seq-len"
+        )
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
@@ -107,7 +120,7 @@ def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> f
     model.eval()
     total, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start:start + batch_size]
+        batch = windows[start : start + batch_size]
         out = model(input_ids=batch, labels=batch)
         tokens = batch.numel() - batch.shape[0]
         total += float(out.loss) * tokens
@@ -136,8 +149,13 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig) -> dict[str
             raise NonFiniteError(f"training loss became {loss.item()} at step {step}; lower --lr")
         curve.append(loss.item())
         if step % cfg.log_every == 0 or step == cfg.steps:
-            logger.info("step %d/%d loss %.4f (%.1f s)", step, cfg.steps,
-                        float(np.mean(curve[-cfg.log_every:])), time.perf_counter() - started)
+            logger.info(
+                "step %d/%d loss %.4f (%.1f s)",
+                step,
+                cfg.steps,
+                float(np.mean(curve[-cfg.log_every :])),
+                time.perf_counter() - started,
+            )
     model.eval()
     return {"loss_curve": curve, "seconds": time.perf_counter() - started}
 
@@ -152,8 +170,9 @@ def collect_v(model: nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def train_adapter(base_dir: Path, texts: Iterable[str], out_dir: Path,
-                  cfg: TrainConfig) -> dict[str, Any]:
+def train_adapter(
+    base_dir: Path, texts: Iterable[str], out_dir: Path, cfg: TrainConfig
+) -> dict[str, Any]:
     """Load the base, inject, train and save a seed-mode RS-LoRA v1 checkpoint to ``out_dir``.
 
     Returns:
@@ -168,36 +187,56 @@ def train_adapter(base_dir: Path, texts: Iterable[str], out_dir: Path,
     torch.manual_seed(cfg.seed)
     base_dir = Path(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
-                                                 trust_remote_code=False, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+    )
     for param in model.parameters():
         param.requires_grad_(False)
     windows = token_windows(tokenizer, texts, cfg.seq_len)
     names = target_names(model, cfg.targets)
     modules = inject(model, names, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("training %d v scalars in %d modules on %d windows", trainable, len(names),
-                windows.shape[0])
+    logger.info(
+        "training %d v scalars in %d modules on %d windows", trainable, len(names), windows.shape[0]
+    )
     result = train(model, windows, cfg)
     import transformers
 
     spec = RsloraSpec(
-        modules=modules, r=cfg.r, k=cfg.k, alpha=cfg.alpha, seed=cfg.seed, task_id=cfg.task_id,
+        modules=modules,
+        r=cfg.r,
+        k=cfg.k,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        task_id=cfg.task_id,
         base_model={
             "name_or_path": str(cfg.extra.get("base_name", base_dir.name)),
             "revision": str(cfg.extra.get("base_revision", "")),
             "architecture": (model.config.architectures or [type(model).__name__])[0],
             "config_sha256": config_sha256(base_dir),
-            "target_weights_sha256": target_weights_sha256(base_dir, modules)[0]},
+            "target_weights_sha256": target_weights_sha256(base_dir, modules)[0],
+        },
         init={"v_A": "uniform(-1,1) numpy default_rng(seed)", "v_B": "zeros"},
-        created_by={"tool": "rslora-deploy adapter train", "torch": torch.__version__,
-                    "transformers": transformers.__version__, "numpy": np.__version__,
-                    "steps": cfg.steps, "lr": cfg.lr, "seq_len": cfg.seq_len,
-                    "batch_size": cfg.batch_size, **cfg.extra.get("created_by", {})},
+        created_by={
+            "tool": "rslora-deploy adapter train",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "numpy": np.__version__,
+            "steps": cfg.steps,
+            "lr": cfg.lr,
+            "seq_len": cfg.seq_len,
+            "batch_size": cfg.batch_size,
+            **cfg.extra.get("created_by", {}),
+        },
     )
     write_checkpoint(out_dir, spec, collect_v(model))
     curve = result["loss_curve"]
-    return {"steps": cfg.steps, "seconds": round(result["seconds"], 1),
-            "first_loss": curve[0], "last10_loss": float(np.mean(curve[-10:])),
-            "trainable_parameters": trainable, "modules": len(names),
-            "windows": int(windows.shape[0])}
+    return {
+        "steps": cfg.steps,
+        "seconds": round(result["seconds"], 1),
+        "first_loss": curve[0],
+        "last10_loss": float(np.mean(curve[-10:])),
+        "trainable_parameters": trainable,
+        "modules": len(names),
+        "windows": int(windows.shape[0]),
+    }

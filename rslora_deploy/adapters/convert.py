@@ -34,19 +34,23 @@ def to_peft_lora(adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
     deltas = rslora_v1.checkpoint_deltas(ckpt)
     layouts = {d.layout for d in deltas if d.layout != "embedding"}
     if len(layouts) > 1:
-        raise UnsupportedError(f"{adapter_dir}: modules mix layouts {sorted(layouts)}; PEFT's "
-                               "fan_in_fan_out applies to all modules, export them separately")
+        raise UnsupportedError(
+            f"{adapter_dir}: modules mix layouts {sorted(layouts)}; PEFT's "
+            "fan_in_fan_out applies to all modules, export them separately"
+        )
     tensors = {}
     for delta in deltas:
         if delta.out_slice is not None:
             raise UnsupportedError(
                 f"{delta.name}: out_slice {list(delta.out_slice)} cannot be expressed in PEFT LoRA "
-                "(it targets whole weights); merge with rslora-deploy instead")
+                "(it targets whole weights); merge with rslora-deploy instead"
+            )
         assert delta.A is not None
         assert delta.B is not None
         lora_a = np.ascontiguousarray(delta.A, dtype=np.float32)
-        lora_b = np.ascontiguousarray(np.asarray(delta.B, np.float64) * delta.scale,
-                                      dtype=np.float32)
+        lora_b = np.ascontiguousarray(
+            np.asarray(delta.B, np.float64) * delta.scale, dtype=np.float32
+        )
         if delta.layout == "embedding":
             tensors[f"{PREFIX}{delta.name}.lora_embedding_A"] = lora_a
             tensors[f"{PREFIX}{delta.name}.lora_embedding_B"] = lora_b
@@ -55,11 +59,19 @@ def to_peft_lora(adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
             tensors[f"{PREFIX}{delta.name}.lora_B.weight"] = lora_b
     cfg = ckpt.config
     peft_cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.r,
-        "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.r,
+        "lora_alpha": cfg.r,
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
         "fan_in_fan_out": layouts == {"conv1d"},
-        "target_modules": sorted(d.name for d in deltas), "rank_pattern": {}, "alpha_pattern": {},
-        "base_model_name_or_path": cfg.raw["base_model"]["name_or_path"], "inference_mode": True,
+        "target_modules": sorted(d.name for d in deltas),
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "base_model_name_or_path": cfg.raw["base_model"]["name_or_path"],
+        "inference_mode": True,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2) + "\n", encoding="utf-8")

@@ -101,8 +101,14 @@ class RSLoRALinear(nn.Module):
         v_a_init: initial v_A (length k); v_B starts at 0 so dW = 0 at step 0 (spec 3.5).
     """
 
-    def __init__(self, base: nn.Module, p_a: torch.Tensor, p_b: torch.Tensor, scale: float,
-                 v_a_init: torch.Tensor) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        p_a: torch.Tensor,
+        p_b: torch.Tensor,
+        scale: float,
+        v_a_init: torch.Tensor,
+    ) -> None:
         super().__init__()
         self.base = base
         self.scale = float(scale)

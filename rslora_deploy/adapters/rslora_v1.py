@@ -184,8 +184,10 @@ def parse_config(raw_bytes: bytes, where: str = CONFIG_NAME) -> RsloraConfig:
         raise _fail(f"{where}: format={fmt!r}, expected {FORMAT!r}")
     version = cfg.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
-        raise _fail(f"{where}: format_version={version!r}, expected {FORMAT_VERSION}; "
-                    "this tool reads RS-LoRA v1 only")
+        raise _fail(
+            f"{where}: format_version={version!r}, expected {FORMAT_VERSION}; "
+            "this tool reads RS-LoRA v1 only"
+        )
     base = _get(cfg, "base_model", dict, where)
     for key in ("name_or_path", "architecture", "config_sha256", "target_weights_sha256"):
         _get(base, key, str, f"{where}: base_model")
@@ -231,9 +233,21 @@ def parse_config(raw_bytes: bytes, where: str = CONFIG_NAME) -> RsloraConfig:
     checksums = _get(proj, "sha256", dict, pwhere)
     _get(proj, "sha256_all", str, pwhere)
     return RsloraConfig(
-        raw=cfg, raw_bytes=raw_bytes, modules=modules, r=r, k=k, scale=scale,
-        v_sharing=v_sharing, v_groups=v_groups, v_ab_tied=bool(v_ab_tied), storage=storage,
-        generator=generator, seed=seed, sharing=sharing, task_id=task_id, dtype_v=dtype_v,
+        raw=cfg,
+        raw_bytes=raw_bytes,
+        modules=modules,
+        r=r,
+        k=k,
+        scale=scale,
+        v_sharing=v_sharing,
+        v_groups=v_groups,
+        v_ab_tied=bool(v_ab_tied),
+        storage=storage,
+        generator=generator,
+        seed=seed,
+        sharing=sharing,
+        task_id=task_id,
+        dtype_v=dtype_v,
         checksums=checksums,
     )
 
@@ -252,14 +266,20 @@ def _parse_modules(raw: dict[str, Any], where: str) -> dict[str, ModuleEntry]:
         out_slice = None
         if "out_slice" in spec:
             sl = spec["out_slice"]
-            if not (isinstance(sl, list) and len(sl) == 2 and all(isinstance(x, int) for x in sl)
-                    and 0 <= sl[0] < sl[1]):
-                raise ShapeMismatchError(f"{mwhere}: out_slice={sl!r}, expected [start, stop] "
-                                         "with 0 <= start < stop")
+            if not (
+                isinstance(sl, list)
+                and len(sl) == 2
+                and all(isinstance(x, int) for x in sl)
+                and 0 <= sl[0] < sl[1]
+            ):
+                raise ShapeMismatchError(
+                    f"{mwhere}: out_slice={sl!r}, expected [start, stop] with 0 <= start < stop"
+                )
             if sl[1] - sl[0] != d_out:
                 raise ShapeMismatchError(
                     f"{mwhere}: out_slice {sl} has width {sl[1] - sl[0]} but d_out={d_out}; "
-                    "d_out must be stop - start")
+                    "d_out must be stop - start"
+                )
             out_slice = (int(sl[0]), int(sl[1]))
         out[name] = ModuleEntry(name, d_in, d_out, layout, out_slice)
     return out
@@ -277,11 +297,15 @@ def _parse_generator(proj: dict[str, Any], storage: str, where: str) -> tuple[st
         if storage == "seed":
             raise AdapterFormatError(
                 f"{where}: generator 'external' with storage 'seed': external bases cannot be "
-                "regenerated; store P~ (storage 'stored')", code="E041")
+                "regenerated; store P~ (storage 'stored')",
+                code="E041",
+            )
         return "external", None
     raise AdapterFormatError(
         f"{where}: unknown generator {gen!r}, expected {{'name': 'rsg', 'version': 1}} or "
-        "{'name': 'external'}", code="E041")
+        "{'name': 'external'}",
+        code="E041",
+    )
 
 
 @dataclass
@@ -304,8 +328,10 @@ def read_checkpoint(directory: Path) -> RsloraCheckpoint:
     cfg_path, st_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (cfg_path, st_path):
         if not path.is_file():
-            raise _fail(f"{directory}: {path.name} is missing; an RS-LoRA v1 checkpoint needs "
-                        f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise _fail(
+                f"{directory}: {path.name} is missing; an RS-LoRA v1 checkpoint needs "
+                f"{CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
     raw = cfg_path.read_bytes()
     cfg = parse_config(raw, str(cfg_path))
     handle = SafetensorsFile(st_path)
@@ -318,30 +344,44 @@ def read_checkpoint(directory: Path) -> RsloraCheckpoint:
         raise ChecksumError(
             f"{st_path}: metadata config_sha256={meta.get('config_sha256')!r} but {CONFIG_NAME} "
             f"hashes to {actual}; the two files do not belong together (re-save both)",
-            code="E002")
+            code="E002",
+        )
     expected = cfg.expected_tensors()
     present = set(handle.keys())
     if missing := sorted(set(expected) - present):
-        raise _fail(f"{st_path}: missing tensor {missing[0]!r} ({len(missing)} missing) required "
-                    f"by v_sharing={cfg.v_sharing}, storage={cfg.storage}", code="E023")
+        raise _fail(
+            f"{st_path}: missing tensor {missing[0]!r} ({len(missing)} missing) required "
+            f"by v_sharing={cfg.v_sharing}, storage={cfg.storage}",
+            code="E023",
+        )
     if extra := sorted(present - set(expected)):
-        raise _fail(f"{st_path}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected); "
-                    "remove it or fix the config", code="E023")
+        raise _fail(
+            f"{st_path}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected); "
+            "remove it or fix the config",
+            code="E023",
+        )
     tensors = {}
     for name, shape in expected.items():
         is_p = ".rslora_P_" in name or name.startswith("rslora_P_shared.")
         want_dtype = "F32" if is_p else _V_DTYPES[cfg.dtype_v]
         if handle.dtype(name) != want_dtype:
-            raise _fail(f"{st_path}: tensor {name!r} is {handle.dtype(name)}, expected "
-                        f"{want_dtype} (dtype.{'P' if is_p else 'v'}); F16/BF16 is not allowed "
-                        "in v1", code="E024")
+            raise _fail(
+                f"{st_path}: tensor {name!r} is {handle.dtype(name)}, expected "
+                f"{want_dtype} (dtype.{'P' if is_p else 'v'}); F16/BF16 is not allowed "
+                "in v1",
+                code="E024",
+            )
         if handle.shape(name) != shape:
-            raise ShapeMismatchError(f"{st_path}: tensor {name!r} has shape "
-                                     f"{list(handle.shape(name))}, expected {list(shape)}")
+            raise ShapeMismatchError(
+                f"{st_path}: tensor {name!r} has shape "
+                f"{list(handle.shape(name))}, expected {list(shape)}"
+            )
         array = handle.numpy(name)
         if not np.all(np.isfinite(array)):
-            raise NonFiniteError(f"{st_path}: tensor {name!r} contains NaN/Inf; the adapter is "
-                                 "corrupted or training diverged")
+            raise NonFiniteError(
+                f"{st_path}: tensor {name!r} contains NaN/Inf; the adapter is "
+                "corrupted or training diverged"
+            )
         tensors[name] = array
     _check_checksum_table(cfg, str(cfg_path))
     return RsloraCheckpoint(directory, cfg, tensors)
@@ -352,14 +392,17 @@ def _check_checksum_table(cfg: RsloraConfig, where: str) -> None:
     for key in sorted(keys):
         entry = cfg.checksums.get(key)
         if not isinstance(entry, dict) or not {"A", "B"} <= set(entry):
-            raise ChecksumError(f"{where}: projection.sha256 has no A/B checksum for {key!r}",
-                                code="E040")
+            raise ChecksumError(
+                f"{where}: projection.sha256 has no A/B checksum for {key!r}", code="E040"
+            )
     table = {key: {f: cfg.checksums[key][f] for f in ("A", "B")} for key in keys}
     aggregate = rsg.aggregate_sha256(table)
     if aggregate != cfg.raw["projection"]["sha256_all"]:
         raise ChecksumError(
             f"{where}: projection.sha256_all is {cfg.raw['projection']['sha256_all']}, the "
-            f"per-tensor checksums aggregate to {aggregate}; the config was edited", code="E040")
+            f"per-tensor checksums aggregate to {aggregate}; the config was edited",
+            code="E040",
+        )
 
 
 def _basis_slabs(ckpt: RsloraCheckpoint, entry: ModuleEntry, factor: str) -> Any:
@@ -382,8 +425,11 @@ def checkpoint_deltas(ckpt: RsloraCheckpoint) -> list[ModuleDelta]:
     """
     cfg = ckpt.config
     if cfg.sharing == "per_shape" and cfg.v_sharing == "global":
-        logger.warning("%s: per_shape projections with a global v give every module of a shape "
-                       "the identical dW (spec 3.4); this is rarely intended", ckpt.directory)
+        logger.warning(
+            "%s: per_shape projections with a global v give every module of a shape "
+            "the identical dW (spec 3.4); this is rarely intended",
+            ckpt.directory,
+        )
     deltas = []
     for entry in cfg.modules.values():
         name_a, name_b = cfg.v_names(entry.name)
@@ -398,10 +444,20 @@ def checkpoint_deltas(ckpt: RsloraCheckpoint) -> list[ModuleDelta]:
                 raise ChecksumError(
                     f"projection checksum mismatch for {entry.name} factor {factor}: expected "
                     f"{want}, got {digest.hexdigest()}; the basis was altered or generated by a "
-                    "different seed/task/generator", code="E040")
-        deltas.append(ModuleDelta(
-            name=entry.name, layout=entry.layout, d_in=entry.d_in, d_out=entry.d_out,
-            out_slice=entry.out_slice, B=factors["B"], A=factors["A"], scale=cfg.scale,
-            source={"format": "rslora-v1", "r": cfg.r, "k": cfg.k},
-        ))
+                    "different seed/task/generator",
+                    code="E040",
+                )
+        deltas.append(
+            ModuleDelta(
+                name=entry.name,
+                layout=entry.layout,
+                d_in=entry.d_in,
+                d_out=entry.d_out,
+                out_slice=entry.out_slice,
+                B=factors["B"],
+                A=factors["A"],
+                scale=cfg.scale,
+                source={"format": "rslora-v1", "r": cfg.r, "k": cfg.k},
+            )
+        )
     return deltas

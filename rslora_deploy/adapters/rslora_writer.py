@@ -62,7 +62,9 @@ class RsloraSpec:
         out = {}
         for name, m in self.modules.items():
             out[projection_key(self.sharing, name, int(m["d_out"]), int(m["d_in"]))] = (
-                int(m["d_out"]), int(m["d_in"]))
+                int(m["d_out"]),
+                int(m["d_in"]),
+            )
         return out
 
 
@@ -106,19 +108,34 @@ def config_dict(
         projection["generator"] = {"name": "rsg", "version": 1}
     else:
         projection["generator"] = {"name": "external"}
-    projection.update({"sharing": spec.sharing, "normalization": spec.normalization,
-                       "sha256": sums, "sha256_all": rsg.aggregate_sha256(sums)})
+    projection.update(
+        {
+            "sharing": spec.sharing,
+            "normalization": spec.normalization,
+            "sha256": sums,
+            "sha256_all": rsg.aggregate_sha256(sums),
+        }
+    )
     cfg: dict[str, Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "base_model": spec.base_model,
-        "task_id": spec.task_id, "r": spec.r, "k": spec.k, "alpha": spec.alpha,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base_model": spec.base_model,
+        "task_id": spec.task_id,
+        "r": spec.r,
+        "k": spec.k,
+        "alpha": spec.alpha,
         "scaling_rule": spec.scaling_rule,
-        "effective_scale": effective_scale(spec.alpha, spec.r, spec.k, spec.scaling_rule,
-                                           spec.normalization),
-        "modules": spec.modules, "v_sharing": spec.v_sharing, "v_ab_tied": spec.v_ab_tied,
-        "projection": projection, "dtype": {"v": spec.dtype_v, "P": "float32"},
+        "effective_scale": effective_scale(
+            spec.alpha, spec.r, spec.k, spec.scaling_rule, spec.normalization
+        ),
+        "modules": spec.modules,
+        "v_sharing": spec.v_sharing,
+        "v_ab_tied": spec.v_ab_tied,
+        "projection": projection,
+        "dtype": {"v": spec.dtype_v, "P": "float32"},
         "init": spec.init,
-        "created_by": spec.created_by or {"tool": "rslora-deploy", "numpy": np.__version__,
-                                          "python": platform.python_version()},
+        "created_by": spec.created_by
+        or {"tool": "rslora-deploy", "numpy": np.__version__, "python": platform.python_version()},
     }
     if spec.v_sharing == "grouped":
         cfg["v_groups"] = spec.v_groups or {}
@@ -152,15 +169,19 @@ def write_checkpoint(
     cfg = config_dict(spec, bases)
     raw = (json.dumps(cfg, indent=2, sort_keys=False) + "\n").encode("utf-8")
     parse_config(raw)  # refuse to write what the reader would reject
-    tensors = {name: np.ascontiguousarray(arr, dtype=_NP_DTYPE[spec.dtype_v])
-               for name, arr in v.items()}
+    tensors = {
+        name: np.ascontiguousarray(arr, dtype=_NP_DTYPE[spec.dtype_v]) for name, arr in v.items()
+    }
     if spec.storage == "stored" and bases is not None:
         for pkey, (p_a, p_b) in bases.items():
             name_a, name_b = stored_p_names(spec.sharing, pkey)
             tensors[name_a] = np.ascontiguousarray(p_a, dtype=np.float32)
             tensors[name_b] = np.ascontiguousarray(p_b, dtype=np.float32)
     (out_dir / CONFIG_NAME).write_bytes(raw)
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "config_sha256": hashlib.sha256(raw).hexdigest()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config_sha256": hashlib.sha256(raw).hexdigest(),
+    }
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata=metadata)
     return out_dir

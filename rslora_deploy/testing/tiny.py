@@ -27,32 +27,67 @@ def _build(config: Any, seed: int) -> Any:
     return model.eval()
 
 
-def tiny_llama(hidden: int = 64, layers: int = 2, kv_heads: int = 2, seed: int = 0,
-               tie: bool = False, vocab: int = 128) -> Any:
+def tiny_llama(
+    hidden: int = 64,
+    layers: int = 2,
+    kv_heads: int = 2,
+    seed: int = 0,
+    tie: bool = False,
+    vocab: int = 128,
+) -> Any:
     """LlamaForCausalLM with GQA (4 query heads, ``kv_heads`` key/value heads)."""
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
-        max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0)
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return _build(config, seed)
 
 
-def tiny_qwen2(hidden: int = 64, layers: int = 2, kv_heads: int = 2, seed: int = 0,
-               tie: bool = False, vocab: int = 128) -> Any:
+def tiny_qwen2(
+    hidden: int = 64,
+    layers: int = 2,
+    kv_heads: int = 2,
+    seed: int = 0,
+    tie: bool = False,
+    vocab: int = 128,
+) -> Any:
     """Qwen2ForCausalLM: GQA plus biases on q/k/v_proj."""
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
-        max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0)
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return _build(config, seed)
 
 
 def tiny_gpt2(hidden: int = 64, layers: int = 2, seed: int = 0, vocab: int = 128) -> Any:
     """GPT2LMHeadModel: Conv1D layers (weights stored (d_in, d_out)), fused c_attn, tied lm_head."""
-    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
-                        n_positions=128, bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return _build(config, seed)
 
 

@@ -27,45 +27,75 @@ from rslora_deploy.testing.tiny import example_inputs, save_tiny, tiny_gpt2, tin
 def _llama_modules(model: Any) -> dict[str, dict[str, Any]]:
     mods = {}
     for i in range(2):
-        for proj, (d_out, d_in) in {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64),
-                                    "self_attn.v_proj": (32, 64), "self_attn.o_proj": (64, 64),
-                                    "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64),
-                                    "mlp.down_proj": (64, 128)}.items():
+        for proj, (d_out, d_in) in {
+            "self_attn.q_proj": (64, 64),
+            "self_attn.k_proj": (32, 64),
+            "self_attn.v_proj": (32, 64),
+            "self_attn.o_proj": (64, 64),
+            "mlp.gate_proj": (128, 64),
+            "mlp.up_proj": (128, 64),
+            "mlp.down_proj": (64, 128),
+        }.items():
             mods[f"model.layers.{i}.{proj}"] = {"d_in": d_in, "d_out": d_out, "layout": "linear"}
     return mods
 
 
 def _gpt2_modules(model: Any) -> dict[str, dict[str, Any]]:
-    return {"transformer.h.0.attn.c_attn": {"d_in": 64, "d_out": 64, "layout": "conv1d",
-                                             "out_slice": [128, 192]},
-            "transformer.h.1.attn.c_attn": {"d_in": 64, "d_out": 64, "layout": "conv1d",
-                                             "out_slice": [0, 64]},
-            "transformer.h.0.mlp.c_fc": {"d_in": 64, "d_out": 256, "layout": "conv1d"},
-            "transformer.h.1.mlp.c_proj": {"d_in": 256, "d_out": 64, "layout": "conv1d"}}
+    return {
+        "transformer.h.0.attn.c_attn": {
+            "d_in": 64,
+            "d_out": 64,
+            "layout": "conv1d",
+            "out_slice": [128, 192],
+        },
+        "transformer.h.1.attn.c_attn": {
+            "d_in": 64,
+            "d_out": 64,
+            "layout": "conv1d",
+            "out_slice": [0, 64],
+        },
+        "transformer.h.0.mlp.c_fc": {"d_in": 64, "d_out": 256, "layout": "conv1d"},
+        "transformer.h.1.mlp.c_proj": {"d_in": 256, "d_out": 64, "layout": "conv1d"},
+    }
 
 
-def _build(tmp: Path, factory: Callable[[], Any], modules: Callable[[Any], dict],
-           **spec_kw: Any) -> tuple[Any, Path, Path]:
+def _build(
+    tmp: Path, factory: Callable[[], Any], modules: Callable[[Any], dict], **spec_kw: Any
+) -> tuple[Any, Path, Path]:
     model = factory()
     base = save_tiny(model, tmp / "base")
     mods = modules(model)
     rng = np.random.default_rng(1)
-    spec = RsloraSpec(modules=mods, r=4, k=4, alpha=8.0, seed=3, task_id="e2e", base_model={
-        "name_or_path": "tiny", "architecture": type(model).__name__,
-        "config_sha256": config_sha256(base),
-        "target_weights_sha256": target_weights_sha256(base, mods)[0]}, **spec_kw)
+    spec = RsloraSpec(
+        modules=mods,
+        r=4,
+        k=4,
+        alpha=8.0,
+        seed=3,
+        task_id="e2e",
+        base_model={
+            "name_or_path": "tiny",
+            "architecture": type(model).__name__,
+            "config_sha256": config_sha256(base),
+            "target_weights_sha256": target_weights_sha256(base, mods)[0],
+        },
+        **spec_kw,
+    )
     v = {f"{m}.rslora_v_{f}": rng.uniform(-1, 1, 4) for m in mods for f in "AB"}
     return model, base, write_checkpoint(tmp / "adapter", spec, v)
 
 
-CASES = [("llama", tiny_llama, _llama_modules), ("qwen2", tiny_qwen2, _llama_modules),
-         ("gpt2", tiny_gpt2, _gpt2_modules)]
+CASES = [
+    ("llama", tiny_llama, _llama_modules),
+    ("qwen2", tiny_qwen2, _llama_modules),
+    ("gpt2", tiny_gpt2, _gpt2_modules),
+]
 
 
 @pytest.mark.parametrize(("name", "factory", "modules"), CASES, ids=[c[0] for c in CASES])
-def test_merged_checkpoint_logits_equal_on_the_fly(tmp_path: Path, name: str,
-                                                   factory: Callable[[], Any],
-                                                   modules: Callable[[Any], dict]) -> None:
+def test_merged_checkpoint_logits_equal_on_the_fly(
+    tmp_path: Path, name: str, factory: Callable[[], Any], modules: Callable[[Any], dict]
+) -> None:
     model, base, adapter = _build(tmp_path, factory, modules)
     art = merge_adapter(base, adapter, tmp_path / "out", MergeConfig(), AdapterConfig())
     assert art.kind == "hf"
@@ -83,12 +113,16 @@ def test_merged_checkpoint_logits_equal_on_the_fly(tmp_path: Path, name: str,
     tol = 1e-5 * (1 + y_fly.abs().max().item())
     assert (y_merged - y_fly).abs().max().item() <= tol
     assert (y_base - y_fly).abs().max().item() > 100 * tol  # the adapter does something
-    assert torch.equal(merged.generate(ids, max_new_tokens=4, do_sample=False),
-                       fly.generate(ids, max_new_tokens=4, do_sample=False))
+    assert torch.equal(
+        merged.generate(ids, max_new_tokens=4, do_sample=False),
+        fly.generate(ids, max_new_tokens=4, do_sample=False),
+    )
     if name == "qwen2":  # biases untouched
         base_model = AutoModelForCausalLM.from_pretrained(base)
-        assert torch.equal(merged.model.layers[0].self_attn.q_proj.bias,
-                           base_model.model.layers[0].self_attn.q_proj.bias)
+        assert torch.equal(
+            merged.model.layers[0].self_attn.q_proj.bias,
+            base_model.model.layers[0].self_attn.q_proj.bias,
+        )
     if name == "gpt2":  # out_slice: the other columns of c_attn are bit-identical
         base_model = AutoModelForCausalLM.from_pretrained(base)
         w = merged.transformer.h[0].attn.c_attn.weight
@@ -103,12 +137,18 @@ def test_tied_embedding_refused_then_untied(tmp_path: Path) -> None:
 
     model, base, adapter = _build(tmp_path, lambda: tiny_llama(tie=True), mods)
     with pytest.raises(MergeError) as info:
-        merge_adapter(base, adapter, tmp_path / "out", MergeConfig(), AdapterConfig(
-            allow_base_mismatch=True))
+        merge_adapter(
+            base, adapter, tmp_path / "out", MergeConfig(), AdapterConfig(allow_base_mismatch=True)
+        )
     assert info.value.code == "E050"
     assert not (tmp_path / "out").exists()
-    art = merge_adapter(base, adapter, tmp_path / "out", MergeConfig(untie=True),
-                        AdapterConfig(allow_base_mismatch=True))
+    art = merge_adapter(
+        base,
+        adapter,
+        tmp_path / "out",
+        MergeConfig(untie=True),
+        AdapterConfig(allow_base_mismatch=True),
+    )
     cfg = json.loads((art.path / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
     merged = AutoModelForCausalLM.from_pretrained(art.path)
@@ -119,16 +159,16 @@ def test_tied_embedding_refused_then_untied(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_output_dtype_single_rounding(tmp_path: Path, dtype: str) -> None:
     model, base, adapter = _build(tmp_path, tiny_llama, _llama_modules)
-    art = merge_adapter(base, adapter, tmp_path / "out", MergeConfig(dtype=dtype),
-                        AdapterConfig())
+    art = merge_adapter(base, adapter, tmp_path / "out", MergeConfig(dtype=dtype), AdapterConfig())
     assert art.meta["dtype"] == dtype
     merged = AutoModelForCausalLM.from_pretrained(art.path, dtype="auto")
     target = getattr(torch, dtype)
     name = "model.layers.0.mlp.up_proj"
     (delta,) = [d for d in load_adapter(adapter).deltas if d.name == name]
     # spec 5.2: dW = s * B @ A in fp32, added to fp32 W, rounded once to the output dtype
-    dw = (torch.from_numpy(delta.B.astype(np.float32)) @ torch.from_numpy(
-        delta.A.astype(np.float32))) * delta.scale
+    dw = (
+        torch.from_numpy(delta.B.astype(np.float32)) @ torch.from_numpy(delta.A.astype(np.float32))
+    ) * delta.scale
     w32 = model.get_submodule(name).weight.detach().float() + dw
     assert merged.get_submodule(name).weight.dtype == target
     assert torch.equal(merged.get_submodule(name).weight, w32.to(target))  # fp32 -> once

@@ -21,8 +21,18 @@ def test_train_only_v_and_checkpoint_reproduces_model(tmp_path: Path) -> None:
     model = tiny_llama()
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = TrainConfig(r=4, k=4, alpha=8.0, steps=20, lr=0.1, seq_len=16, batch_size=4, seed=0,
-                      task_id="unit", log_every=10)
+    cfg = TrainConfig(
+        r=4,
+        k=4,
+        alpha=8.0,
+        steps=20,
+        lr=0.1,
+        seq_len=16,
+        batch_size=4,
+        seed=0,
+        task_id="unit",
+        log_every=10,
+    )
     names = target_names(model, cfg.targets)
     assert len(names) == 14
     modules = inject(model, names, cfg)
@@ -32,13 +42,14 @@ def test_train_only_v_and_checkpoint_reproduces_model(tmp_path: Path) -> None:
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 14 * 2 * 4
     assert not any("P_A" in k or "P_B" in k for k in model.state_dict())  # never saved
     # a learnable signal: every window uses only 8 of the 128 tokens, in a fixed cycle
-    windows = (torch.arange(64).view(4, 16) % 8 + 3)
+    windows = torch.arange(64).view(4, 16) % 8 + 3
     result = train(model, windows, cfg)
     curve = result["loss_curve"]
     assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.02  # measured: -0.035 in 20 steps
 
-    spec = RsloraSpec(modules=modules, r=4, k=4, alpha=8.0, seed=0, task_id="unit",
-                      base_model=fake_base_model())
+    spec = RsloraSpec(
+        modules=modules, r=4, k=4, alpha=8.0, seed=0, task_id="unit", base_model=fake_base_model()
+    )
     ckpt = write_checkpoint(tmp_path / "ckpt", spec, collect_v(model))
     fresh = tiny_llama()
     merge_deltas(fresh, load_adapter(ckpt).deltas)

@@ -39,8 +39,9 @@ def test_demo_adapter_merges_into_smollm2_and_lowers_loss(tmp_path: Path) -> Non
     from rslora_deploy.training import mean_loss, token_windows
 
     base = default_base_dir()
-    art = merge_adapter(base, demo_adapter_dir(), tmp_path / "merged", MergeConfig(),
-                        AdapterConfig())
+    art = merge_adapter(
+        base, demo_adapter_dir(), tmp_path / "merged", MergeConfig(), AdapterConfig()
+    )
     report = json.loads((art.path / "merge_report.json").read_text())
     assert report["base_check"]["weights_match"] is True
     assert report["summary"]["merged_weights"] == 210

@@ -28,12 +28,22 @@ Q = "model.layers.0.self_attn.q_proj"
 K = "model.layers.0.self_attn.k_proj"
 
 
-def make_ckpt(path: Path, *, modules: dict[str, Any] | None = None, v: dict | None = None,
-              **overrides: Any) -> Path:
-    modules = modules or {Q: {"d_in": 64, "d_out": 64, "layout": "linear"},
-                          K: {"d_in": 64, "d_out": 32, "layout": "linear"}}
-    spec = RsloraSpec(modules=modules, r=4, k=3, base_model=overrides.pop(
-        "base_model", fake_base_model()), seed=11, task_id="t", **overrides)
+def make_ckpt(
+    path: Path, *, modules: dict[str, Any] | None = None, v: dict | None = None, **overrides: Any
+) -> Path:
+    modules = modules or {
+        Q: {"d_in": 64, "d_out": 64, "layout": "linear"},
+        K: {"d_in": 64, "d_out": 32, "layout": "linear"},
+    }
+    spec = RsloraSpec(
+        modules=modules,
+        r=4,
+        k=3,
+        base_model=overrides.pop("base_model", fake_base_model()),
+        seed=11,
+        task_id="t",
+        **overrides,
+    )
     if v is None:
         rng = np.random.default_rng(0)
         v = {f"{m}.rslora_v_{f}": rng.uniform(-1, 1, 3) for m in modules for f in "AB"}
@@ -58,8 +68,15 @@ def rewrite_tensors(ckpt: Path, edit: Any) -> None:
     tensors = load_file(str(st))
     edit(tensors)
     raw = (ckpt / rslora_v1.CONFIG_NAME).read_bytes()
-    save_file(tensors, str(st), metadata={"format": rslora_v1.FORMAT, "format_version": "1",
-                                          "config_sha256": hashlib.sha256(raw).hexdigest()})
+    save_file(
+        tensors,
+        str(st),
+        metadata={
+            "format": rslora_v1.FORMAT,
+            "format_version": "1",
+            "config_sha256": hashlib.sha256(raw).hexdigest(),
+        },
+    )
 
 
 def expect(code: str | None, fn: Any, *needles: str) -> RsloraDeployError:
@@ -76,15 +93,19 @@ def expect(code: str | None, fn: Any, *needles: str) -> RsloraDeployError:
 
 # --- E001 ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("edit", "needle"), [
-    (lambda c: c.update(format="lora"), "format"),
-    (lambda c: c.update(format_version=2), "format_version"),
-    (lambda c: c.pop("r"), "'r'"),
-    (lambda c: c.update(v_sharing="per_layer"), "v_sharing"),
-    (lambda c: c["projection"].update(storage="cloud"), "storage"),
-    (lambda c: c["modules"][Q].update(layout="conv2d"), "layout"),
-    (lambda c: c["dtype"].update(v="float16"), "dtype"),
-])
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda c: c.update(format="lora"), "format"),
+        (lambda c: c.update(format_version=2), "format_version"),
+        (lambda c: c.pop("r"), "'r'"),
+        (lambda c: c.update(v_sharing="per_layer"), "v_sharing"),
+        (lambda c: c["projection"].update(storage="cloud"), "storage"),
+        (lambda c: c["modules"][Q].update(layout="conv2d"), "layout"),
+        (lambda c: c["dtype"].update(v="float16"), "dtype"),
+    ],
+)
 def test_e001_config_fields(tmp_path: Path, edit: Any, needle: str) -> None:
     ckpt = make_ckpt(tmp_path / "a")
     edit_config(ckpt, edit)
@@ -109,6 +130,7 @@ def test_e001_grouped_module_in_no_group(tmp_path: Path) -> None:
 
 # --- E002/E003 ----------------------------------------------------------------------------
 
+
 def test_e002_config_not_bound(tmp_path: Path) -> None:
     ckpt = make_ckpt(tmp_path / "a")
     edit_config(ckpt, lambda c: c.update(task_id="t"), rebind=False)  # same JSON, new bytes
@@ -124,6 +146,7 @@ def test_e003_effective_scale(tmp_path: Path) -> None:
 
 # --- E010 (needs a real base directory) ---------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rslora_deploy.testing.tiny import save_tiny, tiny_llama
@@ -135,9 +158,12 @@ def _real_ckpt(path: Path, base: Path) -> Path:
     from rslora_deploy.adapters.base_hash import config_sha256, target_weights_sha256
 
     mods = [Q, K]
-    bm = {"name_or_path": "tiny", "architecture": "LlamaForCausalLM",
-          "config_sha256": config_sha256(base), "target_weights_sha256":
-          target_weights_sha256(base, mods)[0]}
+    bm = {
+        "name_or_path": "tiny",
+        "architecture": "LlamaForCausalLM",
+        "config_sha256": config_sha256(base),
+        "target_weights_sha256": target_weights_sha256(base, mods)[0],
+    }
     return make_ckpt(path, base_model=bm)
 
 
@@ -154,8 +180,12 @@ def test_e010_changed_base_weight_and_nothing_written(tmp_path: Path, tiny_base:
     state[f"{K}.weight"][0, 0] += 1.0
     save_file(state, str(changed / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
-    expect("E010", lambda: merge_adapter(changed, ckpt, out, MergeConfig(), AdapterConfig()),
-           "target_weights_sha256", "allow_base_mismatch")
+    expect(
+        "E010",
+        lambda: merge_adapter(changed, ckpt, out, MergeConfig(), AdapterConfig()),
+        "target_weights_sha256",
+        "allow_base_mismatch",
+    )
     assert not out.exists()
     art = merge_adapter(changed, ckpt, out, MergeConfig(), AdapterConfig(allow_base_mismatch=True))
     assert (art.path / "model.safetensors").is_file()
@@ -167,6 +197,7 @@ def test_e010_changed_base_weight_and_nothing_written(tmp_path: Path, tiny_base:
 
 
 # --- E020-E024 ----------------------------------------------------------------------------
+
 
 def _tiny() -> nn.Module:
     from rslora_deploy.testing.tiny import tiny_llama
@@ -196,8 +227,10 @@ def test_e022_v_shape_and_out_slice(tmp_path: Path) -> None:
     ckpt = make_ckpt(tmp_path / "a")
     rewrite_tensors(ckpt, lambda t: t.update({f"{Q}.rslora_v_A": f32([1, 2, 3, 4])}))
     expect("E022", lambda: load_adapter(ckpt), f"{Q}.rslora_v_A", "[4]", "[3]")
-    sliced = make_ckpt(tmp_path / "b", modules={
-        K: {"d_in": 64, "d_out": 16, "layout": "linear", "out_slice": [24, 40]}})
+    sliced = make_ckpt(
+        tmp_path / "b",
+        modules={K: {"d_in": 64, "d_out": 16, "layout": "linear", "out_slice": [24, 40]}},
+    )
     deltas = load_adapter(sliced).deltas
     expect("E022", lambda: merge_deltas(_tiny(), deltas), K, "out_slice")
 
@@ -213,12 +246,14 @@ def test_e023_missing_and_unexpected_tensor(tmp_path: Path) -> None:
 
 def test_e024_half_precision_v(tmp_path: Path) -> None:
     ckpt = make_ckpt(tmp_path / "a")
-    rewrite_tensors(ckpt, lambda t: t.update({f"{Q}.rslora_v_B": t[f"{Q}.rslora_v_B"].astype(
-        np.float16)}))
+    rewrite_tensors(
+        ckpt, lambda t: t.update({f"{Q}.rslora_v_B": t[f"{Q}.rslora_v_B"].astype(np.float16)})
+    )
     expect("E024", lambda: load_adapter(ckpt), f"{Q}.rslora_v_B", "F16", "F32")
 
 
 # --- E030 ---------------------------------------------------------------------------------
+
 
 def test_e030_nan_in_v(tmp_path: Path) -> None:
     ckpt = make_ckpt(tmp_path / "a")
@@ -227,13 +262,19 @@ def test_e030_nan_in_v(tmp_path: Path) -> None:
 
 
 def test_e030_nan_in_peft_factor(tmp_path: Path) -> None:
-    path = write_peft_dir(tmp_path, {"peft_type": "LORA", "r": 1, "lora_alpha": 1},
-                          {"base_model.model.lin.lora_A.weight": [[1.0, np.inf]],
-                           "base_model.model.lin.lora_B.weight": [[1.0]]})
+    path = write_peft_dir(
+        tmp_path,
+        {"peft_type": "LORA", "r": 1, "lora_alpha": 1},
+        {
+            "base_model.model.lin.lora_A.weight": [[1.0, np.inf]],
+            "base_model.model.lin.lora_B.weight": [[1.0]],
+        },
+    )
     expect("E030", lambda: load_adapter(path), "lin", "lora_A")
 
 
 # --- E040/E041 ----------------------------------------------------------------------------
+
 
 def test_e040_tampered_stored_basis(tmp_path: Path) -> None:
     ckpt = make_ckpt(tmp_path / "a", storage="stored")
@@ -266,13 +307,21 @@ def test_e041_unknown_generator_and_external_seed(tmp_path: Path) -> None:
 
 # --- E050/E051/E060 -----------------------------------------------------------------------
 
+
 def test_e050_tied_lm_head_then_untie() -> None:
     from rslora_deploy.testing.tiny import tiny_llama
 
     model = tiny_llama(tie=True)
     rng = np.random.default_rng(0)
-    delta = ModuleDelta("lm_head", "linear", 64, 128, B=rng.normal(size=(128, 2)),
-                        A=rng.normal(size=(2, 64)), scale=0.1)
+    delta = ModuleDelta(
+        "lm_head",
+        "linear",
+        64,
+        128,
+        B=rng.normal(size=(128, 2)),
+        A=rng.normal(size=(2, 64)),
+        scale=0.1,
+    )
     expect("E050", lambda: merge_deltas(model, [delta]), "lm_head", "--untie")
     embed_before = model.model.embed_tokens.weight.detach().clone()
     merge_deltas(model, [delta], untie=True)
@@ -284,8 +333,7 @@ def test_e050_tied_lm_head_then_untie() -> None:
 def test_e051_split_adapter_on_fused_weight() -> None:
     from rslora_deploy.testing.tiny import tiny_gpt2
 
-    delta = ModuleDelta("transformer.h.0.attn.c_attn", "conv1d", 64, 64,
-                        dense=np.ones((64, 64)))
+    delta = ModuleDelta("transformer.h.0.attn.c_attn", "conv1d", 64, 64, dense=np.ones((64, 64)))
     expect("E051", lambda: merge_deltas(tiny_gpt2(), [delta]), "c_attn", "out_slice")
 
 
@@ -306,25 +354,38 @@ def test_e060_quantized_base_layer() -> None:
 
 # --- E070/E071/E080 -----------------------------------------------------------------------
 
-@pytest.mark.parametrize(("cfg", "tensors", "needle"), [
-    ({"use_dora": True}, {}, "use_dora"),
-    ({}, {"base_model.model.lin.lora_magnitude_vector": [1.0]}, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, {}, "modules_to_save"),
-    ({"lora_bias": True}, {}, "lora_bias"),
-])
-def test_e070_unsupported_peft_features(tmp_path: Path, cfg: dict, tensors: dict,
-                                        needle: str) -> None:
-    base = {"base_model.model.lin.lora_A.weight": [[1.0, 2.0]],
-            "base_model.model.lin.lora_B.weight": [[1.0]]}
-    path = write_peft_dir(tmp_path, {"peft_type": "LORA", "r": 1, "lora_alpha": 1, **cfg},
-                          {**base, **tensors})
+
+@pytest.mark.parametrize(
+    ("cfg", "tensors", "needle"),
+    [
+        ({"use_dora": True}, {}, "use_dora"),
+        ({}, {"base_model.model.lin.lora_magnitude_vector": [1.0]}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, {}, "modules_to_save"),
+        ({"lora_bias": True}, {}, "lora_bias"),
+    ],
+)
+def test_e070_unsupported_peft_features(
+    tmp_path: Path, cfg: dict, tensors: dict, needle: str
+) -> None:
+    base = {
+        "base_model.model.lin.lora_A.weight": [[1.0, 2.0]],
+        "base_model.model.lin.lora_B.weight": [[1.0]],
+    }
+    path = write_peft_dir(
+        tmp_path, {"peft_type": "LORA", "r": 1, "lora_alpha": 1, **cfg}, {**base, **tensors}
+    )
     expect("E070", lambda: load_adapter(path), needle)
 
 
 def test_e071_vera_without_projections(tmp_path: Path) -> None:
-    path = write_peft_dir(tmp_path, {"peft_type": "VERA", "r": 2},
-                          {"base_model.model.lin.vera_lambda_b": [1.0, 2.0],
-                           "base_model.model.lin.vera_lambda_d": [1.0, 1.0]})
+    path = write_peft_dir(
+        tmp_path,
+        {"peft_type": "VERA", "r": 2},
+        {
+            "base_model.model.lin.vera_lambda_b": [1.0, 2.0],
+            "base_model.model.lin.vera_lambda_d": [1.0, 1.0],
+        },
+    )
     expect("E071", lambda: load_adapter(path), "save_projection=False")
 
 
@@ -339,6 +400,7 @@ def test_e080_fp16_overflow() -> None:
 
 
 # --- damaged files ------------------------------------------------------------------------
+
 
 def test_truncated_safetensors(tmp_path: Path) -> None:
     ckpt = make_ckpt(tmp_path / "a")
@@ -367,9 +429,14 @@ def test_pickle_in_place_of_safetensors_is_not_unpickled(tmp_path: Path) -> None
     ckpt = make_ckpt(tmp_path / "a")
     (ckpt / rslora_v1.WEIGHTS_NAME).write_bytes(pickle.dumps({"x": _Boom()}))
     expect(None, lambda: load_adapter(ckpt), "pickle", "not unpickled")
-    peft_dir = write_peft_dir(tmp_path / "p", {"peft_type": "LORA", "r": 1, "lora_alpha": 1},
-                              {"base_model.model.lin.lora_A.weight": [[1.0]],
-                               "base_model.model.lin.lora_B.weight": [[1.0]]})
+    peft_dir = write_peft_dir(
+        tmp_path / "p",
+        {"peft_type": "LORA", "r": 1, "lora_alpha": 1},
+        {
+            "base_model.model.lin.lora_A.weight": [[1.0]],
+            "base_model.model.lin.lora_B.weight": [[1.0]],
+        },
+    )
     (peft_dir / "adapter_model.safetensors").write_bytes(pickle.dumps(_Boom()))
     expect(None, lambda: load_adapter(peft_dir), "pickle")
     assert not marker.exists()
@@ -380,10 +447,16 @@ def test_legacy_bin_only_via_weights_only(tmp_path: Path) -> None:
     marker.unlink(missing_ok=True)
     good = tmp_path / "good"
     good.mkdir()
-    (good / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1,
-                                                          "lora_alpha": 2}))
-    torch.save({"base_model.model.lin.lora_A.weight": torch.ones(1, 2),
-                "base_model.model.lin.lora_B.weight": torch.ones(3, 1)}, good / "adapter_model.bin")
+    (good / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 2})
+    )
+    torch.save(
+        {
+            "base_model.model.lin.lora_A.weight": torch.ones(1, 2),
+            "base_model.model.lin.lora_B.weight": torch.ones(3, 1),
+        },
+        good / "adapter_model.bin",
+    )
     (delta,) = load_adapter(good).deltas
     np.testing.assert_array_equal(delta.delta_weight(), 2 * np.ones((3, 2)))
     bad = tmp_path / "bad"

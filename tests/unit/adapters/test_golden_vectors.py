@@ -29,12 +29,20 @@ MOD = "lin"
 
 
 def tv1_checkpoint(tmp_path: Path, normalization: str = "inv_sqrt_k") -> Path:
-    spec = RsloraSpec(modules={MOD: {"d_in": 4, "d_out": 3, "layout": "linear"}}, r=2, k=2,
-                      base_model=fake_base_model(), seed=None, generator="external",
-                      storage="stored", normalization=normalization)
+    spec = RsloraSpec(
+        modules={MOD: {"d_in": 4, "d_out": 3, "layout": "linear"}},
+        r=2,
+        k=2,
+        base_model=fake_base_model(),
+        seed=None,
+        generator="external",
+        storage="stored",
+        normalization=normalization,
+    )
     v = {f"{MOD}.rslora_v_A": np_f32([1, 2]), f"{MOD}.rslora_v_B": np_f32([0.5, -1])}
-    return write_checkpoint(tmp_path / f"tv1-{normalization}", spec, v,
-                            bases={MOD: (np_f32(TV1_PA), np_f32(TV1_PB))})
+    return write_checkpoint(
+        tmp_path / f"tv1-{normalization}", spec, v, bases={MOD: (np_f32(TV1_PA), np_f32(TV1_PB))}
+    )
 
 
 def test_tv1_explicit_basis_factors_and_dw_bit_exact(tmp_path: Path, golden: dict) -> None:
@@ -105,15 +113,24 @@ def test_tv2_merge_linear_and_conv1d_bit_exact(tmp_path: Path, golden: dict) -> 
 
 def test_tv3_seed_mode_dw_and_export(tmp_path: Path, golden: dict) -> None:
     tv = golden["TV3"]
-    spec = RsloraSpec(modules={tv["module"]: {"d_in": 4, "d_out": 3, "layout": "linear"}},
-                      r=2, k=2, base_model=fake_base_model(), seed=tv["seed"],
-                      task_id=tv["task_id"])
-    v = {f"{tv['module']}.rslora_v_A": np_f32(tv["v_A"]),
-         f"{tv['module']}.rslora_v_B": np_f32(tv["v_B"])}
+    spec = RsloraSpec(
+        modules={tv["module"]: {"d_in": 4, "d_out": 3, "layout": "linear"}},
+        r=2,
+        k=2,
+        base_model=fake_base_model(),
+        seed=tv["seed"],
+        task_id=tv["task_id"],
+    )
+    v = {
+        f"{tv['module']}.rslora_v_A": np_f32(tv["v_A"]),
+        f"{tv['module']}.rslora_v_B": np_f32(tv["v_B"]),
+    }
     ckpt = write_checkpoint(tmp_path / "tv3", spec, v)
     cfg = json.loads((ckpt / rslora_v1.CONFIG_NAME).read_text())
-    assert cfg["projection"]["sha256"][tv["module"]] == {"A": tv["sha256_P_A"],
-                                                          "B": tv["sha256_P_B"]}
+    assert cfg["projection"]["sha256"][tv["module"]] == {
+        "A": tv["sha256_P_A"],
+        "B": tv["sha256_P_B"],
+    }
     assert cfg["effective_scale"] == golden["TV3_s"]
     (delta,) = load_adapter(ckpt).deltas
     np.testing.assert_allclose(delta.A, golden["TV3_A_tilde"], rtol=1e-12)
@@ -133,20 +150,35 @@ def test_tv3_seed_mode_dw_and_export(tmp_path: Path, golden: dict) -> None:
 @pytest.mark.parametrize(("use_rslora", "key"), [(False, "dW_standard"), (True, "dW_rslora")])
 def test_tv4_peft_lora(tmp_path: Path, golden: dict, use_rslora: bool, key: str) -> None:
     tv = golden["TV4"]
-    path = write_peft_dir(tmp_path / key, {"peft_type": "LORA", "r": tv["r"],
-                                      "lora_alpha": tv["lora_alpha"], "use_rslora": use_rslora},
-                     {"base_model.model.lin.lora_A.weight": tv["lora_A"],
-                      "base_model.model.lin.lora_B.weight": tv["lora_B"]})
+    path = write_peft_dir(
+        tmp_path / key,
+        {
+            "peft_type": "LORA",
+            "r": tv["r"],
+            "lora_alpha": tv["lora_alpha"],
+            "use_rslora": use_rslora,
+        },
+        {
+            "base_model.model.lin.lora_A.weight": tv["lora_A"],
+            "base_model.model.lin.lora_B.weight": tv["lora_B"],
+        },
+    )
     (delta,) = load_adapter(path).deltas
     np.testing.assert_allclose(delta.delta_weight(), tv[key], rtol=1e-12)
 
 
 def test_tv5_peft_vera(tmp_path: Path, golden: dict) -> None:
     tv = golden["TV5"]
-    path = write_peft_dir(tmp_path, {"peft_type": "VERA", "r": 2},
-                     {"base_model.vera_A": tv["vera_A"], "base_model.vera_B": tv["vera_B"],
-                      "base_model.model.lin.vera_lambda_d": tv["lambda_d"],
-                      "base_model.model.lin.vera_lambda_b": tv["lambda_b"]})
+    path = write_peft_dir(
+        tmp_path,
+        {"peft_type": "VERA", "r": 2},
+        {
+            "base_model.vera_A": tv["vera_A"],
+            "base_model.vera_B": tv["vera_B"],
+            "base_model.model.lin.vera_lambda_d": tv["lambda_d"],
+            "base_model.model.lin.vera_lambda_b": tv["lambda_b"],
+        },
+    )
     (delta,) = load_adapter(path).deltas
     delta.fit_to_layer(3, 4)
     # fp32 inputs (lambda_d = 0.1 is not exact in fp32), so compare at fp32 precision
@@ -162,16 +194,18 @@ def test_tv7_single_rounding_bf16_and_lost_update(golden: dict) -> None:
     dense = np.array([[tv["dW"]]])
     merge_deltas(_Holder(lin), [ModuleDelta("lin", "linear", 1, 1, dense=dense)])
     assert lin.weight.item() == tv["single_rounding_bf16"]
-    peft_style = torch.tensor(tv["W"], dtype=torch.bfloat16) + torch.tensor(
-        tv["dW"]).to(torch.bfloat16)
+    peft_style = torch.tensor(tv["W"], dtype=torch.bfloat16) + torch.tensor(tv["dW"]).to(
+        torch.bfloat16
+    )
     assert float(peft_style) == tv["double_rounding_bf16"]
 
     lost = tv["lost_update_example"]
     lin2 = nn.Linear(1, 1, bias=False).to(torch.bfloat16)
     with torch.no_grad():
         lin2.weight.fill_(lost["W"])
-    (row,) = merge_deltas(_Holder(lin2), [ModuleDelta("lin", "linear", 1, 1,
-                                                       dense=np.array([[lost["dW"]]]))])
+    (row,) = merge_deltas(
+        _Holder(lin2), [ModuleDelta("lin", "linear", 1, 1, dense=np.array([[lost["dW"]]]))]
+    )
     assert lin2.weight.item() == lost["bf16"]
     assert row.lost_fraction == 1.0
     assert row.relative_merge_error == pytest.approx(1.0)

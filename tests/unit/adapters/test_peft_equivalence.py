@@ -56,26 +56,58 @@ def _assert_same_weights(ours: Any, ref: Any, atol: float = 1e-6) -> int:
 
 
 CASES: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
-    ("llama-lora", tiny_llama, lambda: peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False)),
-    ("llama-rslora-patterns", tiny_llama, lambda: peft.LoraConfig(
-        r=4, lora_alpha=8, use_rslora=True, target_modules=LLAMA_TARGETS,
-        rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3})),
-    ("qwen2-lora-bias", tiny_qwen2, lambda: peft.LoraConfig(
-        r=3, lora_alpha=5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
-    ("gpt2-conv1d", tiny_gpt2, lambda: peft.LoraConfig(
-        r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
-    ("llama-embedding", tiny_llama, lambda: peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
-    ("llama-vera", tiny_llama, lambda: peft.VeraConfig(
-        r=8, target_modules=["q_proj", "v_proj", "down_proj"], save_projection=True)),
+    (
+        "llama-lora",
+        tiny_llama,
+        lambda: peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False
+        ),
+    ),
+    (
+        "llama-rslora-patterns",
+        tiny_llama,
+        lambda: peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=LLAMA_TARGETS,
+            rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+            alpha_pattern={"v_proj": 3},
+        ),
+    ),
+    (
+        "qwen2-lora-bias",
+        tiny_qwen2,
+        lambda: peft.LoraConfig(
+            r=3, lora_alpha=5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        ),
+    ),
+    (
+        "gpt2-conv1d",
+        tiny_gpt2,
+        lambda: peft.LoraConfig(
+            r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
+        ),
+    ),
+    (
+        "llama-embedding",
+        tiny_llama,
+        lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    ),
+    (
+        "llama-vera",
+        tiny_llama,
+        lambda: peft.VeraConfig(
+            r=8, target_modules=["q_proj", "v_proj", "down_proj"], save_projection=True
+        ),
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "factory", "make_config"), CASES, ids=[c[0] for c in CASES])
-def test_merge_matches_peft_and_on_the_fly(name: str, factory: Callable[[], Any],
-                                           make_config: Callable[[], Any],
-                                           tmp_path: Path) -> None:
+def test_merge_matches_peft_and_on_the_fly(
+    name: str, factory: Callable[[], Any], make_config: Callable[[], Any], tmp_path: Path
+) -> None:
     base = factory()
     wrapped, adapter_dir = _peft_roundtrip(base, make_config(), tmp_path)
     ids = example_inputs()
@@ -107,30 +139,35 @@ def test_merge_matches_peft_and_on_the_fly(name: str, factory: Callable[[], Any]
 def test_qwen2_biases_untouched(tmp_path: Path) -> None:
     base = tiny_qwen2()
     wrapped, adapter_dir = _peft_roundtrip(
-        base, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "k_proj"]), tmp_path)
+        base, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "k_proj"]), tmp_path
+    )
     ours = copy.deepcopy(base)
     merge_deltas(ours, load_adapter(adapter_dir).deltas)
     for layer_ours, layer_base in zip(ours.model.layers, base.model.layers, strict=True):
         assert torch.equal(layer_ours.self_attn.q_proj.bias, layer_base.self_attn.q_proj.bias)
-        assert not torch.equal(layer_ours.self_attn.q_proj.weight,
-                               layer_base.self_attn.q_proj.weight)
+        assert not torch.equal(
+            layer_ours.self_attn.q_proj.weight, layer_base.self_attn.q_proj.weight
+        )
 
 
 def test_vera_without_projection_needs_opt_in_then_matches_peft(tmp_path: Path) -> None:
     from rslora_deploy.errors import AdapterFormatError
 
     base = tiny_llama()
-    config = peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], save_projection=False,
-                             projection_prng_key=7)
+    config = peft.VeraConfig(
+        r=8, target_modules=["q_proj", "v_proj"], save_projection=False, projection_prng_key=7
+    )
     wrapped, adapter_dir = _peft_roundtrip(base, config, tmp_path)
     reference = wrapped.merge_and_unload()
     with pytest.raises(AdapterFormatError) as info:
         load_adapter(adapter_dir)
     assert info.value.code == "E071"
-    shapes = {f"model.layers.{i}.self_attn.{p}": (64 if p == "q_proj" else 32, 64)
-              for i in range(2) for p in ("q_proj", "v_proj")}
-    adapter = load_adapter(adapter_dir, allow_unverified_vera_regeneration=True,
-                           base_shapes=shapes)
+    shapes = {
+        f"model.layers.{i}.self_attn.{p}": (64 if p == "q_proj" else 32, 64)
+        for i in range(2)
+        for p in ("q_proj", "v_proj")
+    }
+    adapter = load_adapter(adapter_dir, allow_unverified_vera_regeneration=True, base_shapes=shapes)
     assert adapter.meta["regenerated_projections"] is True
     ours = copy.deepcopy(base)
     merge_deltas(ours, adapter.deltas)
@@ -152,8 +189,13 @@ def test_vera_regeneration_through_merge_stage(tmp_path: Path) -> None:
     with pytest.raises(AdapterFormatError):
         merge_adapter(base_dir, adapter_dir, tmp_path / "out", MergeConfig(), AdapterConfig())
     assert not (tmp_path / "out").exists()
-    art = merge_adapter(base_dir, adapter_dir, tmp_path / "out", MergeConfig(),
-                        AdapterConfig(allow_unverified_vera_regeneration=True))
+    art = merge_adapter(
+        base_dir,
+        adapter_dir,
+        tmp_path / "out",
+        MergeConfig(),
+        AdapterConfig(allow_unverified_vera_regeneration=True),
+    )
     from transformers import AutoModelForCausalLM
 
     _assert_same_weights(AutoModelForCausalLM.from_pretrained(art.path), reference)
@@ -170,15 +212,22 @@ def test_rslora_export_loads_in_real_peft(tmp_path: Path, factory: Callable[[], 
 
     base = factory()
     if factory is tiny_llama:
-        mods = {"model.layers.0.self_attn.v_proj": {"d_in": 64, "d_out": 32, "layout": "linear"},
-                "model.layers.1.mlp.down_proj": {"d_in": 128, "d_out": 64, "layout": "linear"}}
+        mods = {
+            "model.layers.0.self_attn.v_proj": {"d_in": 64, "d_out": 32, "layout": "linear"},
+            "model.layers.1.mlp.down_proj": {"d_in": 128, "d_out": 64, "layout": "linear"},
+        }
     else:
-        mods = {"transformer.h.0.attn.c_attn": {"d_in": 64, "d_out": 192, "layout": "conv1d"},
-                "transformer.h.1.mlp.c_proj": {"d_in": 256, "d_out": 64, "layout": "conv1d"}}
+        mods = {
+            "transformer.h.0.attn.c_attn": {"d_in": 64, "d_out": 192, "layout": "conv1d"},
+            "transformer.h.1.mlp.c_proj": {"d_in": 256, "d_out": 64, "layout": "conv1d"},
+        }
     rng = np.random.default_rng(5)
     spec = RsloraSpec(modules=mods, r=4, k=3, alpha=16.0, seed=9, base_model=fake_base_model())
-    ckpt = write_checkpoint(tmp_path / "rs", spec, {f"{m}.rslora_v_{f}": rng.uniform(-1, 1, 3)
-                                                    for m in mods for f in "AB"})
+    ckpt = write_checkpoint(
+        tmp_path / "rs",
+        spec,
+        {f"{m}.rslora_v_{f}": rng.uniform(-1, 1, 3) for m in mods for f in "AB"},
+    )
     to_peft_lora(ckpt, tmp_path / "peft")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
     ours = copy.deepcopy(base)

@@ -24,12 +24,22 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cli")
     base = save_tiny(tiny_llama(), root / "base")
     mods = {Q: {"d_in": 64, "d_out": 64, "layout": "linear"}}
-    spec = RsloraSpec(modules=mods, r=4, k=3, seed=1, task_id="cli", base_model={
-        "name_or_path": "tiny", "architecture": "LlamaForCausalLM",
-        "config_sha256": config_sha256(base),
-        "target_weights_sha256": target_weights_sha256(base, mods)[0]})
-    adapter = write_checkpoint(root / "adapter", spec, {f"{Q}.rslora_v_A": np.ones(3),
-                                                        f"{Q}.rslora_v_B": np.ones(3)})
+    spec = RsloraSpec(
+        modules=mods,
+        r=4,
+        k=3,
+        seed=1,
+        task_id="cli",
+        base_model={
+            "name_or_path": "tiny",
+            "architecture": "LlamaForCausalLM",
+            "config_sha256": config_sha256(base),
+            "target_weights_sha256": target_weights_sha256(base, mods)[0],
+        },
+    )
+    adapter = write_checkpoint(
+        root / "adapter", spec, {f"{Q}.rslora_v_A": np.ones(3), f"{Q}.rslora_v_B": np.ones(3)}
+    )
     return base, adapter
 
 
@@ -39,25 +49,40 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_merge_writes_hf_dir(setup: tuple[Path, Path], tmp_path: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_merge_writes_hf_dir(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base, adapter = setup
     out = tmp_path / "merged"
-    code, stdout, err = run(capsys, "merge", "--base", str(base), "--adapter", str(adapter),
-                            "--out", str(out), "--dtype", "bfloat16", "--format", "json")
+    code, stdout, err = run(
+        capsys,
+        "merge",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--out",
+        str(out),
+        "--dtype",
+        "bfloat16",
+        "--format",
+        "json",
+    )
     assert code == 0, err
     data = json.loads(stdout)
     assert data["dtype"] == "bfloat16"
     assert {"config.json", "model.safetensors", "merge_report.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.tmp")]
     report = json.loads((out / "merge_report.json").read_text())
     assert report["modules"][0]["module"] == Q
     assert report["modules"][0]["out_dtype"] == "bfloat16"
 
 
-def test_inspect_and_convert(setup: tuple[Path, Path], tmp_path: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_and_convert(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, adapter = setup
     code, stdout, _ = run(capsys, "adapter", "inspect", str(adapter))
     assert code == 0
@@ -66,23 +91,31 @@ def test_inspect_and_convert(setup: tuple[Path, Path], tmp_path: Path,
     assert "seed mode" in stdout
     assert "checksums: verified" in stdout
     out = tmp_path / "peft"
-    code, _, err = run(capsys, "adapter", "convert", str(adapter), "--to", "peft-lora",
-                       "--out", str(out))
+    code, _, err = run(
+        capsys, "adapter", "convert", str(adapter), "--to", "peft-lora", "--out", str(out)
+    )
     assert code == 0, err
     code, stdout, _ = run(capsys, "adapter", "inspect", str(out), "--format", "json")
     assert json.loads(stdout)["format"] == "peft-lora"
 
 
-@pytest.mark.parametrize(("damage", "needle"), [
-    ("empty", "E001"),
-    ("not_json", "E001"),
-    ("pickle", "pickle"),
-    ("truncated", "truncated"),
-    ("tampered_v", "E002"),
-])
-def test_merge_bad_adapter_exit_1_nothing_written(setup: tuple[Path, Path], tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str],
-                                                  damage: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ("empty", "E001"),
+        ("not_json", "E001"),
+        ("pickle", "pickle"),
+        ("truncated", "truncated"),
+        ("tampered_v", "E002"),
+    ],
+)
+def test_merge_bad_adapter_exit_1_nothing_written(
+    setup: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: str,
+    needle: str,
+) -> None:
     base, good = setup
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -101,8 +134,9 @@ def test_merge_bad_adapter_exit_1_nothing_written(setup: tuple[Path, Path], tmp_
     elif damage == "tampered_v":
         (bad / "rslora_config.json").write_bytes((bad / "rslora_config.json").read_bytes() + b"\n")
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, "merge", "--base", str(base), "--adapter", str(bad),
-                            "--out", str(out))
+    code, stdout, err = run(
+        capsys, "merge", "--base", str(base), "--adapter", str(bad), "--out", str(out)
+    )
     assert code == 1
     assert needle in err
     assert len(err.strip().splitlines()) == 1, err
@@ -111,19 +145,29 @@ def test_merge_bad_adapter_exit_1_nothing_written(setup: tuple[Path, Path], tmp_
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_merge_refuses_existing_out_and_missing_base(setup: tuple[Path, Path], tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_merge_refuses_existing_out_and_missing_base(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base, adapter = setup
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    code, _, err = run(capsys, "merge", "--base", str(base), "--adapter", str(adapter),
-                       "--out", str(out))
+    code, _, err = run(
+        capsys, "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)
+    )
     assert code == 1
     assert "not empty" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    code, _, err = run(capsys, "merge", "--base", str(tmp_path / "nope"), "--adapter",
-                       str(adapter), "--out", str(tmp_path / "o2"))
+    code, _, err = run(
+        capsys,
+        "merge",
+        "--base",
+        str(tmp_path / "nope"),
+        "--adapter",
+        str(adapter),
+        "--out",
+        str(tmp_path / "o2"),
+    )
     assert code == 1
     assert "config.json" in err
     assert not (tmp_path / "o2").exists()
