@@ -4,9 +4,10 @@ The peer is what a user of onnxruntime-genai would run without this tool: its mo
 the full-precision model with ``-p int4`` and its defaults (its own RTN int4 for every MatMul,
 the embedding included, ``accuracy_level`` 4). Ours is the export stage on a 4-bit checkpoint:
 tied embedding kept in full precision and shared with lm_head, ``accuracy_level`` 1, and the
-same with ``--protect-adapter``'s 8-bit modules. All graphs are CPU-target (fp32 activations),
-the graph the Ascend profiles ship; this machine has no GPU, so the T4 graph's speed is not
-measured here.
+same with ``--protect-adapter``'s 8-bit modules; and ``ours_fast``, our export with the speed
+knobs (``export.accuracy_level = 4``, ``export.lm_head_int4 = true``). All graphs are CPU-target
+(fp32 activations), the graph the Ascend profiles ship; this machine has no GPU, so the T4
+graph's speed is not measured here.
 
 Every model is built from the same merged weights (SmolLM2-135M + the demo adapter), quantized
 with RTN: the speed of a ``MatMulNBits`` graph depends on its layout, not on how the codes were
@@ -14,7 +15,10 @@ chosen, and RTN keeps the benchmark to a few minutes. Each generation runs in it
 (:func:`rslora_deploy.stages.verify.smoke_generate`) with the same prompt (a Brown evaluation
 passage), the same KV length and greedy decoding; the median of ``--runs`` is reported.
 
-Usage: python benchmarks/bench_decode.py [--work /tmp/bench-decode] [--runs 3]
+Perplexity of every graph on the same evaluation windows goes beside the speed: the peer's int4
+embedding and int8 activations are part of why it is fast.
+
+Usage: python benchmarks/bench_decode.py [--work /tmp/bench-decode] [--runs 3] [--windows 8]
 Results: benchmarks/results/decode.json and a table on stdout.
 """
 
@@ -76,6 +80,10 @@ def _prepare(work: Path) -> dict[str, Path]:
             ExportConfig(max_length=MAX_LENGTH, accuracy_level=4),
         ),
         "ours_protect_adapter": (checkpoints["protected"], ExportConfig(max_length=MAX_LENGTH)),
+        "ours_fast": (
+            checkpoints["plain"],
+            ExportConfig(max_length=MAX_LENGTH, accuracy_level=4, lm_head_int4=True),
+        ),
     }
     folders: dict[str, Path] = {}
     for name, (checkpoint, export_cfg) in variants.items():
@@ -115,16 +123,30 @@ def _measure(folder: Path, prompt: str, runs: int) -> dict[str, Any]:
     }
 
 
+def _perplexity(folders: dict[str, Path], windows: int) -> dict[str, Any]:
+    """Perplexity of every ONNX folder on the same Brown evaluation windows (speed has a price)."""
+    from rslora_deploy.evaluation import _tokenizer, eval_windows, onnx_logits, run_lockstep
+
+    text = eval_windows(_tokenizer(folders["ours"]), windows, 512)
+    models = {name: onnx_logits(folder) for name, folder in folders.items()}
+    return run_lockstep(models, text, "ours", [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-decode"))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=200)
+    parser.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     folders = _prepare(args.work)
     prompt = _prompt(folders.pop("merged"), args.prompt_tokens)
     results = {name: _measure(folder, prompt, args.runs) for name, folder in folders.items()}
+    quality = _perplexity(folders, args.windows)
+    for name, entry in results.items():
+        entry["perplexity"] = round(quality["models"][name]["perplexity"], 3)
+        entry["greedy_agreement_with_ours"] = round(quality["models"][name]["greedy_agreement"], 4)
     peer = results["peer_builder_int4"]
     for entry in results.values():
         entry["decode_ratio_to_peer"] = round(
@@ -138,17 +160,22 @@ def main() -> None:
             "max_length": MAX_LENGTH,
             "runs": args.runs,
             "statistic": "median",
+            "perplexity": f"Brown evaluation split, {args.windows} x 512 tokens, BOS per window",
         },
         "results": results,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print("| variant | decode tok/s | ratio to peer | prefill s | peak RSS MiB | model MiB |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| variant | decode tok/s | ratio to peer | prefill s | peak RSS MiB | model MiB "
+        "| perplexity |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, e in results.items():
         print(
             f"| {name} | {e['decode_tokens_per_second']:.1f} | {e['decode_ratio_to_peer']:.2f} | "
-            f"{e['prefill_seconds']:.3f} | {e['peak_rss_mib']} | {e['model_mib']} |"
+            f"{e['prefill_seconds']:.3f} | {e['peak_rss_mib']} | {e['model_mib']} | "
+            f"{e['perplexity']:.2f} |"
         )
 
 

@@ -31,6 +31,7 @@ class _Section(BaseModel):
 
 
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
+ProtectedLayout = Literal["auto", "nbits8", "float"]
 
 
 class QuantMethod(str, Enum):
@@ -210,6 +211,13 @@ class ExportConfig(_Section):
         default=None,
         description="Context length written to genai_config.json; None takes the profile's "
         "max_seq_len.",
+    )
+    protected_layout: ProtectedLayout = Field(
+        default="auto",
+        description="How --protect-adapter's 8-bit modules ship: nbits8 (MatMulNBits bits=8, 1 "
+        "byte a weight), float (exact dequantized MatMul, 4 bytes a weight in an fp32 graph), "
+        "or auto: float on CPU-target graphs below accuracy_level 4, where onnxruntime's 8-bit "
+        "kernel is 4.4x slower end to end (benchmarks/bench_decode.py), else nbits8.",
     )
 
     @field_validator("accuracy_level")

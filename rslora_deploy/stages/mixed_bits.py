@@ -9,10 +9,12 @@ whose ``quantization_config.dynamic`` keeps some modules at 8 bits fails inside 
    bits (8-bit modules re-rounded to 4 bits; those values are placeholders, replaced in step 3).
 2. The builder exports that view as usual.
 3. :func:`rewrite_protected_nodes`: every ``MatMulNBits`` node that contains a protected module
-   gets its weights from the real checkpoint at 8 bits. The builder fuses ``q/k/v_proj`` into one
-   ``qkv_proj`` node; when only some of a fused node's modules are protected, the others are
-   promoted to 8-bit codes that represent exactly the same values (``q8 = q4 - z4 + 128`` with
-   zero point 128 and the same scale), so no module is rounded twice.
+   gets its weights from the real checkpoint, as an 8-bit ``MatMulNBits`` or, where onnxruntime
+   has no fast 8-bit kernel (CPU below accuracy level 4), as an exact dequantized ``MatMul``.
+   The builder fuses ``q/k/v_proj`` into one ``qkv_proj`` node; when only some of a fused
+   node's modules are protected, the others are promoted to 8-bit codes that represent exactly
+   the same values (``q8 = q4 - z4 + 128`` with zero point 128 and the same scale), so no module
+   is rounded twice.
 
 ``MatMulNBits`` layout (onnxruntime contrib op, bits ``b``, block size ``B``, ``K`` inputs, ``N``
 outputs): ``B`` uint8 ``[N, ceil(K/B), B*b/8]``; ``scales`` ``[N * ceil(K/B)]`` in the activation
@@ -42,6 +44,8 @@ from rslora_deploy.quantizers._checkpoint import (
 logger = logging.getLogger(__name__)
 
 PROTECT_BITS = 8
+#: How protected nodes are written (:func:`rewrite_protected_nodes`).
+PROTECTED_LAYOUTS = ("nbits8", "float")
 #: Zero point of a symmetric 8-bit grid; 4-bit codes promoted to 8 bits are centred on it.
 _ZERO_8BIT = 128
 #: Builder node names that hold several Hugging Face modules, in the order it concatenates their
@@ -191,11 +195,22 @@ def codes_8bit(gq: _rtn_math.GroupQuant) -> tuple[np.ndarray, np.ndarray]:
     return promoted.reshape(gq.q.shape).astype(np.uint8), zeros
 
 
-def rewrite_protected_nodes(onnx_dir: Path, checkpoint: Path, mixed: MixedBits) -> dict[str, Any]:
-    """Give every ``MatMulNBits`` node holding a protected module 8-bit weights from ``checkpoint``.
+def rewrite_protected_nodes(
+    onnx_dir: Path, checkpoint: Path, mixed: MixedBits, layout: str = "nbits8"
+) -> dict[str, Any]:
+    """Give every ``MatMulNBits`` node holding a protected module its weights from ``checkpoint``.
+
+    Args:
+        layout: ``nbits8``: the node stays ``MatMulNBits`` with ``bits=8`` (1 byte a weight);
+            ``float``: it becomes a plain ``MatMul`` on the exact dequantized weight in the
+            graph's activation dtype (4 bytes a weight in an fp32 graph). onnxruntime 1.32's CPU
+            ``MatMulNBits`` has a fast 8-bit path only at ``accuracy_level`` 4 (int8
+            activations): at level 1 a decode-size call took 1.19 ms against 0.04 ms at 4 bits,
+            and the demo package decoded 4.4x slower (benchmarks/bench_decode.py).
 
     Returns:
-        What was rewritten: nodes, protected and promoted modules, weight bytes before and after.
+        What was rewritten: layout, nodes, protected and promoted modules, weight bytes before
+        and after.
 
     Raises:
         ExportError: a protected module has no node, or a node's shape disagrees with its modules.
@@ -203,13 +218,18 @@ def rewrite_protected_nodes(onnx_dir: Path, checkpoint: Path, mixed: MixedBits) 
     import onnx
     from onnx import numpy_helper
 
+    if layout not in PROTECTED_LAYOUTS:
+        raise ValueError(f"layout must be one of {PROTECTED_LAYOUTS}, got {layout!r}")
     model_path = Path(onnx_dir) / "model.onnx"
     model = onnx.load(str(model_path), load_external_data=True)
     inits = {init.name: init for init in model.graph.initializer}
     tensors = _load_torch(checkpoint)
     bits_of = {**dict.fromkeys(_modules(tensors), mixed.base_bits), **mixed.overrides}
     done: set[str] = set()
-    report = {"nodes": 0, "promoted_modules": 0, "bytes_before": 0, "bytes_after": 0}
+    report: dict[str, Any] = {
+        "layout": layout, "nodes": 0, "promoted_modules": 0, "bytes_before": 0, "bytes_after": 0,
+    }  # fmt: skip
+    dropped: set[str] = set()
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
@@ -236,17 +256,30 @@ def rewrite_protected_nodes(onnx_dir: Path, checkpoint: Path, mixed: MixedBits) 
                 f"block {block}; the checkpoint and the export disagree"
             )
         old = [inits[name] for name in node.input[1:4]]
-        scale_dtype = onnx.helper.tensor_dtype_to_np_dtype(old[1].data_type)
-        new = (
-            q.reshape(n_out, k_in // block, block),
-            scales.astype(scale_dtype).reshape(-1),
-            zeros.reshape(-1),
-        )
-        for init, array in zip(old, new, strict=True):
-            report["bytes_before"] += numpy_helper.to_array(init).nbytes
-            report["bytes_after"] += array.nbytes
-            init.CopyFrom(numpy_helper.from_array(array, init.name))
-        attrs["bits"].i = PROTECT_BITS
+        report["bytes_before"] += sum(numpy_helper.to_array(i).nbytes for i in old)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(old[1].data_type)
+        if layout == "float":
+            weight = _dequantize_rows(q, zeros, scales, block).T.astype(dtype)
+            name = f"{prefix}.MatMul.weight"
+            model.graph.initializer.append(numpy_helper.from_array(weight, name))
+            dropped.update(node.input[1:4])
+            report["bytes_after"] += weight.nbytes
+            activations = node.input[0]
+            del node.input[:]
+            node.input.extend([activations, name])
+            del node.attribute[:]
+            node.op_type, node.domain = "MatMul", ""
+            node.name = node.name.replace("MatMulNBits", "MatMul")
+        else:
+            new = (
+                q.reshape(n_out, k_in // block, block),
+                scales.astype(dtype).reshape(-1),
+                zeros.reshape(-1),
+            )
+            for init, array in zip(old, new, strict=True):
+                report["bytes_after"] += array.nbytes
+                init.CopyFrom(numpy_helper.from_array(array, init.name))
+            attrs["bits"].i = PROTECT_BITS
         report["nodes"] += 1
         report["promoted_modules"] += sum(bits_of[m] != PROTECT_BITS for m in modules)
         done.update(modules)
@@ -256,9 +289,21 @@ def rewrite_protected_nodes(onnx_dir: Path, checkpoint: Path, mixed: MixedBits) 
             f"{len(lost)} protected modules (first: {lost[0]}) have no MatMulNBits node in the "
             "export; they would ship at 4 bits, so the export stops"
         )
+    if dropped:
+        kept = [i for i in model.graph.initializer if i.name not in dropped]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
     _save_beside(model, model_path)
     report["protected_modules"] = len(mixed.overrides)
     return report
+
+
+def _dequantize_rows(q: np.ndarray, zeros: np.ndarray, scales: np.ndarray, block: int) -> Any:
+    """``(q - z) * s`` per group: ``[out, in]`` float32 from codes, zero points and scales."""
+    n_out, k_in = q.shape
+    codes = q.astype(np.float32).reshape(n_out, k_in // block, block)
+    offset = codes - zeros.astype(np.float32)[..., None]
+    return (offset * scales.astype(np.float32)[..., None]).reshape(n_out, k_in)
 
 
 def _modules(tensors: dict[str, Any]) -> list[str]:

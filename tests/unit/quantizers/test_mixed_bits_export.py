@@ -34,14 +34,37 @@ def mixed_dir(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def mixed_onnx(tmp_path_factory: pytest.TempPathFactory, mixed_dir: Path) -> Path:
-    from rslora_deploy.cli.app import main
+@pytest.fixture(scope="module", params=["float", "nbits8"])
+def mixed_onnx(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, mixed_dir: Path
+) -> tuple[str, Path]:
+    """The mixed checkpoint exported for the Ascend profile (CPU target, accuracy level 1) in
+    both layouts: ``float`` is what ``auto`` picks there, ``nbits8`` what it picks for CUDA."""
+    from rslora_deploy.artifact import Artifact
+    from rslora_deploy.config import ExportConfig
+    from rslora_deploy.profiles import load_profile
+    from rslora_deploy.stages.export_onnx import export_onnx
 
-    out = tmp_path_factory.mktemp("mixed-onnx") / "onnx"
-    argv = ["export", "--model", str(mixed_dir), "--profile", "ascend-310b-2gb", "--out", str(out)]
-    assert main(argv) == 0
-    return out
+    root = tmp_path_factory.mktemp(f"mixed-onnx-{request.param}")
+    art = export_onnx(
+        Artifact("hf-quantized", mixed_dir),
+        root / "onnx",
+        ExportConfig(protected_layout=request.param),
+        load_profile("ascend-310b-2gb"),
+        root / "export.log",
+    )
+    assert art.meta["protected_8bit"]["layout"] == request.param
+    return request.param, art.path
+
+
+def test_auto_layout_follows_target_and_accuracy_level() -> None:
+    from rslora_deploy.config import ExportConfig
+    from rslora_deploy.stages.export_onnx import protected_layout
+
+    assert protected_layout(ExportConfig(), "cpu") == "float"
+    assert protected_layout(ExportConfig(accuracy_level=4), "cpu") == "nbits8"
+    assert protected_layout(ExportConfig(), "cuda") == "nbits8"
+    assert protected_layout(ExportConfig(protected_layout="nbits8"), "cpu") == "nbits8"
 
 
 def test_mixed_bits_reads_the_overrides(mixed_dir: Path, rtn_dir: Path) -> None:
@@ -51,31 +74,38 @@ def test_mixed_bits_reads_the_overrides(mixed_dir: Path, rtn_dir: Path) -> None:
     assert mixed_bits.mixed_bits(rtn_dir) is None
 
 
-def test_protected_nodes_are_8bit_and_the_rest_4bit(mixed_onnx: Path) -> None:
+def test_protected_nodes_change_and_the_rest_stay_4bit(mixed_onnx: tuple[str, Path]) -> None:
     import onnx
 
-    graph = onnx.load(str(mixed_onnx / "model.onnx"), load_external_data=False).graph
-    bits = {
-        n.name: next(a.i for a in n.attribute if a.name == "bits")
-        for n in graph.node
-        if n.op_type == "MatMulNBits"
+    layout, folder = mixed_onnx
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    kinds = {}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            kinds[node.name] = f"nbits{next(a.i for a in node.attribute if a.name == 'bits')}"
+        elif node.op_type == "MatMul" and "/layers." in node.name:
+            kinds[node.name] = "float"
+    changed = {name for name, kind in kinds.items() if kind != "nbits4"}
+    op = "MatMulNBits" if layout == "nbits8" else "MatMul"
+    assert changed == {
+        f"/model/layers.0/attn/qkv_proj/{op}",
+        f"/model/layers.1/mlp/down_proj/{op}",
     }
-    eight = {name for name, b in bits.items() if b == 8}
-    assert eight == {
-        "/model/layers.0/attn/qkv_proj/MatMulNBits",
-        "/model/layers.1/mlp/down_proj/MatMulNBits",
-    }
-    assert len(bits) > len(eight)
-    assert not list(mixed_onnx.glob(".*"))
+    assert {kinds[name] for name in changed} == {layout}
+    assert len(kinds) > len(changed)
+    assert not list(folder.glob(".*"))
 
 
-def test_onnx_logits_equal_exact_dequantization(mixed_onnx: Path, mixed_dir: Path) -> None:
+def test_onnx_logits_equal_exact_dequantization(
+    mixed_onnx: tuple[str, Path], mixed_dir: Path
+) -> None:
     """fp32 activations (cpu target, accuracy_level 1) against the exact dequantized weights: the
     8-bit codes, the promoted 4-bit k/v codes of the fused node and the untouched 4-bit nodes all
     have to be right for the error to be at float rounding level."""
     from rslora_deploy.evaluation import relative_logit_error
 
-    assert relative_logit_error(mixed_onnx, mixed_dir, windows=2, window_len=64) < 1e-4
+    _, folder = mixed_onnx
+    assert relative_logit_error(folder, mixed_dir, windows=2, window_len=64) < 1e-4
 
 
 def test_promoted_4bit_codes_keep_their_values() -> None:
