@@ -104,10 +104,13 @@ def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
         f"{'fits' if budget['fits'] else 'DOES NOT FIT'} |",
     ]
     protection = quant.get("protection")
-    if protection:
+    shipped = (manifest.get("export") or {}).get("protected_8bit")
+    if protection and shipped:
+        # The package's own growth: 8-bit MatMulNBits, or exact fp32 MatMul on CPU targets.
+        extra = (shipped["bytes_after"] - shipped["bytes_before"]) / 2**20
         lines.append(
-            f"| --protect-adapter | {protection['modules']} modules at 8 bits "
-            f"(+{protection['extra_bytes'] / 2**20:.1f} MiB) |"
+            f"| --protect-adapter | {protection['modules']} modules at 8 bits, shipped as "
+            f"{shipped['layout']} (+{extra:.1f} MiB) |"
         )
     quality = manifest.get("quality") or {}
     for key, value in quality.items():
