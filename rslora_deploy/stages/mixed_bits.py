@@ -78,9 +78,8 @@ def mixed_bits(checkpoint: Path) -> MixedBits | None:
     if not dynamic:
         return None
     base_bits, group = int(cfg.get("bits", 4)), int(cfg.get("group_size", 128))
-    modules = [k[: -len(".qweight")] for k in tensor_shapes(checkpoint) if k.endswith(".qweight")]
     overrides: dict[str, int] = {}
-    for name in modules:
+    for name in _modules(tensor_shapes(checkpoint)):
         override = module_overrides(name, dynamic)
         if override is None:
             continue
@@ -259,7 +258,8 @@ def rewrite_protected_nodes(
         report["bytes_before"] += sum(numpy_helper.to_array(i).nbytes for i in old)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(old[1].data_type)
         if layout == "float":
-            weight = _dequantize_rows(q, zeros, scales, block).T.astype(dtype)
+            codes = _rtn_math.GroupQuant(q, scales, zeros.astype(np.int64), PROTECT_BITS, block)
+            weight = _rtn_math.dequantize(codes).T.astype(dtype)
             name = f"{prefix}.MatMul.weight"
             model.graph.initializer.append(numpy_helper.from_array(weight, name))
             dropped.update(node.input[1:4])
@@ -298,15 +298,8 @@ def rewrite_protected_nodes(
     return report
 
 
-def _dequantize_rows(q: np.ndarray, zeros: np.ndarray, scales: np.ndarray, block: int) -> Any:
-    """``(q - z) * s`` per group: ``[out, in]`` float32 from codes, zero points and scales."""
-    n_out, k_in = q.shape
-    codes = q.astype(np.float32).reshape(n_out, k_in // block, block)
-    offset = codes - zeros.astype(np.float32)[..., None]
-    return (offset * scales.astype(np.float32)[..., None]).reshape(n_out, k_in)
-
-
-def _modules(tensors: dict[str, Any]) -> list[str]:
+def _modules(tensors: Any) -> list[str]:
+    """Quantized module names: the keys that end in ``.qweight``, without it."""
     return [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
 
 

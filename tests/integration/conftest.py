@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -11,3 +13,21 @@ def smollm2_dir():
     from rslora_deploy.assets import default_base_dir
 
     return default_base_dir()
+
+
+def _build_package(root: Path, recipe: str, profile: str, *flags: str) -> Path:
+    """Run ``rslora-deploy build`` with ``recipe`` (TOML text) into ``root/pkg``; assert exit 0."""
+    from rslora_deploy.cli.app import main
+
+    recipe_path = root / "recipe.toml"
+    recipe_path.write_text(recipe)
+    out = root / "pkg"
+    argv = ["build", "--profile", profile, "--recipe", str(recipe_path), "--out", str(out)]
+    assert main([*argv, *flags]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def build_package():
+    """The builder of the integration tests' package fixtures (see :func:`_build_package`)."""
+    return _build_package

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,14 +32,11 @@ keep_quantized_checkpoint = true
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+def package(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, build_package: Any
+) -> Path:
     root = tmp_path_factory.mktemp("protect")
-    recipe = root / "recipe.toml"
-    recipe.write_text(RECIPE)
-    out = root / "pkg"
-    argv = ["build", "--profile", "ascend-310b-2gb", "--recipe", str(recipe), "--out", str(out)]
-    assert main([*argv, "--protect-adapter"]) == 0
-    return out
+    return build_package(root, RECIPE, "ascend-310b-2gb", "--protect-adapter")
 
 
 def test_protection_is_reported_with_its_size(package: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,14 +34,10 @@ keep_quantized_checkpoint = true
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("build")
-    recipe = root / "recipe.toml"
-    recipe.write_text(RECIPE)
-    out = root / "pkg"
-    code = main(["build", "--profile", "t4-2gb", "--recipe", str(recipe), "--out", str(out)])
-    assert code == 0
-    return out
+def package(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, build_package: Any
+) -> Path:
+    return build_package(tmp_path_factory.mktemp("build"), RECIPE, "t4-2gb")
 
 
 def test_package_layout_and_manifest(package: Path) -> None:
