@@ -42,7 +42,7 @@ NEW_TOKENS = 128
 
 
 def _prompt(model_dir: Path, tokens: int) -> str:
-    from rslora_deploy.evaluation import _tokenizer, eval_windows
+    from rslora_deploy.evaluation.quality import _tokenizer, eval_windows
 
     tokenizer = _tokenizer(model_dir)
     ids = eval_windows(tokenizer, 1, tokens).input_ids[0][1:]
@@ -53,12 +53,12 @@ def _prepare(work: Path) -> dict[str, Path]:
     """Merged model, plain and protected RTN checkpoints, and the four ONNX folders."""
     from rslora_deploy.adapters import demo_adapter_dir
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.assets import default_base_dir
     from rslora_deploy.config import AdapterConfig, ExportConfig, MergeConfig, QuantizeConfig
+    from rslora_deploy.data.assets import default_base_dir
+    from rslora_deploy.exporters.genai.builder import export_onnx
     from rslora_deploy.profiles import load_profile
-    from rslora_deploy.stages.export_onnx import export_onnx
+    from rslora_deploy.quantizers.protection import plan_protection
     from rslora_deploy.stages.merge import merge_adapter
-    from rslora_deploy.stages.protect import plan_protection
     from rslora_deploy.stages.quantize import quantize_model
 
     base = default_base_dir()
@@ -125,7 +125,7 @@ def _measure(folder: Path, prompt: str, runs: int) -> dict[str, Any]:
 
 def _perplexity(folders: dict[str, Path], windows: int) -> dict[str, Any]:
     """Perplexity of every ONNX folder on the same Brown evaluation windows (speed has a price)."""
-    from rslora_deploy.evaluation import _tokenizer, eval_windows, onnx_logits, run_lockstep
+    from rslora_deploy.evaluation.quality import _tokenizer, eval_windows, onnx_logits, run_lockstep
 
     text = eval_windows(_tokenizer(folders["ours"]), windows, 512)
     models = {name: onnx_logits(folder) for name, folder in folders.items()}

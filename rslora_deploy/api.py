@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from rslora_deploy.artifact import Artifact
-from rslora_deploy.assets import sha256_file
 from rslora_deploy.config import BuildConfig
+from rslora_deploy.data.assets import sha256_file
 from rslora_deploy.model_view import model_view
 from rslora_deploy.profiles import DeviceProfile, load_profile
 from rslora_deploy.stages.base import StageRecord, measured
@@ -91,8 +91,8 @@ def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> Buil
     Raises:
         RsloraDeployError: any stage failed; nothing is left at ``config.out``.
     """
+    from rslora_deploy.exporters.genai.builder import cpu_view, export_onnx
     from rslora_deploy.stages import budget as budget_stage
-    from rslora_deploy.stages.export_onnx import cpu_view, export_onnx
     from rslora_deploy.stages.load import load_inputs
     from rslora_deploy.stages.package import staged_output, write_manifest, write_model_card
     from rslora_deploy.stages.verify import smoke_generate
@@ -201,7 +201,7 @@ def _quantize(
     # An already-quantized input is checked (config against tensors) and passed through.
     extras, protection = None, None
     if config.quantize.protect_adapter and not is_prequantized(merged.path):
-        from rslora_deploy.stages.protect import plan_protection
+        from rslora_deploy.quantizers.protection import plan_protection
 
         extras, protection = plan_protection(
             base.path, merged.path, config.quantize, config.quantize.protect_ratio
@@ -228,7 +228,7 @@ def _evaluate(
 ) -> dict[str, Any] | None:
     if not config.eval.enabled:
         return None
-    from rslora_deploy.evaluation import evaluate_build
+    from rslora_deploy.evaluation.quality import evaluate_build
 
     base_dir = inputs.base.path
     survival_base = base_dir if merged.path != base_dir else None

@@ -73,7 +73,7 @@ def apply_on_the_fly(model: nn.Module, deltas: list[ModuleDelta]) -> nn.Module:
 
     Runs the same validation as the merge (E020-E022, E050 is not relevant: nothing is written).
     """
-    from rslora_deploy.merging import (
+    from rslora_deploy.adapters.merge_math import (
         check_delta_against_layer,
         layer_layout,
         logical_shape,

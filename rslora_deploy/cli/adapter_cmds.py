@@ -56,7 +56,7 @@ def atomic_dir(out: Path) -> Any:
 def _default_base(base: Path | None) -> Path:
     if base is not None:
         return base
-    from rslora_deploy.assets import default_base_dir
+    from rslora_deploy.data.assets import default_base_dir
 
     return default_base_dir()
 
@@ -186,7 +186,7 @@ def convert_cmd(
 
 def _texts(data: str) -> list[str]:
     if data.startswith("brown:"):
-        from rslora_deploy.corpus import iter_documents
+        from rslora_deploy.data.corpus import iter_documents
 
         texts = [d.text for d in iter_documents("calibration", genre=data.split(":", 1)[1])]
         if not texts:
@@ -224,7 +224,7 @@ def train_cmd(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """Train only the v vectors of RS-LoRA modules on attention and MLP projections."""
-    from rslora_deploy.training import TrainConfig, train_adapter
+    from rslora_deploy.adapters.training import TrainConfig, train_adapter
 
     cfg = TrainConfig(
         r=r,

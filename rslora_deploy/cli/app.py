@@ -154,8 +154,8 @@ def export(
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import ExportConfig
     from rslora_deploy.errors import InputError
+    from rslora_deploy.exporters.genai.builder import export_onnx
     from rslora_deploy.profiles import load_profile
-    from rslora_deploy.stages.export_onnx import export_onnx
     from rslora_deploy.stages.package import staged_output
 
     prof = load_profile(profile)
@@ -247,7 +247,7 @@ def verify(
     import tempfile
 
     from rslora_deploy.errors import ExportValidationError, InputError
-    from rslora_deploy.stages.export_onnx import cpu_view
+    from rslora_deploy.exporters.genai.builder import cpu_view
     from rslora_deploy.stages.package import MANIFEST, verify_manifest
     from rslora_deploy.stages.verify import smoke_generate
 
@@ -284,9 +284,9 @@ def package(
 
     from rslora_deploy.api import describe_dir, measured_cpu
     from rslora_deploy.errors import InputError
+    from rslora_deploy.exporters.genai.builder import cpu_view
     from rslora_deploy.profiles import load_profile
     from rslora_deploy.stages.budget import estimate
-    from rslora_deploy.stages.export_onnx import cpu_view
     from rslora_deploy.stages.package import (
         manifest_header,
         staged_output,
@@ -352,7 +352,7 @@ def assets_fetch(
     force: Annotated[bool, typer.Option(help="Re-fetch and re-convert.")] = False,
 ) -> None:
     """Fetch and convert the default base model and corpus into the cache (idempotent)."""
-    from rslora_deploy.assets import fetch_all
+    from rslora_deploy.data.assets import fetch_all
 
     for name, path in fetch_all(force).items():
         print(f"{name}: {path}")

@@ -126,7 +126,7 @@ def quantize(
 
 
 def _protection(base: Path, model: Path, cfg: Any, ratio: float) -> tuple[Any, dict[str, Any]]:
-    from rslora_deploy.stages.protect import plan_protection
+    from rslora_deploy.quantizers.protection import plan_protection
 
     return plan_protection(base, model, cfg, ratio)
 
@@ -154,7 +154,7 @@ def eval_cmd(
 ) -> None:
     """Perplexity, greedy agreement, ONNX-vs-PyTorch logit error and adapter survival."""
     from rslora_deploy.config import EvalConfig
-    from rslora_deploy.evaluation import evaluate_build, evaluate_models
+    from rslora_deploy.evaluation.quality import evaluate_build, evaluate_models
 
     _require_dir(model, "--model")
     for path, flag in ((quantized, "--quantized"), (onnx, "--onnx"), (base, "--base")):

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from rslora_deploy.calibration import CalibrationSet
     from rslora_deploy.config import QuantizeConfig
+    from rslora_deploy.data.calibration import CalibrationSet
 
 
 class QuantizeExtras(BaseModel):

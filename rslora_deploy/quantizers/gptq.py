@@ -15,19 +15,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rslora_deploy.errors import QuantizationError
-from rslora_deploy.quantizers import _gptqmodel
+from rslora_deploy.quantizers import gptqmodel_engine
 from rslora_deploy.quantizers.base import QuantizeExtras
 
 if TYPE_CHECKING:
-    from rslora_deploy.calibration import CalibrationSet
     from rslora_deploy.config import QuantizeConfig
+    from rslora_deploy.data.calibration import CalibrationSet
 
 logger = logging.getLogger(__name__)
 
 
 def gptq_config(cfg: QuantizeConfig, extras: QuantizeExtras) -> Any:
     """gptqmodel's ``QuantizeConfig`` for our config (lm_head never quantized)."""
-    _gptqmodel.prepare_env()
+    gptqmodel_engine.prepare_env()
     from gptqmodel import QuantizeConfig as EngineConfig
 
     kwargs: dict[str, Any] = {
@@ -61,8 +61,8 @@ class GPTQQuantizer:
         """Calibrate, quantize and save into ``out_dir``."""
         if calib is None:
             raise QuantizationError("gptq needs calibration data; the stage passed none")
-        model = _gptqmodel.load(model_dir, gptq_config(cfg, extras), cfg.compute_dtype)
-        _gptqmodel.run_quantize(model, calib.as_gptqmodel(), batch_size=cfg.batch_size)
+        model = gptqmodel_engine.load(model_dir, gptq_config(cfg, extras), cfg.compute_dtype)
+        gptqmodel_engine.run_quantize(model, calib.as_gptqmodel(), batch_size=cfg.batch_size)
         model.save(str(out_dir))
         del model
-        return _gptqmodel.finalize_checkpoint(model_dir, out_dir)
+        return gptqmodel_engine.finalize_checkpoint(model_dir, out_dir)

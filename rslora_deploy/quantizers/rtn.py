@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from rslora_deploy.errors import NonFiniteError
-from rslora_deploy.quantizers import _checkpoint, _rtn_math
+from rslora_deploy.quantizers import checkpoint, rtn_math
 from rslora_deploy.quantizers.base import QuantizeExtras
 
 if TYPE_CHECKING:
-    from rslora_deploy.calibration import CalibrationSet
     from rslora_deploy.config import QuantizeConfig
+    from rslora_deploy.data.calibration import CalibrationSet
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class RTNQuantizer:
 
     name: ClassVar[str] = "rtn"
     needs_calibration: ClassVar[bool] = False
-    supported_bits: ClassVar[tuple[int, ...]] = _rtn_math.SUPPORTED_BITS
+    supported_bits: ClassVar[tuple[int, ...]] = rtn_math.SUPPORTED_BITS
 
     def quantize(
         self,
@@ -47,11 +47,11 @@ class RTNQuantizer:
         """Quantize every decoder linear of ``model_dir`` and save a GPTQ checkpoint."""
         from safetensors.numpy import save_file
 
-        tensors = _checkpoint.load_tensors(model_dir)
+        tensors = checkpoint.load_tensors(model_dir)
         max_err = 0.0
         quantized = 0
-        for spec in _checkpoint.decoder_linears(model_dir):
-            override = _checkpoint.module_overrides(spec.name, extras.dynamic)
+        for spec in checkpoint.decoder_linears(model_dir):
+            override = checkpoint.module_overrides(spec.name, extras.dynamic)
             if override is None:
                 continue
             bits = int(override.get("bits", cfg.bits))
@@ -62,14 +62,14 @@ class RTNQuantizer:
                     f"weight of {spec.name} contains NaN/Inf; fix the merged model (re-run the "
                     "merge, check the adapter) before quantizing"
                 )
-            gq = _rtn_math.quantize_rtn(weight, bits, group, cfg.sym)
-            packed = _rtn_math.pack_gptq(gq)
+            gq = rtn_math.quantize_rtn(weight, bits, group, cfg.sym)
+            packed = rtn_math.pack_gptq(gq)
             tensors[f"{spec.name}.qweight"] = packed.qweight
             tensors[f"{spec.name}.qzeros"] = packed.qzeros
             tensors[f"{spec.name}.scales"] = packed.scales
             tensors[f"{spec.name}.g_idx"] = packed.g_idx
             rel = float(
-                np.linalg.norm(_rtn_math.dequantize(gq) - weight)
+                np.linalg.norm(rtn_math.dequantize(gq) - weight)
                 / max(np.linalg.norm(weight), 1e-30)
             )
             max_err = max(max_err, rel)
@@ -77,7 +77,7 @@ class RTNQuantizer:
             quantized += 1
         save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
         write_gptq_config(model_dir, out_dir, cfg, extras, QUANTIZER_TAG, {"method": "rtn"})
-        _checkpoint.copy_extras(model_dir, out_dir)
+        checkpoint.copy_extras(model_dir, out_dir)
         return {"layers_quantized": quantized, "max_relative_weight_error": max_err}
 
 
@@ -110,7 +110,7 @@ def write_gptq_config(
     }
     if extras.dynamic:
         qcfg["dynamic"] = extras.dynamic
-    config = _checkpoint.read_config(model_dir)
+    config = checkpoint.read_config(model_dir)
     config["quantization_config"] = qcfg
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")

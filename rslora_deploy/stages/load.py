@@ -10,9 +10,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from rslora_deploy import assets
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.config import BuildConfig
+from rslora_deploy.data import assets
 from rslora_deploy.errors import InputError
 from rslora_deploy.model_view import model_view
 

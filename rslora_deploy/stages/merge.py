@@ -83,8 +83,8 @@ def _base_shapes(
     model: Any, names: list[str], rename: dict[str, str]
 ) -> dict[str, tuple[int, int]]:
     """Layer shapes keyed by the *recorded* names, looked up under their renamed names."""
+    from rslora_deploy.adapters.merge_math import layer_layout, logical_shape, resolve_module
     from rslora_deploy.adapters.rename import rename_name
-    from rslora_deploy.merging import layer_layout, logical_shape, resolve_module
 
     shapes = {}
     for name in names:
@@ -176,7 +176,12 @@ def merge_adapter(
     # Renamed only now: RSG-1 keys and P~ checksums were derived from the recorded names while
     # loading, so P~ does not depend on the map (spec 9, module renames).
     renamed = apply_renames([*adapter.deltas, *adapter.overrides], rename)
-    from rslora_deploy.merging import apply_overrides, merge_deltas, stats_as_dicts, verify_base
+    from rslora_deploy.adapters.merge_math import (
+        apply_overrides,
+        merge_deltas,
+        stats_as_dicts,
+        verify_base,
+    )
 
     recorded = sorted({d.recorded_name or d.name for d in adapter.deltas})
     base_check = verify_base(

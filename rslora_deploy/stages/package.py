@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rslora_deploy.assets import chmod_like_mkdir, sha256_file
+from rslora_deploy.data.assets import chmod_like_mkdir, sha256_file
 from rslora_deploy.errors import ConfigError
 
 MANIFEST = "manifest.json"

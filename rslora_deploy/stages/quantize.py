@@ -17,14 +17,14 @@ from rslora_deploy.artifact import Artifact
 from rslora_deploy.config import QuantizeConfig
 from rslora_deploy.errors import ConfigError, QuantizationError, UnsupportedError
 from rslora_deploy.quantizers import QUANTIZERS
-from rslora_deploy.quantizers._checkpoint import (
+from rslora_deploy.quantizers.base import QuantizeExtras
+from rslora_deploy.quantizers.checkpoint import (
     LinearSpec,
     check_prequantized,
     decoder_linears,
     quantization_config,
     read_config,
 )
-from rslora_deploy.quantizers.base import QuantizeExtras
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def quantize_model(
 def _calibration(model_dir: Path, cfg: QuantizeConfig) -> Any:
     from transformers import AutoTokenizer
 
-    from rslora_deploy.calibration import build_calibration
+    from rslora_deploy.data.calibration import build_calibration
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     return build_calibration(

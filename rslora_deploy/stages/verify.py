@@ -2,7 +2,7 @@
 
 Runs in a child process so that its peak RSS is the runtime's own (model + KV cache + arena), not
 ours; that number goes into the budget report next to the estimate. A CUDA-target export is run
-through :func:`rslora_deploy.stages.export_onnx.cpu_view` on machines without a GPU.
+through :func:`rslora_deploy.exporters.genai.builder.cpu_view` on machines without a GPU.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The converted SmolLM2-135M-Instruct directory; fails (not skips) if assets are missing."""
-    from rslora_deploy.assets import default_base_dir
+    from rslora_deploy.data.assets import default_base_dir
 
     return default_base_dir()
 

@@ -113,8 +113,8 @@ def test_generates_coherent_english(package: Path) -> None:
 
 
 def test_onnx_logits_match_torch_quantized(package: Path) -> None:
-    from rslora_deploy.evaluation import relative_logit_error
-    from rslora_deploy.stages.export_onnx import cpu_view
+    from rslora_deploy.evaluation.quality import relative_logit_error
+    from rslora_deploy.exporters.genai.builder import cpu_view
 
     view = cpu_view(package / "model", package.parent / "cpu_view")
     error = relative_logit_error(view, package / "quantized")

@@ -3,7 +3,7 @@
 The checkpoint the quantize stage writes must reload through plain
 ``transformers.AutoModelForCausalLM`` with logits matching the quantized model held in memory.
 "In memory" here is the fp32 model whose every linear weight is the dequantization of the packed
-tensors (our independent reference, ``_rtn_math.dequantize_gptq``), built without transformers'
+tensors (our independent reference, ``rtn_math.dequantize_gptq``), built without transformers'
 or gptqmodel's loaders. (gptqmodel's own in-memory model right after ``quantize()`` is not a
 usable reference: with disk offload its layers are gone, and without offload its forward differed
 from the saved checkpoint by a relative 0.16 on a tiny model while the saved checkpoint matched
@@ -34,8 +34,8 @@ def test_gptq_smollm2_reloads_through_transformers(smollm2_dir, tmp_path):
 
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import QuantizeConfig
-    from rslora_deploy.quantizers import _rtn_math
-    from rslora_deploy.quantizers._checkpoint import check_prequantized, decoder_linears
+    from rslora_deploy.quantizers import rtn_math
+    from rslora_deploy.quantizers.checkpoint import check_prequantized, decoder_linears
     from rslora_deploy.stages.quantize import quantize_model
 
     cfg = QuantizeConfig(method="gptq", group_size=64, calib_samples=8, calib_seq_len=128)
@@ -64,13 +64,13 @@ def test_gptq_smollm2_reloads_through_transformers(smollm2_dir, tmp_path):
         full = reference(ids).logits[0]
     for spec in decoder_linears(smollm2_dir):
         n = spec.name
-        packed = _rtn_math.PackedGPTQ(
+        packed = rtn_math.PackedGPTQ(
             tensors[f"{n}.qweight"],
             tensors[f"{n}.qzeros"],
             tensors[f"{n}.scales"],
             tensors[f"{n}.g_idx"],
         )
-        weight = torch.from_numpy(_rtn_math.dequantize_gptq(packed, 4))
+        weight = torch.from_numpy(rtn_math.dequantize_gptq(packed, 4))
         reference.get_submodule(n).weight.data = weight
     with torch.inference_mode():
         in_memory = reference(ids).logits[0]

@@ -32,11 +32,11 @@ def test_demo_adapter_merges_into_smollm2_and_lowers_loss(tmp_path: Path) -> Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rslora_deploy.assets import default_base_dir
+    from rslora_deploy.adapters.training import mean_loss, token_windows
     from rslora_deploy.config import AdapterConfig, MergeConfig
-    from rslora_deploy.corpus import iter_documents
+    from rslora_deploy.data.assets import default_base_dir
+    from rslora_deploy.data.corpus import iter_documents
     from rslora_deploy.stages.merge import merge_adapter
-    from rslora_deploy.training import mean_loss, token_windows
 
     base = default_base_dir()
     art = merge_adapter(

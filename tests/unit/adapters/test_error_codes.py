@@ -19,9 +19,9 @@ from torch import nn
 from rslora_deploy.adapters import rslora_v1
 from rslora_deploy.adapters.delta import ModuleDelta
 from rslora_deploy.adapters.detect import load_adapter
+from rslora_deploy.adapters.merge_math import merge_deltas
 from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
 from rslora_deploy.errors import RsloraDeployError
-from rslora_deploy.merging import merge_deltas
 from rslora_deploy.testing.adapters import f32, fake_base_model, write_peft_dir
 
 Q = "model.layers.0.self_attn.q_proj"

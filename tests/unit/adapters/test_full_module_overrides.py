@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 peft = pytest.importorskip("peft")
 
 from rslora_deploy.adapters.detect import load_adapter  # noqa: E402
+from rslora_deploy.adapters.merge_math import apply_overrides, merge_deltas  # noqa: E402
 from rslora_deploy.cli.app import main  # noqa: E402
 from rslora_deploy.config import AdapterConfig, MergeConfig  # noqa: E402
 from rslora_deploy.errors import RsloraDeployError  # noqa: E402
-from rslora_deploy.merging import apply_overrides, merge_deltas  # noqa: E402
 from rslora_deploy.stages.merge import merge_adapter  # noqa: E402
 from rslora_deploy.testing.tiny import example_inputs, save_tiny, tiny_llama  # noqa: E402
 

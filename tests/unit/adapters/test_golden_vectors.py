@@ -16,8 +16,8 @@ from rslora_deploy.adapters.convert import to_peft_lora
 from rslora_deploy.adapters.delta import ModuleDelta
 from rslora_deploy.adapters.detect import load_adapter
 from rslora_deploy.adapters.layers import apply_on_the_fly
+from rslora_deploy.adapters.merge_math import merge_deltas
 from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
-from rslora_deploy.merging import merge_deltas
 from rslora_deploy.testing.adapters import f32 as np_f32
 from rslora_deploy.testing.adapters import fake_base_model, write_peft_dir
 

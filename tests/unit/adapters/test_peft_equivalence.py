@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 
 from rslora_deploy.adapters.detect import load_adapter  # noqa: E402
 from rslora_deploy.adapters.layers import apply_on_the_fly  # noqa: E402
-from rslora_deploy.merging import merge_deltas  # noqa: E402
+from rslora_deploy.adapters.merge_math import merge_deltas  # noqa: E402
 from rslora_deploy.testing.tiny import (  # noqa: E402
     example_inputs,
     tiny_gpt2,

@@ -23,8 +23,8 @@ from rslora_deploy.adapters.convert import to_peft_lora
 from rslora_deploy.adapters.delta import ModuleDelta
 from rslora_deploy.adapters.detect import load_adapter
 from rslora_deploy.adapters.layers import apply_on_the_fly
+from rslora_deploy.adapters.merge_math import merge_deltas
 from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
-from rslora_deploy.merging import merge_deltas
 from rslora_deploy.testing.adapters import fake_base_model
 
 MASK = (1 << 64) - 1

@@ -17,8 +17,8 @@ from rslora_deploy.errors import (
     NonFiniteError,
     QuantizationError,
 )
-from rslora_deploy.quantizers import _rtn_math
-from rslora_deploy.quantizers._checkpoint import check_prequantized, decoder_linears
+from rslora_deploy.quantizers import rtn_math
+from rslora_deploy.quantizers.checkpoint import check_prequantized, decoder_linears
 from rslora_deploy.stages.quantize import is_prequantized, quantize_model
 
 LAYER = "model.layers.1.mlp.down_proj"
@@ -26,7 +26,7 @@ LAYER = "model.layers.1.mlp.down_proj"
 
 def _packed(directory, layer=LAYER):
     t = load_file(str(directory / "model.safetensors"))
-    return _rtn_math.PackedGPTQ(
+    return rtn_math.PackedGPTQ(
         t[f"{layer}.qweight"], t[f"{layer}.qzeros"], t[f"{layer}.scales"], t[f"{layer}.g_idx"]
     )
 
@@ -85,8 +85,8 @@ def test_rtn_checkpoint_is_gptq_v1(rtn_dir, tiny_dir):
     src = load_file(str(tiny_dir / "model.safetensors"))
     assert np.array_equal(tensors["model.embed_tokens.weight"], src["model.embed_tokens.weight"])
     # Stored codes are exactly the reference quantizer's.
-    gq = _rtn_math.quantize_rtn(src[f"{LAYER}.weight"], 4, 64, True)
-    assert np.array_equal(_rtn_math.unpack_gptq(_packed(rtn_dir), 4).q, gq.q)
+    gq = rtn_math.quantize_rtn(src[f"{LAYER}.weight"], 4, 64, True)
+    assert np.array_equal(rtn_math.unpack_gptq(_packed(rtn_dir), 4).q, gq.q)
     assert (rtn_dir / "tokenizer.json").is_file()
 
 
@@ -98,7 +98,7 @@ def test_gptqmodel_unpacks_rtn_bit_exact(rtn_dir):
     model = GPTQModel.load(str(rtn_dir), backend=BACKEND.TORCH, dtype=torch.float16)
     module = model.model.get_submodule(LAYER)
     theirs = module.dequantize_weight().T.to(torch.float16).numpy()  # [out, in]
-    ours = _rtn_math.dequantize_gptq(_packed(rtn_dir), 4).astype(np.float16)
+    ours = rtn_math.dequantize_gptq(_packed(rtn_dir), 4).astype(np.float16)
     assert np.array_equal(theirs, ours)
 
 
@@ -108,7 +108,7 @@ def _dequantized_reference(tiny_dir, rtn_dir):
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     for spec in decoder_linears(tiny_dir):
-        w = _rtn_math.dequantize_gptq(_packed(rtn_dir, spec.name), 4)
+        w = rtn_math.dequantize_gptq(_packed(rtn_dir, spec.name), 4)
         ref.get_submodule(spec.name).weight.data = torch.from_numpy(w)
     return ref.eval()
 
@@ -152,7 +152,7 @@ def test_prequantized_config_mismatch(rtn_dir, tmp_path):
 def test_nan_weight_fails_before_writing(tmp_path, tokenizer_dir):
     from safetensors.numpy import save_file
 
-    from tests.unit.quantizers.conftest import make_tiny
+    from tests.unit.conftest import make_tiny
 
     src = make_tiny(tmp_path / "nan", tokenizer_dir, seed=1)
     tensors = load_file(str(src / "model.safetensors"))

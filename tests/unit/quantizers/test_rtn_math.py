@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rslora_deploy.quantizers import _rtn_math as rtn
+from rslora_deploy.quantizers import rtn_math as rtn
 
 
 def _weight(out_f: int, in_f: int, seed: int) -> np.ndarray:

@@ -63,7 +63,7 @@ def eval_windows(
     Raises:
         InputError: the split holds fewer tokens than ``windows`` windows need.
     """
-    from rslora_deploy.corpus import iter_documents
+    from rslora_deploy.data.corpus import iter_documents
 
     docs = [d.text for d in iter_documents("evaluation", genre=genre)]
     source = f"brown:evaluation:{genre or 'all'}"
@@ -131,7 +131,7 @@ def load_torch_model(model_dir: Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rslora_deploy.quantizers._checkpoint import quantization_config
+    from rslora_deploy.quantizers.checkpoint import quantization_config
 
     qcfg = quantization_config(Path(model_dir)) or {}
     if qcfg.get("dynamic") and str(qcfg.get("quant_method", "gptq")) == "gptq":
@@ -159,8 +159,8 @@ def dequantized_gptq_model(model_dir: Path) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rslora_deploy.quantizers import _rtn_math
-    from rslora_deploy.quantizers._checkpoint import load_tensors
+    from rslora_deploy.quantizers import rtn_math
+    from rslora_deploy.quantizers.checkpoint import load_tensors
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
@@ -173,10 +173,10 @@ def dequantized_gptq_model(model_dir: Path) -> Any:
             layer = key[: -len(".qweight")]
             g_idx = tensors[f"{layer}.g_idx"]
             bits = 32 * value.shape[0] // len(g_idx)
-            packed = _rtn_math.PackedGPTQ(
+            packed = rtn_math.PackedGPTQ(
                 value, tensors[f"{layer}.qzeros"], tensors[f"{layer}.scales"], g_idx
             )
-            state[f"{layer}.weight"] = torch.from_numpy(_rtn_math.dequantize_gptq(packed, bits))
+            state[f"{layer}.weight"] = torch.from_numpy(rtn_math.dequantize_gptq(packed, bits))
         elif not key.endswith((".qzeros", ".scales", ".g_idx")):
             state[key] = torch.from_numpy(np.ascontiguousarray(value)).float()
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -340,7 +340,7 @@ def evaluate_build(
         JSON-able dict: protocol, per-model perplexity / agreement, relative logit errors,
         ``onnx_vs_torch_ok`` and (with ``base_dir``) ``survival``.
     """
-    from rslora_deploy import survival
+    from rslora_deploy.evaluation import survival
 
     start = time.perf_counter()
     tokenizer = _tokenizer(merged_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rslora_deploy import assets
+from rslora_deploy.data import assets
 from rslora_deploy.errors import AssetError
 
 

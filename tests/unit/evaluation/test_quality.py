@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from rslora_deploy.evaluation import EvalText, run_lockstep, windows_from_texts
+from rslora_deploy.evaluation.quality import EvalText, run_lockstep, windows_from_texts
 
 VOCAB = 10
 
@@ -77,7 +77,7 @@ def test_dequantized_model_matches_transformers_reload(rtn_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rslora_deploy.evaluation import dequantized_gptq_model
+    from rslora_deploy.evaluation.quality import dequantized_gptq_model
     from rslora_deploy.testing.tiny import example_inputs
 
     ids = example_inputs(vocab=49152, seq=16)
@@ -95,7 +95,7 @@ def test_protected_checkpoint_loads_with_8bit_module(tmp_path, tiny_dir):
 
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import QuantizeConfig
-    from rslora_deploy.evaluation import load_torch_model
+    from rslora_deploy.evaluation.quality import load_torch_model
     from rslora_deploy.quantizers.base import QuantizeExtras
     from rslora_deploy.stages.quantize import quantize_model
 

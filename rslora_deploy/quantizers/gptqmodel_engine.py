@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rslora_deploy.errors import NonFiniteQuantizationError, QuantizationError, UnsupportedError
-from rslora_deploy.quantizers import _checkpoint
+from rslora_deploy.quantizers import checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +87,18 @@ def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
         qcfg = data.get("quantization_config", data)
         (qcfg.get("meta") or {}).pop("offload_to_disk_path", None)
         if name == "config.json":
-            source_cfg = _checkpoint.read_config(model_dir)
+            source_cfg = checkpoint.read_config(model_dir)
             for key in ("dtype", "torch_dtype"):
                 if key in source_cfg:
                     data[key] = source_cfg[key]
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     (out_dir / "quant_log.csv").unlink(missing_ok=True)
     source: dict[str, torch.Tensor] = {}
-    for path in _checkpoint.weight_files(model_dir):
+    for path in checkpoint.weight_files(model_dir):
         source.update(load_file(path))
     restored = 0
     modified = 0
-    for path in _checkpoint.weight_files(out_dir):
+    for path in checkpoint.weight_files(out_dir):
         tensors = load_file(path)
         for key, tensor in tensors.items():
             if not torch.isfinite(

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from rslora_deploy.calibration import build_calibration, read_calibration_file
+from rslora_deploy.data.calibration import build_calibration, read_calibration_file
 from rslora_deploy.errors import CalibrationDataError
 
 PARAGRAPH = (

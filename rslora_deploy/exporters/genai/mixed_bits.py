@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from rslora_deploy.errors import ExportError, UnsupportedError
-from rslora_deploy.quantizers import _rtn_math
-from rslora_deploy.quantizers._checkpoint import (
+from rslora_deploy.quantizers import rtn_math
+from rslora_deploy.quantizers.checkpoint import (
     module_overrides,
     quantization_config,
     tensor_shapes,
@@ -109,8 +109,8 @@ def mixed_bits(checkpoint: Path) -> MixedBits | None:
     return MixedBits(base_bits, group, overrides)
 
 
-def _packed(tensors: dict[str, Any], module: str) -> _rtn_math.PackedGPTQ:
-    return _rtn_math.PackedGPTQ(
+def _packed(tensors: dict[str, Any], module: str) -> rtn_math.PackedGPTQ:
+    return rtn_math.PackedGPTQ(
         *(tensors[f"{module}.{t}"].numpy() for t in ("qweight", "qzeros", "scales", "g_idx"))
     )
 
@@ -152,9 +152,9 @@ def builder_view(checkpoint: Path, view_dir: Path, mixed: MixedBits) -> Path:
         (view_dir / name).write_text(json.dumps(data, indent=2), encoding="utf-8")
     tensors = _load_torch(checkpoint)
     for module, bits in mixed.overrides.items():
-        weight = _rtn_math.dequantize_gptq(_packed(tensors, module), bits)
-        packed = _rtn_math.pack_gptq(
-            _rtn_math.quantize_rtn(weight, mixed.base_bits, mixed.group_size, sym=True)
+        weight = rtn_math.dequantize_gptq(_packed(tensors, module), bits)
+        packed = rtn_math.pack_gptq(
+            rtn_math.quantize_rtn(weight, mixed.base_bits, mixed.group_size, sym=True)
         )
         for field in ("qweight", "qzeros", "scales", "g_idx"):
             tensors[f"{module}.{field}"] = torch.from_numpy(getattr(packed, field))
@@ -179,7 +179,7 @@ def node_modules(node_prefix: str) -> tuple[str, ...]:
     return (f"{head}.{rest.replace('attn.', 'self_attn.', 1)}",)
 
 
-def codes_8bit(gq: _rtn_math.GroupQuant) -> tuple[np.ndarray, np.ndarray]:
+def codes_8bit(gq: rtn_math.GroupQuant) -> tuple[np.ndarray, np.ndarray]:
     """8-bit codes and zero points for one module (4-bit codes promoted without changing values).
 
     Returns:
@@ -243,7 +243,7 @@ def rewrite_protected_nodes(
                 "named its nodes in a way this export does not know (report it with the model)"
             )
         attrs = {a.name: a for a in node.attribute}
-        parts = [_rtn_math.unpack_gptq(_packed(tensors, m), bits_of[m]) for m in modules]
+        parts = [rtn_math.unpack_gptq(_packed(tensors, m), bits_of[m]) for m in modules]
         q, zeros = (np.concatenate(x) for x in zip(*(codes_8bit(p) for p in parts), strict=True))
         scales = np.concatenate([p.scales for p in parts])
         n_out, k_in = q.shape
@@ -258,8 +258,8 @@ def rewrite_protected_nodes(
         report["bytes_before"] += sum(numpy_helper.to_array(i).nbytes for i in old)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(old[1].data_type)
         if layout == "float":
-            codes = _rtn_math.GroupQuant(q, scales, zeros.astype(np.int64), PROTECT_BITS, block)
-            weight = _rtn_math.dequantize(codes).T.astype(dtype)
+            codes = rtn_math.GroupQuant(q, scales, zeros.astype(np.int64), PROTECT_BITS, block)
+            weight = rtn_math.dequantize(codes).T.astype(dtype)
             name = f"{prefix}.MatMul.weight"
             model.graph.initializer.append(numpy_helper.from_array(weight, name))
             dropped.update(node.input[1:4])

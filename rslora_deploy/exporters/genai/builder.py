@@ -73,15 +73,15 @@ def export_onnx(
         ExportError: the builder failed (the message quotes its last error line and the log path).
     """
     cache_dir = out_dir.parent / f".{out_dir.name}.builder-cache"
+    from rslora_deploy.exporters.genai import mixed_bits
     from rslora_deploy.model_view import model_view
-    from rslora_deploy.stages import mixed_bits
 
     tied = model_view(quantized.path).tie_word_embeddings
     mixed = mixed_bits.mixed_bits(quantized.path)
     source = quantized.path
     if mixed is not None:
         # The builder reads one bit width: it gets a uniform 4-bit view, and the protected
-        # modules' 8-bit weights are written into its graph afterwards (stages/mixed_bits.py).
+        # modules' 8-bit weights are written into its graph afterwards (genai/mixed_bits.py).
         source = mixed_bits.builder_view(
             quantized.path, out_dir.parent / f".{out_dir.name}.builder-view", mixed
         )

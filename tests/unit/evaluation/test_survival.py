@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from rslora_deploy import survival
+from rslora_deploy.evaluation import survival
+from rslora_deploy.quantizers import protection
 
 
 def _logits(seed: int, shape=(6, 11)) -> np.ndarray:
@@ -71,7 +72,7 @@ def test_tiny_models_survival(tmp_path, tokenizer_dir):
     from rslora_deploy.config import QuantizeConfig
     from rslora_deploy.stages.quantize import quantize_model
     from rslora_deploy.testing.tiny import example_inputs
-    from tests.unit.quantizers.conftest import make_tiny
+    from tests.unit.conftest import make_tiny
 
     base = make_tiny(tmp_path / "b", tokenizer_dir, seed=3)
     merged = make_tiny(tmp_path / "m", tokenizer_dir, seed=3)
@@ -86,15 +87,15 @@ def test_tiny_models_survival(tmp_path, tokenizer_dir):
         Artifact("hf", merged), tmp_path / "q", QuantizeConfig(method="rtn")
     ).path
 
-    ratios = survival.delta_to_step_ratios(base, merged, 4, 64, True)
+    ratios = protection.delta_to_step_ratios(base, merged, 4, 64, True)
     assert list(ratios) == ["model.layers.0.mlp.up_proj"]
-    dyn = survival.protection_dynamic(ratios, max_ratio=100.0)
+    dyn = protection.protection_dynamic(ratios, max_ratio=100.0)
     # up_proj changed; gate_proj joins it because the genai builder fuses the two.
     assert dyn == {
         r"+:^model\.layers\.0\.mlp\.gate_proj$": {"bits": 8},
         r"+:^model\.layers\.0\.mlp\.up_proj$": {"bits": 8},
     }
-    assert survival.protection_dynamic(ratios, max_ratio=1e-9) == {}
+    assert protection.protection_dynamic(ratios, max_ratio=1e-9) == {}
 
     ids = example_inputs(vocab=49152, batch=1, seq=24)
     logits = {}
@@ -124,21 +125,21 @@ def test_protected_rtn_is_bigger(tmp_path, tiny_dir):
     prot = quantize_model(
         Artifact("hf", tiny_dir), tmp_path / "b", cfg, extras=QuantizeExtras(dynamic=dyn)
     ).path
-    a, b = survival.quantized_weight_bytes(plain), survival.quantized_weight_bytes(prot)
+    a, b = protection.quantized_weight_bytes(plain), protection.quantized_weight_bytes(prot)
     # up_proj [256, 128]: 4-bit qweight 16 KiB -> 8-bit 32 KiB; qzeros double too.
     assert b - a == 128 * 256 // 2 + 2 * 256 // 2
 
 
 def test_protection_widens_to_fused_siblings_and_costs():
-    from rslora_deploy.quantizers._checkpoint import LinearSpec
+    from rslora_deploy.quantizers.checkpoint import LinearSpec
 
     ratios = {
         "m.layers.0.self_attn.k_proj": {"ratio": 0.1},
         "m.layers.0.mlp.down_proj": {"ratio": 5.0},
     }
-    mods = survival.protected_modules(ratios, max_ratio=1.0)
+    mods = protection.protected_modules(ratios, max_ratio=1.0)
     assert mods == [f"m.layers.0.self_attn.{p}" for p in ("k_proj", "q_proj", "v_proj")]
     specs = [LinearSpec("m.layers.0.self_attn.q_proj", 128, 128, False)]
     # 4 -> 8 bits on [128, 128] at g64: qweight +8192 B, qzeros 2 groups x 128 x 0.5 B = +128 B.
-    assert survival.protection_cost_bytes(specs, mods, 4, 64) == 8192 + 128
-    assert survival.gptq_layer_bytes(128, 128, 4, 64) == 8192 + 128 + 512 + 512
+    assert protection.protection_cost_bytes(specs, mods, 4, 64) == 8192 + 128
+    assert protection.gptq_layer_bytes(128, 128, 4, 64) == 8192 + 128 + 512 + 512

@@ -10,11 +10,11 @@ import torch
 
 from rslora_deploy.adapters.detect import load_adapter
 from rslora_deploy.adapters.layers import RSLoRALinear
+from rslora_deploy.adapters.merge_math import merge_deltas
 from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
-from rslora_deploy.merging import merge_deltas
+from rslora_deploy.adapters.training import TrainConfig, collect_v, inject, target_names, train
 from rslora_deploy.testing.adapters import fake_base_model
 from rslora_deploy.testing.tiny import tiny_llama
-from rslora_deploy.training import TrainConfig, collect_v, inject, target_names, train
 
 
 def test_train_only_v_and_checkpoint_reproduces_model(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
-    from rslora_deploy.assets import default_base_dir
+    from rslora_deploy.data.assets import default_base_dir
 
     return default_base_dir()
 

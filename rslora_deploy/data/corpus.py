@@ -92,7 +92,7 @@ def iter_documents(
     split: str, genre: str | None = None, root: Path | None = None
 ) -> Iterator[Document]:
     """Documents of one split of the fetched corpus, optionally of one genre."""
-    from rslora_deploy.assets import brown_dir
+    from rslora_deploy.data.assets import brown_dir
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

@@ -17,8 +17,8 @@ evaluation text (positions ``t``, next-token distributions ``P_X(t)``):
 
 ``--protect-adapter`` keeps modules whose ΔW is small relative to the quantization step at more
 bits: rounding to a step ``s`` adds an error of RMS ``s/sqrt(12)``, so a delta of RMS below
-about ``s`` is mostly rounded away. :func:`delta_to_step_ratios` measures
-``rms(ΔW) / mean(s)`` per module and :func:`protection_dynamic` writes gptqmodel's per-module
+about ``s`` is mostly rounded away. ``quantizers.protection.delta_to_step_ratios`` measures
+``rms(ΔW) / mean(s)`` per module and ``protection_dynamic`` writes gptqmodel's per-module
 ``dynamic`` overrides. gptqmodel honours them; transformers (optimum 2.3.0) does not (see
 ``evaluation.dequantized_gptq_model``); the genai 0.18 builder failed to export such a checkpoint.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,11 +35,6 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
-#: Modules with rms(ΔW) / quantization step below this are protected by --protect-adapter.
-#: Measured on the demo adapter (4-bit g64; benchmarks/results/survival.json): ratios span
-#: 0.06-0.97, so 1.0 keeps all 210 modules at 8 bits (+53.9 MB, domain perplexity 27.27 vs
-#: merged 27.22); 0.15 keeps 62 (+18.0 MB, 39.42 -> 32.41). 0.15 is the default trade-off.
-DEFAULT_PROTECT_RATIO = 0.15
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -163,93 +157,3 @@ class SurvivalStats:
                 threshold,
             )
         return out
-
-
-def delta_to_step_ratios(
-    base_dir: Path, merged_dir: Path, bits: int, group_size: int, sym: bool
-) -> dict[str, dict[str, float]]:
-    """``rms(ΔW) / mean quantization step`` for every decoder linear whose weight changed.
-
-    The step is the RTN group scale of the merged weight at ``bits``/``group_size``.
-    """
-    from rslora_deploy.quantizers import _checkpoint, _rtn_math
-
-    base = _checkpoint.load_tensors(base_dir)
-    merged = _checkpoint.load_tensors(merged_dir)
-    out: dict[str, dict[str, float]] = {}
-    for spec in _checkpoint.decoder_linears(merged_dir):
-        key = f"{spec.name}.weight"
-        delta = merged[key].astype(np.float64) - base[key].astype(np.float64)
-        rms = float(np.sqrt(np.mean(delta * delta)))
-        if rms == 0:
-            continue
-        gq = _rtn_math.quantize_rtn(merged[key], bits, group_size, sym)
-        step = float(gq.scales.astype(np.float64).mean())
-        out[spec.name] = {"delta_rms": rms, "step": step, "ratio": rms / step}
-    return out
-
-
-#: Modules that the onnxruntime-genai builder fuses into one MatMul must share their precision.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def protected_modules(
-    ratios: dict[str, dict[str, float]], max_ratio: float = DEFAULT_PROTECT_RATIO
-) -> list[str]:
-    """Modules with ``ratio < max_ratio``, widened to their fused siblings (q/k/v, gate/up)."""
-    chosen = {name for name, r in ratios.items() if r["ratio"] < max_ratio}
-    for name in list(chosen):
-        prefix, _, leaf = name.rpartition(".")
-        for group in FUSED_SIBLINGS:
-            if leaf in group:
-                chosen.update(f"{prefix}.{sib}" for sib in group)
-    return sorted(chosen)
-
-
-def protection_dynamic(
-    ratios: dict[str, dict[str, float]], max_ratio: float = DEFAULT_PROTECT_RATIO, bits: int = 8
-) -> dict[str, dict[str, Any]]:
-    """gptqmodel ``dynamic`` overrides keeping :func:`protected_modules` at ``bits``.
-
-    The pattern is the exact module name, anchored, so nothing else matches.
-    """
-    return {
-        f"+:^{name.replace('.', chr(92) + '.')}$": {"bits": bits}
-        for name in protected_modules(ratios, max_ratio)
-    }
-
-
-def gptq_layer_bytes(in_features: int, out_features: int, bits: int, group_size: int) -> int:
-    """Bytes of one GPTQ layer: qweight + qzeros (``bits`` each) + fp16 scales + int32 g_idx."""
-    groups = in_features // (in_features if group_size == -1 else group_size)
-    return (
-        in_features * out_features * bits // 8
-        + groups * out_features * bits // 8
-        + groups * out_features * 2
-        + in_features * 4
-    )
-
-
-def protection_cost_bytes(
-    linears: list[Any], modules: list[str], bits: int, group_size: int, protect_bits: int = 8
-) -> int:
-    """Extra bytes of keeping ``modules`` at ``protect_bits`` instead of ``bits``."""
-    wanted = set(modules)
-    return sum(
-        gptq_layer_bytes(s.in_features, s.out_features, protect_bits, group_size)
-        - gptq_layer_bytes(s.in_features, s.out_features, bits, group_size)
-        for s in linears
-        if s.name in wanted
-    )
-
-
-def quantized_weight_bytes(model_dir: Path) -> int:
-    """Bytes of the quantized tensors (qweight, qzeros, scales, g_idx) of a checkpoint."""
-    from rslora_deploy.quantizers._checkpoint import tensor_shapes
-
-    sizes = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I8": 1, "U8": 1}
-    total = 0
-    for key, (shape, dtype) in tensor_shapes(model_dir).items():
-        if key.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
-            total += int(np.prod(shape)) * sizes.get(dtype, 4)
-    return total

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from rslora_deploy.errors import UnsupportedError
-from rslora_deploy.quantizers import _rtn_math
-from rslora_deploy.stages import mixed_bits
+from rslora_deploy.exporters.genai import mixed_bits
+from rslora_deploy.quantizers import rtn_math
 
 PROTECTED = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
 
@@ -42,8 +42,8 @@ def mixed_onnx(
     both layouts: ``float`` is what ``auto`` picks there, ``nbits8`` what it picks for CUDA."""
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import ExportConfig
+    from rslora_deploy.exporters.genai.builder import export_onnx
     from rslora_deploy.profiles import load_profile
-    from rslora_deploy.stages.export_onnx import export_onnx
 
     root = tmp_path_factory.mktemp(f"mixed-onnx-{request.param}")
     art = export_onnx(
@@ -59,7 +59,7 @@ def mixed_onnx(
 
 def test_auto_layout_follows_target_and_accuracy_level() -> None:
     from rslora_deploy.config import ExportConfig
-    from rslora_deploy.stages.export_onnx import protected_layout
+    from rslora_deploy.exporters.genai.builder import protected_layout
 
     assert protected_layout(ExportConfig(), "cpu") == "float"
     assert protected_layout(ExportConfig(accuracy_level=4), "cpu") == "nbits8"
@@ -102,7 +102,7 @@ def test_onnx_logits_equal_exact_dequantization(
     """fp32 activations (cpu target, accuracy_level 1) against the exact dequantized weights: the
     8-bit codes, the promoted 4-bit k/v codes of the fused node and the untouched 4-bit nodes all
     have to be right for the error to be at float rounding level."""
-    from rslora_deploy.evaluation import relative_logit_error
+    from rslora_deploy.evaluation.quality import relative_logit_error
 
     _, folder = mixed_onnx
     assert relative_logit_error(folder, mixed_dir, windows=2, window_len=64) < 1e-4
@@ -112,10 +112,10 @@ def test_promoted_4bit_codes_keep_their_values() -> None:
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((48, 128)).astype(np.float32)
     for sym in (True, False):
-        gq = _rtn_math.quantize_rtn(weight, 4, 64, sym=sym)
+        gq = rtn_math.quantize_rtn(weight, 4, 64, sym=sym)
         q8, z8 = mixed_bits.codes_8bit(gq)
-        as_8bit = _rtn_math.GroupQuant(q8, gq.scales, z8.astype(np.int64), 8, 64)
-        np.testing.assert_array_equal(_rtn_math.dequantize(as_8bit), _rtn_math.dequantize(gq))
+        as_8bit = rtn_math.GroupQuant(q8, gq.scales, z8.astype(np.int64), 8, 64)
+        np.testing.assert_array_equal(rtn_math.dequantize(as_8bit), rtn_math.dequantize(gq))
 
 
 def test_node_names_map_to_modules() -> None:
@@ -153,6 +153,6 @@ def test_unsupported_mixed_checkpoints_are_refused(
 
 def test_mixed_checkpoint_passes_the_consistency_check(mixed_dir: Path) -> None:
     """Handed to a build as an already-quantized model, the 8-bit layers check at 8 bits."""
-    from rslora_deploy.quantizers._checkpoint import check_prequantized
+    from rslora_deploy.quantizers.checkpoint import check_prequantized
 
     assert check_prequantized(mixed_dir)["layers"] == 14

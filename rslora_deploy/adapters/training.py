@@ -77,7 +77,7 @@ def target_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
 
 def inject(model: nn.Module, names: list[str], cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     """Replace each named layer by an RSLoRALinear; return the checkpoint's ``modules`` table."""
-    from rslora_deploy.merging import layer_layout, logical_shape
+    from rslora_deploy.adapters.merge_math import layer_layout, logical_shape
 
     scale = effective_scale(cfg.alpha, cfg.r, cfg.k, "alpha_over_r", "inv_sqrt_k")
     init_rng = np.random.default_rng(cfg.seed)

@@ -1,0 +1,1 @@
+"""Quality evaluation: evaluation windows, logit runners, metrics and adapter survival."""

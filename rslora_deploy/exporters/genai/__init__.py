@@ -1,0 +1,1 @@
+"""The onnxruntime-genai exporter: the model builder (child process) and the mixed-bits rewrite."""
