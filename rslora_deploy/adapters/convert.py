@@ -7,13 +7,13 @@ false). The only rounding is of A~ and s B~ to float32.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from rslora_deploy._fsutil import write_json
 from rslora_deploy.adapters import rslora_v1
 from rslora_deploy.adapters.peft_common import CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from rslora_deploy.errors import InputError, UnsupportedError
@@ -74,6 +74,6 @@ def to_peft_lora(adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
         "inference_mode": True,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / CONFIG_NAME, peft_cfg)
     save_file(tensors, str(out_dir / SAFETENSORS_NAME), metadata={"format": "pt"})
     return {"modules": len(deltas), "r": cfg.r, "out": str(out_dir)}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rslora_deploy._fsutil import sha256_file
 from rslora_deploy.adapters import peft_common, rslora_v1
 from rslora_deploy.adapters.delta import ModuleDelta, TensorOverride
 from rslora_deploy.errors import AdapterFormatError, InputError, UnsupportedError
@@ -45,11 +46,7 @@ def file_hashes(directory: Path) -> dict[str, str]:
     out = {}
     for path in sorted(Path(directory).iterdir()):
         if path.is_file():
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                while block := handle.read(1 << 22):
-                    digest.update(block)
-            out[path.name] = digest.hexdigest()
+            out[path.name] = sha256_file(path)
     return out
 
 

@@ -11,7 +11,6 @@ unless the caller opts in, and then the regenerated hashes are logged for compar
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -28,6 +27,7 @@ from rslora_deploy.adapters.peft_common import (
     split_overrides,
     stored_dtypes,
 )
+from rslora_deploy.adapters.rsg import tensor_sha256
 from rslora_deploy.errors import AdapterFormatError, NonFiniteError, ShapeMismatchError
 
 logger = logging.getLogger(__name__)
@@ -148,10 +148,7 @@ def load_peft_vera(
         "weights_file": path.name,
     }
     if regenerated:
-        summary["regenerated_sha256"] = {
-            f: hashlib.sha256(np.ascontiguousarray(shared[f], "<f4").tobytes()).hexdigest()
-            for f in ("A", "B")
-        }
+        summary["regenerated_sha256"] = {f: tensor_sha256(shared[f]) for f in ("A", "B")}
     return deltas, summary, overrides
 
 
@@ -191,7 +188,7 @@ def _regenerate(
         "sha256(vera_B)=%s; compare them on the training machine, nothing here can verify them",
         cfg.get("projection_prng_key", 0),
         __import__("torch").__version__,
-        hashlib.sha256(np.ascontiguousarray(vera_a, "<f4").tobytes()).hexdigest(),
-        hashlib.sha256(np.ascontiguousarray(vera_b, "<f4").tobytes()).hexdigest(),
+        tensor_sha256(vera_a),
+        tensor_sha256(vera_b),
     )
     return {"A": vera_a, "B": vera_b}

@@ -112,7 +112,20 @@ def generate(key: int, k: int, rows: int, cols: int) -> np.ndarray:
 
 def tensor_sha256(array: np.ndarray) -> str:
     """Per-tensor checksum of P~: SHA-256 of its C-contiguous little-endian float32 bytes."""
-    return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
+    return slabs_sha256([array])
+
+
+def slabs_sha256(slabs: Iterable[np.ndarray]) -> str:
+    """:func:`tensor_sha256` of the slabs' concatenation, without holding the whole tensor."""
+    digest = hashlib.sha256()
+    for slab in slabs:
+        digest.update(_le_f32_bytes(slab))
+    return digest.hexdigest()
+
+
+def _le_f32_bytes(array: np.ndarray) -> bytes:
+    """The bytes every P~ checksum is taken over: C-contiguous little-endian float32."""
+    return np.ascontiguousarray(array, dtype="<f4").tobytes()
 
 
 def combine(
@@ -134,7 +147,7 @@ def combine(
     count = 0
     for index, slab in enumerate(slabs):
         if digest is not None:
-            digest.update(np.ascontiguousarray(slab, dtype="<f4").tobytes())
+            digest.update(_le_f32_bytes(slab))
         term = slab.astype(np.float64)
         term *= coeffs[index]
         if acc is None:

@@ -88,11 +88,8 @@ def _checksums(
         assert spec.seed is not None
         entry = {}
         for factor, rows, cols in (("A", spec.r, d_in), ("B", d_out, spec.r)):
-            digest = hashlib.sha256()
             key = rsg.derive_key(spec.seed, spec.task_id, pkey, factor)
-            for slab in rsg.iter_slabs(key, spec.k, rows, cols):
-                digest.update(np.ascontiguousarray(slab, dtype="<f4").tobytes())
-            entry[factor] = digest.hexdigest()
+            entry[factor] = rsg.slabs_sha256(rsg.iter_slabs(key, spec.k, rows, cols))
         sums[pkey] = entry
     return sums
 

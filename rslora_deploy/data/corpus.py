@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rslora_deploy._fsutil import write_json
+
 SPLITS = ("calibration", "evaluation")
 _NO_SPACE_BEFORE = re.compile(r" ([,.;:?!%)\]}]|'s\b|'S\b|n't\b|'re\b|'ve\b|'ll\b|'d\b|'m\b)")
 _NO_SPACE_AFTER = re.compile(r"([(\[{$]) ")
@@ -82,8 +84,8 @@ def write_splits(package_dir: Path, target: Path) -> dict[str, int]:
     finally:
         for handle in handles.values():
             handle.close()
-    (target / "splits.json").write_text(
-        json.dumps({"rule": "every 5th text per genre -> evaluation", "counts": counts}, indent=2)
+    write_json(
+        target / "splits.json", {"rule": "every 5th text per genre -> evaluation", "counts": counts}
     )
     return counts
 

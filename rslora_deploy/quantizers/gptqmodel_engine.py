@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rslora_deploy._fsutil import write_json
 from rslora_deploy.errors import NonFiniteQuantizationError, QuantizationError, UnsupportedError
 from rslora_deploy.quantizers import checkpoint
 
@@ -91,7 +92,7 @@ def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
             for key in ("dtype", "torch_dtype"):
                 if key in source_cfg:
                     data[key] = source_cfg[key]
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        write_json(path, data)
     (out_dir / "quant_log.csv").unlink(missing_ok=True)
     source: dict[str, torch.Tensor] = {}
     for path in checkpoint.weight_files(model_dir):

@@ -9,13 +9,13 @@ is what calibration buys.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from rslora_deploy._fsutil import write_json
 from rslora_deploy.errors import NonFiniteError
 from rslora_deploy.quantizers import checkpoint, rtn_math
 from rslora_deploy.quantizers.base import QuantizeExtras
@@ -112,6 +112,6 @@ def write_gptq_config(
         qcfg["dynamic"] = extras.dynamic
     config = checkpoint.read_config(model_dir)
     config["quantization_config"] = qcfg
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    write_json(out_dir / "config.json", config)
+    write_json(out_dir / "quantize_config.json", qcfg)
     return qcfg

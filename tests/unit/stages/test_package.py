@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from rslora_deploy.errors import ConfigError, InputError
 from rslora_deploy.stages.package import staged_output, verify_manifest, write_manifest
 
 
@@ -30,32 +27,6 @@ def test_staged_output_places_package_atomically(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["pkg"]
 
 
-def _fail_while_staging(target: Path) -> None:
-    with staged_output(target, overwrite=False) as staging:
-        _fill(staging)
-        raise InputError("boom")
-
-
-def test_failure_leaves_nothing(tmp_path: Path) -> None:
-    target = tmp_path / "new" / "pkg"
-    with pytest.raises(InputError):
-        _fail_while_staging(target)
-    assert not (tmp_path / "new").exists()
-
-
-def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
-    target = tmp_path / "pkg"
-    target.mkdir()
-    (target / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="--overwrite"), staged_output(target, overwrite=False):
-        pass
-    assert (target / "keep.txt").read_text() == "mine"
-    with staged_output(target, overwrite=True) as staging:
-        _fill(staging)
-    assert not (target / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
-
-
 def test_manifest_detects_tampering(tmp_path: Path) -> None:
     _fill(tmp_path)
     manifest = write_manifest(tmp_path, {"budget": {}})
@@ -65,15 +36,3 @@ def test_manifest_detects_tampering(tmp_path: Path) -> None:
     problems = verify_manifest(tmp_path)
     assert any("model/model.onnx" in p for p in problems)
     assert any("extra.bin: not listed" in p for p in problems)
-
-
-def test_package_dir_gets_umask_permissions(tmp_path: Path) -> None:
-    import os
-
-    umask = os.umask(0o022)
-    try:
-        with staged_output(tmp_path / "pkg", overwrite=False) as staging:
-            _fill(staging)
-    finally:
-        os.umask(umask)
-    assert (tmp_path / "pkg").stat().st_mode & 0o777 == 0o755
