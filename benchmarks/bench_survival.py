@@ -50,6 +50,7 @@ def main() -> None:
         run_lockstep,
         torch_logits,
     )
+    from rslora_deploy.exporters.genai.fused import FUSED_GROUPS
     from rslora_deploy.quantizers import protection
     from rslora_deploy.quantizers.base import QuantizeExtras
     from rslora_deploy.quantizers.checkpoint import decoder_linears
@@ -62,8 +63,12 @@ def main() -> None:
     variants: dict[str, dict[str, Any]] = {}
     for ratio in [None, *args.ratios]:
         name = f"{args.method}" if ratio is None else f"{args.method}_protect{ratio}"
-        modules = [] if ratio is None else protection.protected_modules(ratios, ratio)
-        dyn = protection.protection_dynamic(ratios, ratio) if ratio is not None else None
+        modules = [] if ratio is None else protection.protected_modules(ratios, FUSED_GROUPS, ratio)
+        dyn = (
+            protection.protection_dynamic(ratios, FUSED_GROUPS, ratio)
+            if ratio is not None
+            else None
+        )
         out = args.work / name
         if not (out / "config.json").is_file():
             start = time.perf_counter()

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from rslora_deploy.errors import InputError, RsloraDeployError
+from rslora_deploy.evaluation.metrics import log_softmax, target_nll
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +95,6 @@ def windows_from_texts(
         rows = np.concatenate([np.full((windows, 1), bos, dtype=np.int64), rows], axis=1)
     meta = {"source": source, "windows": windows, "window_len": window_len, "bos": bos is not None}
     return EvalText(rows, windows * (window_len - 1), meta)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (stable: subtract the row max)."""
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def torch_logits(model_dir: Path) -> LogitFn:
@@ -267,7 +261,7 @@ def run_lockstep(
             logits[name] = fn(ids)
             seconds[name] += time.perf_counter() - start
             logp = log_softmax(logits[name][:-1])
-            accs[name].nll -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
+            accs[name].nll += target_nll(logp, ids[1:])
             accs[name].count += len(ids) - 1
         if reference is not None:
             ref_arg = logits[reference][:-1].argmax(-1)

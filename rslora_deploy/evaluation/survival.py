@@ -32,26 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from rslora_deploy.evaluation.metrics import centred, log_softmax, target_nll
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def _centred(logp: np.ndarray) -> np.ndarray:
-    """Log-probabilities minus their row mean: removes the per-row normalisation constant."""
-    return logp - logp.mean(axis=-1, keepdims=True)
-
-
-def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """``KL(P || Q)`` per row, from logits ``[positions, vocab]`` (natural log)."""
-    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
 
 
 def retained_fraction(effect: float, residual: float) -> float:
@@ -63,7 +48,7 @@ def retained_fraction(effect: float, residual: float) -> float:
 
 def retained_projection(base: np.ndarray, merged: np.ndarray, quant: np.ndarray) -> float:
     """Share of the adapter's log-prob shift ``ℓ_M - ℓ_B`` that ``ℓ_Q - ℓ_B`` shows (see module)."""
-    lb, lm, lq = (_centred(_log_softmax(x)) for x in (base, merged, quant))
+    lb, lm, lq = (centred(log_softmax(x)) for x in (base, merged, quant))
     shift = lm - lb
     denom = float((shift * shift).sum())
     return math.nan if denom == 0 else float(((lq - lb) * shift).sum()) / denom
@@ -102,18 +87,17 @@ class SurvivalStats:
         """
         if ignore_last:
             base, merged, quant = base[:-1], merged[:-1], quant[:-1]
-        lb, lm, lq = (_log_softmax(x) for x in (base, merged, quant))
+        lb, lm, lq = (log_softmax(x) for x in (base, merged, quant))
         pm = np.exp(lm)
         self.kl_mb += float((pm * (lm - lb)).sum())
         self.kl_mq += float((pm * (lm - lq)).sum())
-        cb, cm, cq = _centred(lb), _centred(lm), _centred(lq)
+        cb, cm, cq = centred(lb), centred(lm), centred(lq)
         shift = cm - cb
         self.proj_num += float(((cq - cb) * shift).sum())
         self.proj_den += float((shift * shift).sum())
         if targets is not None:
-            rows = np.arange(len(targets))
             for name, lp in (("base", lb), ("merged", lm), ("quantized", lq)):
-                self.nll[name] -= float(lp[rows, targets].sum())
+                self.nll[name] += target_nll(lp, targets)
         self.positions += len(lm)
 
     def summary(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:

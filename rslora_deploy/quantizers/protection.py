@@ -10,6 +10,7 @@ is computed and reported (docs/quantization.md, "Adapter survival").
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from rslora_deploy.config import QuantizeConfig
 
 logger = logging.getLogger(__name__)
 
+#: Module leaf names an exporter fuses into one node, e.g. ``(("q_proj", "k_proj", "v_proj"),)``.
+FusedGroups = Sequence[Sequence[str]]
+
 #: Modules with rms(ΔW) / quantization step below this are protected by --protect-adapter.
 #: Measured on the demo adapter (4-bit g64; benchmarks/results/survival.json): ratios span
 #: 0.06-0.97, so 1.0 keeps all 210 modules at 8 bits (+53.9 MB, domain perplexity 27.27 vs
@@ -27,14 +31,28 @@ DEFAULT_PROTECT_RATIO = 0.15
 
 
 def plan_protection(
-    base_dir: Path, merged_dir: Path, cfg: QuantizeConfig, ratio: float
+    base_dir: Path,
+    merged_dir: Path,
+    cfg: QuantizeConfig,
+    ratio: float,
+    fused_groups: FusedGroups | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Quantizer extras keeping low-ratio modules at 8 bits, and the report of what it costs."""
+    """Quantizer extras keeping low-ratio modules at 8 bits, and the report of what it costs.
+
+    ``fused_groups`` are the module groups the exporter fuses into one node (its
+    ``fused_groups``); None means the onnxruntime-genai builder's, the only exporter so far.
+    """
     from rslora_deploy.quantizers.base import QuantizeExtras
     from rslora_deploy.quantizers.checkpoint import decoder_linears
 
+    if fused_groups is None:
+        # Imported here, not at the top: exporters/ imports quantizers/, not the other way round.
+        from rslora_deploy.exporters.genai import fused
+
+        fused_groups = fused.FUSED_GROUPS
+
     ratios = delta_to_step_ratios(base_dir, merged_dir, cfg.bits, cfg.group_size, cfg.sym)
-    modules = protected_modules(ratios, ratio)
+    modules = protected_modules(ratios, fused_groups, ratio)
     cost = protection_cost_bytes(decoder_linears(merged_dir), modules, cfg.bits, cfg.group_size)
     logger.info("protect-adapter: %d modules kept at 8 bits (+%.1f MB)", len(modules), cost / 1e6)
     info = {
@@ -43,7 +61,8 @@ def plan_protection(
         "extra_bytes": cost,
         "changed_modules": len(ratios),
     }
-    return QuantizeExtras(dynamic=protection_dynamic(ratios, ratio) or None), info
+    dynamic = protection_dynamic(ratios, fused_groups, ratio)
+    return QuantizeExtras(dynamic=dynamic or None), info
 
 
 def delta_to_step_ratios(
@@ -70,25 +89,30 @@ def delta_to_step_ratios(
     return out
 
 
-#: Modules that the onnxruntime-genai builder fuses into one MatMul must share their precision.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 def protected_modules(
-    ratios: dict[str, dict[str, float]], max_ratio: float = DEFAULT_PROTECT_RATIO
+    ratios: dict[str, dict[str, float]],
+    fused_groups: FusedGroups,
+    max_ratio: float = DEFAULT_PROTECT_RATIO,
 ) -> list[str]:
-    """Modules with ``ratio < max_ratio``, widened to their fused siblings (q/k/v, gate/up)."""
+    """Modules with ``ratio < max_ratio``, widened to their fused siblings.
+
+    Modules the exporter fuses into one MatMul (``fused_groups``, e.g. q/k/v and gate/up) must
+    share their precision, so protecting one protects its group.
+    """
     chosen = {name for name, r in ratios.items() if r["ratio"] < max_ratio}
     for name in list(chosen):
         prefix, _, leaf = name.rpartition(".")
-        for group in FUSED_SIBLINGS:
+        for group in fused_groups:
             if leaf in group:
                 chosen.update(f"{prefix}.{sib}" for sib in group)
     return sorted(chosen)
 
 
 def protection_dynamic(
-    ratios: dict[str, dict[str, float]], max_ratio: float = DEFAULT_PROTECT_RATIO, bits: int = 8
+    ratios: dict[str, dict[str, float]],
+    fused_groups: FusedGroups,
+    max_ratio: float = DEFAULT_PROTECT_RATIO,
+    bits: int = 8,
 ) -> dict[str, dict[str, Any]]:
     """gptqmodel ``dynamic`` overrides keeping :func:`protected_modules` at ``bits``.
 
@@ -96,7 +120,7 @@ def protection_dynamic(
     """
     return {
         f"+:^{name.replace('.', chr(92) + '.')}$": {"bits": bits}
-        for name in protected_modules(ratios, max_ratio)
+        for name in protected_modules(ratios, fused_groups, max_ratio)
     }
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from rslora_deploy.errors import ExportError, UnsupportedError
+from rslora_deploy.exporters.genai.fused import FUSED_NODES
 from rslora_deploy.quantizers import rtn_math
 from rslora_deploy.quantizers.checkpoint import (
     module_overrides,
@@ -48,12 +49,6 @@ PROTECT_BITS = 8
 PROTECTED_LAYOUTS = ("nbits8", "float")
 #: Zero point of a symmetric 8-bit grid; 4-bit codes promoted to 8 bits are centred on it.
 _ZERO_8BIT = 128
-#: Builder node names that hold several Hugging Face modules, in the order it concatenates their
-#: output rows, and the builder's renaming of the attention block.
-_FUSED = {
-    "attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
 _WEIGHT_FILE = "model.safetensors"
 
 
@@ -174,8 +169,8 @@ def node_modules(node_prefix: str) -> tuple[str, ...]:
     else:
         head, _, rest = node_prefix.partition(".mlp.")
         rest = "mlp." + rest
-    if rest in _FUSED:
-        return tuple(f"{head}.{part}" for part in _FUSED[rest])
+    if rest in FUSED_NODES:
+        return tuple(f"{head}.{part}" for part in FUSED_NODES[rest])
     return (f"{head}.{rest.replace('attn.', 'self_attn.', 1)}",)
 
 

@@ -1,4 +1,4 @@
-"""Survival arithmetic on small logit matrices and on tiny models; protection selection."""
+"""Survival arithmetic on small logit matrices and on tiny models."""
 
 from __future__ import annotations
 
@@ -8,26 +8,12 @@ import numpy as np
 import pytest
 
 from rslora_deploy.evaluation import survival
+from rslora_deploy.exporters.genai.fused import FUSED_GROUPS
 from rslora_deploy.quantizers import protection
 
 
 def _logits(seed: int, shape=(6, 11)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape) * 2
-
-
-def test_kl_zero_and_positive():
-    a, b = _logits(0), _logits(1)
-    assert np.allclose(survival.kl_per_position(a, a), 0, atol=1e-12)
-    assert (survival.kl_per_position(a, b) > 0).all()
-    # Adding a per-row constant to logits does not change the distribution.
-    assert np.allclose(survival.kl_per_position(a, a + 5.0), 0, atol=1e-12)
-
-
-def test_kl_matches_direct_formula():
-    a, b = _logits(2, (1, 4)), _logits(3, (1, 4))
-    p = np.exp(a) / np.exp(a).sum()
-    q = np.exp(b) / np.exp(b).sum()
-    assert survival.kl_per_position(a, b)[0] == pytest.approx(float((p * np.log(p / q)).sum()))
 
 
 def test_retained_endpoints():
@@ -89,13 +75,13 @@ def test_tiny_models_survival(tmp_path, tokenizer_dir):
 
     ratios = protection.delta_to_step_ratios(base, merged, 4, 64, True)
     assert list(ratios) == ["model.layers.0.mlp.up_proj"]
-    dyn = protection.protection_dynamic(ratios, max_ratio=100.0)
+    dyn = protection.protection_dynamic(ratios, FUSED_GROUPS, max_ratio=100.0)
     # up_proj changed; gate_proj joins it because the genai builder fuses the two.
     assert dyn == {
         r"+:^model\.layers\.0\.mlp\.gate_proj$": {"bits": 8},
         r"+:^model\.layers\.0\.mlp\.up_proj$": {"bits": 8},
     }
-    assert protection.protection_dynamic(ratios, max_ratio=1e-9) == {}
+    assert protection.protection_dynamic(ratios, FUSED_GROUPS, max_ratio=1e-9) == {}
 
     ids = example_inputs(vocab=49152, batch=1, seq=24)
     logits = {}
@@ -110,36 +96,3 @@ def test_tiny_models_survival(tmp_path, tokenizer_dir):
     assert out["retained_kl"] <= 1.0  # KL(M||Q) >= 0
     # A 4-bit quantization of a 2-layer model keeps most of a 0.05-std delta's direction.
     assert 0.5 < out["retained"] < 1.5
-
-
-def test_protected_rtn_is_bigger(tmp_path, tiny_dir):
-    """--protect-adapter's 8-bit modules cost bytes; the size function sees it."""
-    from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import QuantizeConfig
-    from rslora_deploy.quantizers.base import QuantizeExtras
-    from rslora_deploy.stages.quantize import quantize_model
-
-    cfg = QuantizeConfig(method="rtn")
-    plain = quantize_model(Artifact("hf", tiny_dir), tmp_path / "a", cfg).path
-    dyn = {r"+:^model\.layers\.0\.mlp\.up_proj$": {"bits": 8}}
-    prot = quantize_model(
-        Artifact("hf", tiny_dir), tmp_path / "b", cfg, extras=QuantizeExtras(dynamic=dyn)
-    ).path
-    a, b = protection.quantized_weight_bytes(plain), protection.quantized_weight_bytes(prot)
-    # up_proj [256, 128]: 4-bit qweight 16 KiB -> 8-bit 32 KiB; qzeros double too.
-    assert b - a == 128 * 256 // 2 + 2 * 256 // 2
-
-
-def test_protection_widens_to_fused_siblings_and_costs():
-    from rslora_deploy.quantizers.checkpoint import LinearSpec
-
-    ratios = {
-        "m.layers.0.self_attn.k_proj": {"ratio": 0.1},
-        "m.layers.0.mlp.down_proj": {"ratio": 5.0},
-    }
-    mods = protection.protected_modules(ratios, max_ratio=1.0)
-    assert mods == [f"m.layers.0.self_attn.{p}" for p in ("k_proj", "q_proj", "v_proj")]
-    specs = [LinearSpec("m.layers.0.self_attn.q_proj", 128, 128, False)]
-    # 4 -> 8 bits on [128, 128] at g64: qweight +8192 B, qzeros 2 groups x 128 x 0.5 B = +128 B.
-    assert protection.protection_cost_bytes(specs, mods, 4, 64) == 8192 + 128
-    assert protection.gptq_layer_bytes(128, 128, 4, 64) == 8192 + 128 + 512 + 512
