@@ -81,6 +81,9 @@ def build(
         ),
     ] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity evaluation.")] = False,
+    archive: Annotated[
+        bool, typer.Option("--archive", help="Also write <out>.tar.gz (reproducible bytes).")
+    ] = False,
     rename: adapter_cmds.RenameOption = None,
     allow_full_module_overrides: adapter_cmds.AllowOverridesOption = False,
     fmt: Annotated[
@@ -104,11 +107,17 @@ def build(
     config = (
         load_recipe(recipe, **overrides) if recipe else make_config(apply_overrides({}, overrides))
     )
+    archive_path = _archive_target(config.out, config.overwrite) if archive else None
     result = run_build(config, on_stage=_stage_printer(fmt))
     budget = result.budget
+    if archive_path is not None:
+        from rslora_deploy.archive import write_archive
+
+        write_archive(result.package_dir, archive_path)
     text = (
         f"package: {result.package_dir}\n"
-        f"memory estimate {budget['estimate_bytes'] / 2**20:.1f} MiB of "
+        + (f"archive: {archive_path}\n" if archive_path else "")
+        + f"memory estimate {budget['estimate_bytes'] / 2**20:.1f} MiB of "
         f"{budget['budget_bytes'] / 2**20:.0f} MiB ({config.profile}): "
         f"{'fits' if result.fits else 'OVER BUDGET'}"
     )
@@ -120,9 +129,22 @@ def build(
         warning = f"adapter survival {retained} is {warning}"
         text += f"\nWARNING: {warning}"
     payload = {"package": str(result.package_dir), "budget": budget, "warning": warning}
+    if archive_path is not None:
+        payload["archive"] = str(archive_path)
     emit(payload, fmt, text)
     if not result.fits:
         raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def _archive_target(out: Path, overwrite: bool) -> Path:
+    """``<out>.tar.gz``, refused up front (before any work) if it exists and not ``overwrite``."""
+    from rslora_deploy.archive import default_archive_path
+    from rslora_deploy.errors import ConfigError
+
+    path = default_archive_path(out)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"archive {path} already exists; pass --overwrite or another --out")
+    return path
 
 
 def _stage_printer(fmt: OutputFormat) -> Any:
@@ -237,13 +259,34 @@ def _view_from_genai(onnx_dir: Path) -> Any:
 
 @app.command()
 def verify(
-    package: Annotated[Path, typer.Argument(help="Package directory written by build.")],
+    package: Annotated[
+        Path, typer.Argument(help="Package directory or .tar.gz archive written by build.")
+    ],
     generate: Annotated[bool, typer.Option(help="Also load the model and generate.")] = True,
     fmt: Annotated[
         OutputFormat, typer.Option("--format", help="text or json.")
     ] = OutputFormat.TEXT,
 ) -> None:
-    """Re-hash a package against its manifest and run a generation smoke test."""
+    """Re-hash a package (or archive) against its manifest and run a generation smoke test."""
+    import tempfile
+
+    from rslora_deploy.archive import extract_archive, is_archive
+
+    if is_archive(package) or package.is_file():
+        # Extracted member by member with every check, into a directory removed afterwards.
+        with tempfile.TemporaryDirectory(prefix="rslora-deploy-verify-") as tmp:
+            root = extract_archive(package, Path(tmp) / "package")
+            result = _verify_package(root, generate, package)
+    else:
+        result = _verify_package(package, generate, package)
+    text = f"manifest ok ({package})"
+    if generate:
+        text += f"\n{result['smoke_test']['text']}"
+    emit(result, fmt, text)
+
+
+def _verify_package(root: Path, generate: bool, label: Path) -> dict[str, Any]:
+    """Manifest check (and smoke test) of the package directory ``root``, reported as ``label``."""
     import tempfile
 
     from rslora_deploy.errors import ExportValidationError, InputError
@@ -251,34 +294,70 @@ def verify(
     from rslora_deploy.stages.package import MANIFEST, verify_manifest
     from rslora_deploy.stages.verify import smoke_generate
 
-    if not (package / MANIFEST).is_file():
-        raise InputError(f"{package} has no {MANIFEST}; pass a package written by `build`")
-    problems = verify_manifest(package)
+    if not (root / MANIFEST).is_file():
+        raise InputError(f"{label} has no {MANIFEST}; pass a package written by `build`")
+    problems = verify_manifest(root)
     if problems:
         raise ExportValidationError(
-            f"package {package} fails its manifest: {'; '.join(problems[:5])}"
+            f"package {label} fails its manifest: {'; '.join(problems[:5])}; rebuild it or "
+            "fetch an intact copy"
         )
-    result: dict[str, Any] = {"package": str(package), "manifest": "ok"}
+    result: dict[str, Any] = {"package": str(label), "manifest": "ok"}
     if generate:
         with tempfile.TemporaryDirectory() as tmp:
-            result["smoke_test"] = smoke_generate(cpu_view(package / "model", Path(tmp) / "m"))
-    text = f"manifest ok ({package})"
-    if generate:
-        text += f"\n{result['smoke_test']['text']}"
-    emit(result, fmt, text)
+            result["smoke_test"] = smoke_generate(cpu_view(root / "model", Path(tmp) / "m"))
+    return result
 
 
 @app.command()
 def package(
-    model: Annotated[Path, typer.Option(help="An onnxruntime-genai model folder (from export).")],
-    profile: Annotated[str, typer.Option(help="Device profile name or .toml path.")],
-    out: Annotated[Path, typer.Option(help="Package directory to write.")],
+    model: Annotated[
+        Path | None, typer.Option(help="An onnxruntime-genai model folder (from export).")
+    ] = None,
+    profile: Annotated[str | None, typer.Option(help="Device profile name or .toml path.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Package directory (or, with --archive, .tar.gz) to write.")
+    ] = None,
+    archive: Annotated[
+        Path | None,
+        typer.Option(help="Write this existing package as one reproducible .tar.gz instead."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     fmt: Annotated[
         OutputFormat, typer.Option("--format", help="text or json.")
     ] = OutputFormat.TEXT,
 ) -> None:
-    """Package an exported ONNX folder: smoke test, budget, manifest and model card."""
+    """Package an exported ONNX folder (smoke test, budget, manifest, model card), or archive one.
+
+    ``--archive PACKAGE`` writes ``PACKAGE.tar.gz`` (or ``--out``); the package is re-hashed
+    against its manifest first.
+    """
+    if archive is not None:
+        _archive_command(archive, out, overwrite, fmt)
+        return
+    if model is None or profile is None or out is None:
+        from rslora_deploy.errors import UsageError
+
+        raise UsageError("package needs --model, --profile and --out (or --archive PACKAGE)")
+    _package_model(model, profile, out, overwrite, fmt)
+
+
+def _archive_command(package: Path, out: Path | None, overwrite: bool, fmt: OutputFormat) -> None:
+    from rslora_deploy.archive import default_archive_path, write_archive
+    from rslora_deploy.errors import ConfigError, InputError
+
+    if not package.is_dir():
+        raise InputError(f"--archive {package} is not a package directory; pass a build's --out")
+    target = out or default_archive_path(package)
+    if target.exists() and not overwrite:
+        raise ConfigError(f"archive {target} already exists; pass --overwrite or another --out")
+    written = write_archive(package, target)
+    emit({"archive": str(written)}, fmt, f"archive: {written}")
+
+
+def _package_model(
+    model: Path, profile: str, out: Path, overwrite: bool, fmt: OutputFormat
+) -> None:
     import shutil
     import tempfile
 

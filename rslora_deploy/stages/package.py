@@ -15,7 +15,10 @@ only when complete, so an interrupted or failed build never leaves half a packag
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,24 +27,27 @@ from pathlib import Path
 from typing import Any
 
 from rslora_deploy.data.assets import chmod_like_mkdir, sha256_file
-from rslora_deploy.errors import ConfigError
+from rslora_deploy.errors import ConfigError, InputError
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def file_entries(root: Path) -> list[dict[str, Any]]:
-    """``{path, bytes, sha256}`` for every file under ``root`` except the manifest, sorted."""
-    entries = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
-        entries.append(
-            {
-                "path": path.relative_to(root).as_posix(),
-                "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
-            }
-        )
-    return entries
+    """``{path, bytes, sha256}`` for every file under ``root`` except the manifest, sorted.
+
+    Raises:
+        InputError: ``root`` holds a link or special file (a package holds regular files only).
+    """
+    files, problems = package_files(root)
+    if problems:
+        raise InputError(f"cannot package {root}: {problems[0]}")
+    return [
+        {"path": rel, "bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+        for rel in files
+        if rel != MANIFEST
+    ]
 
 
 def manifest_header(created_utc: str | None = None) -> dict[str, Any]:
@@ -64,20 +70,81 @@ def write_manifest(
     return manifest
 
 
+def read_manifest(root: Path) -> dict[str, Any]:
+    """Read and validate ``root/manifest.json`` (size-capped; every file entry checked).
+
+    Raises:
+        InputError: missing, too large, not JSON, or a ``files`` entry that is malformed, names a
+            path outside the package (absolute, ``..``) or is listed twice.
+    """
+    from rslora_deploy.untrusted import confined, read_json
+
+    where = f"manifest of package {root}"
+    manifest = read_json(Path(root) / MANIFEST, "package manifest", fix="rebuild the package")
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise InputError(f"{where} has no 'files' list; rebuild the package")
+    seen: set[str] = set()
+    for entry in files:
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("bytes"), int)
+            and entry["bytes"] >= 0
+            and isinstance(entry.get("sha256"), str)
+            and _SHA256.fullmatch(entry["sha256"]) is not None
+        )
+        if not ok:
+            raise InputError(f"{where} has a malformed file entry {str(entry)[:120]}")
+        confined(root, entry.get("path"), where)
+        if entry["path"] in seen or entry["path"] == MANIFEST:
+            raise InputError(f"{where} lists {entry['path']!r} twice; rebuild the package")
+        seen.add(entry["path"])
+    return manifest
+
+
+def package_files(root: Path) -> tuple[list[str], list[str]]:
+    """``(regular files, problems)`` under ``root``, without following links.
+
+    Problems are links, devices, FIFOs and sockets: a package holds regular files only.
+    """
+    files, problems = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                problems.append(f"{rel}: is a symbolic link (a package holds regular files only)")
+            elif stat.S_ISREG(mode):
+                files.append(rel)
+            elif not stat.S_ISDIR(mode):
+                problems.append(f"{rel}: is not a regular file (device, FIFO or socket)")
+    return sorted(files), problems
+
+
 def verify_manifest(root: Path) -> list[str]:
-    """Problems found re-hashing a package against its manifest (empty list: intact)."""
-    manifest = json.loads((root / MANIFEST).read_text())
-    problems = []
+    """Problems found re-hashing a package against its manifest (empty list: intact).
+
+    The package's files must be exactly the manifest's list plus ``manifest.json``: a missing,
+    changed, extra or linked file is a problem, named by its path.
+
+    Raises:
+        InputError: the manifest itself is missing or malformed (see :func:`read_manifest`).
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    present, problems = package_files(root)
+    present_set = set(present)
     listed = {entry["path"] for entry in manifest["files"]}
     for entry in manifest["files"]:
         path = root / entry["path"]
-        if not path.is_file():
-            problems.append(f"{entry['path']}: missing")
+        if entry["path"] not in present_set:
+            if not path.is_symlink():
+                problems.append(f"{entry['path']}: missing")
         elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             problems.append(f"{entry['path']}: content differs from manifest")
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and path.name != MANIFEST and rel not in listed:
+    for rel in present:
+        if rel != MANIFEST and rel not in listed:
             problems.append(f"{rel}: not listed in manifest")
     return problems
 
