@@ -7,7 +7,6 @@ stage guessing on its own (optimum's ``NormalizedTextConfig`` idea).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "vocab": ("vocab_size",),
     "intermediate": ("intermediate_size", "n_inner", "ffn_dim"),
 }
+# A real config.json is a few KB; a multi-megabyte one is not a config.
+_MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,30 @@ class ModelView:
         return asdict(self)
 
 
+#: Upper bounds far above any real model (Llama-3-405B: 126 layers, hidden 16384, vocab 128256).
+#: A config beyond them is corrupt or hostile; building even a meta model from it could hang.
+_LIMITS = {
+    "hidden": 1 << 17,
+    "layers": 4096,
+    "heads": 4096,
+    "vocab": 1 << 23,
+    "intermediate": 1 << 20,
+}
+
+
+def _positive_int(value: Any, key: str, limit: int, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        raise InputError(
+            f"{path}/config.json: {key}={value!r} is not an integer in 1..{limit}; the config is "
+            "corrupted or not a causal LM config, re-export the model"
+        )
+    return value
+
+
 def _find(config: dict[str, Any], field: str, path: Path) -> int:
     for key in _KEYS[field]:
         if config.get(key) is not None:
-            return int(config[key])
+            return _positive_int(config[key], key, _LIMITS[field], path)
     raise UnsupportedError(
         f"{path}: config.json has none of {', '.join(_KEYS[field])} (needed for {field}); "
         "is this a decoder-only causal LM?"
@@ -55,21 +76,19 @@ def _find(config: dict[str, Any], field: str, path: Path) -> int:
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
-    """Parse ``model_dir/config.json``.
+    """Parse ``model_dir/config.json`` (size-capped, must be a JSON object).
 
     Raises:
-        InputError: missing file or invalid JSON.
+        InputError: missing, too large, invalid JSON, or not an object.
     """
+    from rslora_deploy.untrusted import read_json
+
     path = Path(model_dir) / "config.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists():
         raise InputError(
             f"{model_dir} has no config.json; pass a Hugging Face model directory or a .gguf file"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); re-export the model") from None
-    return data
+        )
+    return read_json(path, "model config", max_bytes=_MAX_CONFIG_BYTES, fix="re-export the model")
 
 
 def model_view(model_dir: Path) -> ModelView:
@@ -77,8 +96,17 @@ def model_view(model_dir: Path) -> ModelView:
     config = read_config(model_dir)
     hidden = _find(config, "hidden", model_dir)
     heads = _find(config, "heads", model_dir)
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv_heads = _positive_int(
+        config.get("num_key_value_heads") or heads, "num_key_value_heads", heads, model_dir
+    )
+    if heads % kv_heads:
+        raise InputError(
+            f"{model_dir}/config.json: num_attention_heads={heads} is not a multiple of "
+            f"num_key_value_heads={kv_heads}; the config is corrupted, re-export the model"
+        )
+    head_dim = _positive_int(
+        config.get("head_dim") or hidden // heads, "head_dim", _LIMITS["hidden"], model_dir
+    )
     try:
         intermediate = _find(config, "intermediate", model_dir)
     except UnsupportedError:

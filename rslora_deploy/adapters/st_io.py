@@ -53,6 +53,23 @@ _NUMPY = {
 _MAX_HEADER = 100_000_000
 
 
+def _entry_fields(entry: Any) -> tuple[Any, list[int] | None, tuple[int, int] | None]:
+    """``(dtype, shape, (start, stop))`` of a header entry; None for a field of the wrong type."""
+    if not isinstance(entry, dict):
+        return None, None, None
+    shape = entry.get("shape")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        shape = None
+    offsets = entry.get("data_offsets")
+    if isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets):
+        return entry.get("dtype"), shape, (offsets[0], offsets[1])
+    return entry.get("dtype"), shape, None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class SafetensorsFile:
     """A validated safetensors file: its header, metadata and lazily read tensors.
 
@@ -104,26 +121,38 @@ class SafetensorsFile:
         self._check(size - self.data_start)
 
     def _check(self, data_size: int) -> None:
-        end_max = 0
+        if not isinstance(self.metadata, dict):
+            raise AdapterFormatError(f"{self.path}: __metadata__ is not an object; it is corrupted")
+        spans = []
         for name, entry in self.entries.items():
-            try:
-                dtype, shape, (start, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
-                nbytes = _ITEMSIZE[dtype] * math.prod(shape)
-            except (KeyError, TypeError, ValueError):
+            dtype, shape, offsets = _entry_fields(entry)
+            if dtype not in _ITEMSIZE or shape is None or offsets is None:
                 raise AdapterFormatError(
-                    f"{self.path}: tensor {name!r} has a malformed header entry {entry!r}"
-                ) from None
+                    f"{self.path}: tensor {name!r} has a malformed header entry {str(entry)[:200]} "
+                    "(dtype, non-negative integer shape and two integer data_offsets needed); "
+                    "the file is corrupted"
+                )
+            start, stop = offsets
+            # Arithmetic on the header only: a shape claiming a terabyte fails here, unallocated.
+            nbytes = _ITEMSIZE[dtype] * math.prod(shape)
             if stop - start != nbytes or start < 0:
                 raise AdapterFormatError(
                     f"{self.path}: tensor {name!r} spans {stop - start} bytes, expected {nbytes} "
                     f"for {dtype}{shape}; the file is corrupted"
                 )
-            end_max = max(end_max, stop)
-        if end_max > data_size:
-            raise AdapterFormatError(
-                f"{self.path} is truncated: tensors need {end_max} data bytes, the file has "
-                f"{data_size}; re-save or re-download it"
-            )
+            if stop > data_size:
+                raise AdapterFormatError(
+                    f"{self.path} is truncated: tensor {name!r} ends at data byte {stop}, the file "
+                    f"has {data_size}; re-save or re-download it"
+                )
+            spans.append((start, stop, name))
+        spans.sort()
+        for (_, prev_stop, prev), (start, _, name) in zip(spans, spans[1:], strict=False):
+            if start < prev_stop:
+                raise AdapterFormatError(
+                    f"{self.path}: tensors {prev!r} and {name!r} overlap in the data buffer; "
+                    "the file is corrupted"
+                )
 
     def keys(self) -> list[str]:
         """Tensor names in file order."""

@@ -42,19 +42,14 @@ class LinearSpec:
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
-    """``config.json`` of a model directory as a dict.
+    """``config.json`` of a model directory as a dict (size-capped; see :mod:`model_view`).
 
     Raises:
-        InputError: missing or unreadable.
+        InputError: missing, unreadable, not JSON or not an object.
     """
-    path = Path(model_dir) / "config.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"{path} is missing or not JSON ({exc}); pass a Hugging Face model directory"
-        ) from None
-    return data
+    from rslora_deploy.model_view import read_config as read_model_config
+
+    return read_model_config(model_dir)
 
 
 def decoder_linears(model_dir: Path) -> list[LinearSpec]:

@@ -15,6 +15,7 @@ from rslora_deploy.config import BuildConfig
 from rslora_deploy.data import assets
 from rslora_deploy.errors import InputError
 from rslora_deploy.model_view import model_view
+from rslora_deploy.stages.base_checks import check_base_model, check_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +50,11 @@ def resolve_base(base: Path | None) -> tuple[Path, bool]:
             raise InputError(
                 f"base model {path} is a file but not a .gguf; pass a GGUF file or a directory"
             )
+        check_gguf(path)
         return assets.convert_gguf(
             path, assets.gguf_cache_dir(path), source={"file": str(path)}
         ), False
-    if not any(path.glob("*.safetensors")):
-        pickled = [p.name for p in path.glob("*.bin")]
-        hint = (
-            f" (found {', '.join(pickled)}: pickle checkpoints are not loaded; re-save with "
-            "safe_serialization=True)"
-            if pickled
-            else ""
-        )
-        raise InputError(f"base model directory {path} holds no .safetensors weights{hint}")
+    check_base_model(path)
     return path, False
 
 
