@@ -11,7 +11,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -308,12 +307,9 @@ def load_recipe(path: Path, **overrides: Any) -> BuildConfig:
     Raises:
         ConfigError: unreadable file, bad TOML or an invalid field.
     """
-    try:
-        data: dict[str, Any] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read recipe {path}: {exc.strerror}; check the path") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
+    from rslora_deploy.untrusted import read_toml
+
+    data = read_toml(Path(path), "recipe")
     return make_config(apply_overrides(data, overrides))
 
 

@@ -11,7 +11,6 @@ import os
 from enum import Enum
 from pathlib import Path
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rslora_deploy.config import validation_message
@@ -99,12 +98,9 @@ def load_profile(name_or_path: str) -> DeviceProfile:
                 f"unknown profile {name_or_path!r}; known profiles: {known} "
                 "(or pass a path to a .toml profile)"
             )
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read profile {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"profile {path} is not valid TOML: {exc}") from None
+    from rslora_deploy.untrusted import read_toml
+
+    data = read_toml(path, "profile")
     data.setdefault("name", path.stem)
     try:
         return DeviceProfile.model_validate(data)

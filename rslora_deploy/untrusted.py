@@ -46,7 +46,7 @@ def read_limited(
                 )
             data = handle.read(max_bytes + 1)
     except FileNotFoundError:
-        raise error(f"{what} {path} does not exist; check the path") from None
+        raise error(f"cannot read {what} {path}: it does not exist; check the path") from None
     except IsADirectoryError:
         raise error(f"{what} {path} is a directory, not a file; check the path") from None
     except OSError as exc:

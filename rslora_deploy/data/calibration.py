@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 #: Documents shorter than this many characters carry no usable context (headings, page numbers).
 MIN_DOC_CHARS = 1
+#: Far more text than any calibration needs (Brown's whole calibration split is ~5 MB); the cap
+#: bounds what a wrong --calib (a disk image, /dev/zero) can make us read.
+MAX_CALIB_BYTES = 256 * 2**20
 #: Tokenize until the stream holds this many times the tokens the samples need.
 OVERSAMPLE = 4
 
@@ -72,10 +75,9 @@ def read_calibration_file(path: Path) -> list[str]:
             f"calibration file {path} has extension {suffix or '(none)'!r}; use a .txt file "
             "(documents separated by blank lines) or a .jsonl file with a 'text' field"
         )
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CalibrationDataError(f"cannot read calibration file {path}: {exc.strerror}") from None
+    from rslora_deploy.untrusted import read_limited
+
+    raw = read_limited(path, MAX_CALIB_BYTES, "calibration file", CalibrationDataError)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -91,6 +91,11 @@ def load_inputs(config: BuildConfig) -> ResolvedInputs:
     base_dir, is_default = resolve_base(config.base)
     view = model_view(base_dir)
     adapter_dir = resolve_adapter(config, is_default)
+    if config.quantize.calib_path is not None and config.quantize.method != "rtn":
+        from rslora_deploy.data.calibration import read_calibration_file
+
+        # Read now, so a bad --calib fails in a second rather than after the merge.
+        read_calibration_file(config.quantize.calib_path)
     logger.info(
         "base %s (%s, %d layers, hidden %d); adapter %s",
         base_dir,
