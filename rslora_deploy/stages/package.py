@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rslora_deploy.data.assets import chmod_like_mkdir, sha256_file
+from rslora_deploy._fsutil import chmod_like_mkdir, sha256_file
 from rslora_deploy.errors import ConfigError, InputError
 
 MANIFEST = "manifest.json"
