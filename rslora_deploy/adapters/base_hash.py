@@ -1,8 +1,8 @@
-"""Fingerprints of a base model directory that bind an adapter to the weights it was trained on.
+r"""Fingerprints of a base model directory that bind an adapter to the weights it was trained on.
 
 Spec 4.1: ``config_sha256`` is SHA-256 of the raw ``config.json`` bytes;
 ``target_weights_sha256`` is SHA-256 over, for each target module sorted by name, the line
-``f"{module}\\t{dtype}\\t{shape}\\n"`` (stored dtype and shape, ``x``-joined) followed by the raw
+``f"{module}\t{dtype}\t{shape}\n"`` (stored dtype and shape, ``x``-joined) followed by the raw
 stored bytes of ``{module}.weight``.
 """
 
@@ -61,17 +61,17 @@ def target_weights_sha256(
         handle = SafetensorsFile(path)
         index.update(dict.fromkeys(handle.keys(), handle))
     digest = hashlib.sha256()
-    missing = []
+    missing: list[str] = []
     for module in sorted(modules):
         key = f"{(live_names or {}).get(module, module)}.weight"
         if key not in index:
             key = f"{module}.weight"
-        handle = index.get(key)
-        if handle is None:
+        owner = index.get(key)
+        if owner is None:
             missing.append(module)
             digest.update(f"{module}\tABSENT\t\n".encode())
             continue
-        shape = "x".join(str(d) for d in handle.shape(key))
-        digest.update(f"{module}\t{handle.dtype(key)}\t{shape}\n".encode())
-        digest.update(handle.raw_bytes(key))
+        shape = "x".join(str(d) for d in owner.shape(key))
+        digest.update(f"{module}\t{owner.dtype(key)}\t{shape}\n".encode())
+        digest.update(owner.raw_bytes(key))
     return digest.hexdigest(), missing

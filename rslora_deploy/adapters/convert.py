@@ -35,7 +35,7 @@ def to_peft_lora(adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
     layouts = {d.layout for d in deltas if d.layout != "embedding"}
     if len(layouts) > 1:
         raise UnsupportedError(
-            f"{adapter_dir}: modules mix layouts {sorted(layouts)}; PEFT's "
+            f"{adapter_dir}: modules mix layouts {sorted(layouts, key=str)}; PEFT's "
             "fan_in_fan_out applies to all modules, export them separately"
         )
     tensors = {}

@@ -67,7 +67,7 @@ class ModuleDelta:
         return None if self.A is None else int(self.A.shape[0])
 
     def delta_weight(self, dtype: type[np.floating[Any]] = np.float64) -> np.ndarray:
-        """dW = s * B_eff @ A_eff in the logical (d_out, d_in) orientation.
+        """The update dW = s * B_eff @ A_eff in the logical (d_out, d_in) orientation.
 
         Computed in float64 (spec 5.2 step 5 allows fp64 on CPU) so the result does not depend on
         the BLAS used; callers round it once to float32 before adding it to the fp32 weight.

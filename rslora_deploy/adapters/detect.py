@@ -116,42 +116,13 @@ def load_adapter(
     base_hashes = None
     overrides: list[TensorOverride] = []
     if fmt == "rslora-v1":
-        ckpt = rslora_v1.read_checkpoint(path)
-        deltas = rslora_v1.checkpoint_deltas(ckpt)
-        cfg = ckpt.config
-        base_hashes = {k: v for k, v in cfg.raw["base_model"].items() if isinstance(v, str)}
-        meta.update(
-            r=cfg.r,
-            k=cfg.k,
-            alpha=cfg.raw["alpha"],
-            effective_scale=cfg.scale,
-            task_id=cfg.task_id,
-            v_sharing=cfg.v_sharing,
-            v_ab_tied=cfg.v_ab_tied,
-            projection={
-                "storage": cfg.storage,
-                "generator": cfg.generator,
-                "seed": cfg.seed,
-                "sharing": cfg.sharing,
-                "normalization": cfg.raw["projection"]["normalization"],
-                "sha256_all": cfg.raw["projection"]["sha256_all"],
-            },
-            checksums="verified",
-            trainable_parameters=cfg.trainable_parameters(),
-        )
-    elif fmt == "peft-lora":
-        from rslora_deploy.adapters.peft_lora import load_peft_lora
-
-        deltas, summary, overrides = load_peft_lora(
-            path, allow_full_module_overrides=allow_full_module_overrides
-        )
-        meta.update(summary, checksums="none recorded by the format")
+        deltas, summary, base_hashes = _load_rslora_v1(path)
+        meta.update(summary)
     else:
-        from rslora_deploy.adapters.peft_vera import load_peft_vera
-
-        deltas, summary, overrides = load_peft_vera(
+        deltas, summary, overrides = _load_peft(
+            fmt,
             path,
-            allow_unverified_regeneration=allow_unverified_vera_regeneration,
+            allow_unverified_vera_regeneration=allow_unverified_vera_regeneration,
             base_shapes=base_shapes,
             allow_full_module_overrides=allow_full_module_overrides,
         )
@@ -165,6 +136,60 @@ def load_adapter(
         meta["base_model"] = base_hashes
     return LoadedAdapter(
         format=fmt, deltas=deltas, meta=meta, base_hashes=base_hashes, overrides=overrides
+    )
+
+
+def _load_rslora_v1(path: Path) -> tuple[list[ModuleDelta], dict[str, Any], dict[str, str]]:
+    """Read and verify an RS-LoRA v1 checkpoint.
+
+    Returns:
+        (deltas, summary for the report, the base-model hashes the checkpoint records).
+    """
+    ckpt = rslora_v1.read_checkpoint(path)
+    cfg = ckpt.config
+    base_hashes = {k: v for k, v in cfg.raw["base_model"].items() if isinstance(v, str)}
+    summary = {
+        "r": cfg.r,
+        "k": cfg.k,
+        "alpha": cfg.raw["alpha"],
+        "effective_scale": cfg.scale,
+        "task_id": cfg.task_id,
+        "v_sharing": cfg.v_sharing,
+        "v_ab_tied": cfg.v_ab_tied,
+        "projection": {
+            "storage": cfg.storage,
+            "generator": cfg.generator,
+            "seed": cfg.seed,
+            "sharing": cfg.sharing,
+            "normalization": cfg.raw["projection"]["normalization"],
+            "sha256_all": cfg.raw["projection"]["sha256_all"],
+        },
+        "checksums": "verified",
+        "trainable_parameters": cfg.trainable_parameters(),
+    }
+    return rslora_v1.checkpoint_deltas(ckpt), summary, base_hashes
+
+
+def _load_peft(
+    fmt: str,
+    path: Path,
+    *,
+    allow_unverified_vera_regeneration: bool,
+    base_shapes: dict[str, tuple[int, int]] | None,
+    allow_full_module_overrides: bool,
+) -> tuple[list[ModuleDelta], dict[str, Any], list[TensorOverride]]:
+    """Read a PEFT LoRA or VeRA directory (the importers load lazily: VeRA may need torch)."""
+    if fmt == "peft-lora":
+        from rslora_deploy.adapters.peft_lora import load_peft_lora
+
+        return load_peft_lora(path, allow_full_module_overrides=allow_full_module_overrides)
+    from rslora_deploy.adapters.peft_vera import load_peft_vera
+
+    return load_peft_vera(
+        path,
+        allow_unverified_regeneration=allow_unverified_vera_regeneration,
+        base_shapes=base_shapes,
+        allow_full_module_overrides=allow_full_module_overrides,
     )
 
 

@@ -39,6 +39,11 @@ class DeltaLinear(nn.Module):
         full_out: the layer's full logical out width (for out_slice).
     """
 
+    # Registered buffers, declared for the type checker (nn.Module.__getattr__ is typed
+    # Tensor | Module); the names are PEFT's state-dict names.
+    lora_A: torch.Tensor  # noqa: N815
+    lora_B: torch.Tensor  # noqa: N815
+
     def __init__(self, base: nn.Module, delta: ModuleDelta, layout: str, full_out: int) -> None:
         super().__init__()
         if delta.A is None or delta.B is None:
@@ -100,6 +105,9 @@ class RSLoRALinear(nn.Module):
         scale: s = sigma * nu^2.
         v_a_init: initial v_A (length k); v_B starts at 0 so dW = 0 at step 0 (spec 3.5).
     """
+
+    P_A: torch.Tensor
+    P_B: torch.Tensor
 
     def __init__(
         self,

@@ -107,9 +107,30 @@ def layer_layout(module: nn.Module, name: str) -> str:
     )
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The layer's ``weight`` tensor.
+
+    ``nn.Module.__getattr__`` is typed ``Tensor | Module``; every layer that reaches the merge has
+    passed :func:`layer_layout`, so its weight is a tensor (an nn.Parameter).
+    """
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"{type(module).__name__}.weight is a {type(weight).__name__}, not a tensor"
+        )
+    return weight
+
+
+def _untie_config(model: nn.Module) -> None:
+    """Record in the model's config (when it has one) that input and output embeddings differ."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.tie_word_embeddings = False
+
+
 def logical_shape(module: nn.Module, layout: str) -> tuple[int, int]:
     """(d_out, d_in) of the layer in the nn.Linear convention."""
-    rows, cols = module.weight.shape
+    rows, cols = weight_of(module).shape
     return (rows, cols) if layout == "linear" else (cols, rows)
 
 
@@ -196,7 +217,7 @@ def validate(model: nn.Module, deltas: list[ModuleDelta], *, untie: bool = False
         check_delta_against_layer(delta, layout, *logical_shape(module, layout))
         if delta.expected_base is not None and not torch.equal(
             torch.from_numpy(np.asarray(delta.expected_base, np.float32)),
-            module.weight.detach().to(torch.float32),
+            weight_of(module).detach().to(torch.float32),
         ):
             raise BaseMismatchError(
                 f"{delta.name}: the adapter carries a saved base weight that differs from the "
@@ -212,7 +233,7 @@ def validate(model: nn.Module, deltas: list[ModuleDelta], *, untie: bool = False
 
 
 def _delta_tensor(delta: ModuleDelta) -> torch.Tensor:
-    """dW = s * B @ A as an fp32 (d_out, d_in) tensor (spec 5.2 step 5: fp32 matmul)."""
+    """The update dW = s * B @ A as an fp32 (d_out, d_in) tensor (spec 5.2 step 5: fp32 matmul)."""
     if delta.dense is not None:
         return torch.from_numpy(np.asarray(delta.dense, dtype=np.float32))
     b = torch.from_numpy(np.ascontiguousarray(delta.B, dtype=np.float32))
@@ -245,7 +266,7 @@ def _merge_one(
     deltas: list[ModuleDelta],
     target: torch.dtype | None,
 ) -> ModuleStats:
-    weight = module.weight
+    weight = weight_of(module)
     w = weight.detach()
     out_dtype = target or w.dtype
     added = _stored_update(deltas, layout, w.shape)
@@ -332,11 +353,11 @@ def merge_deltas(
         layout = layer_layout(module, name)
         if _is_tied(model, module):
             # untie: give this module its own storage so the other side keeps the base weight
+            weight = weight_of(module)
             module.weight = nn.Parameter(
-                module.weight.detach().clone(), requires_grad=module.weight.requires_grad
+                weight.detach().clone(), requires_grad=weight.requires_grad
             )
-            if getattr(model, "config", None) is not None:
-                model.config.tie_word_embeddings = False
+            _untie_config(model)
             logger.warning("untied %s from the shared embedding (its memory is now doubled)", name)
         row = _merge_one(name, module, layout, group, dtype)
         if row.relative_merge_error > fidelity_warn_threshold:
@@ -428,7 +449,18 @@ def apply_overrides(
         RsloraDeployError: E020 (module or tensor missing), E022 (shape), E024 (dtype), E050
             (tied without untie), E070 (the tensor is also a LoRA/VeRA target).
     """
-    targets = {d.name for d in deltas or []}
+    plan = _plan_overrides(model, overrides, {d.name for d in deltas or []}, untie=untie)
+    return [_copy_override(model, *planned) for planned in plan]
+
+
+def _plan_overrides(
+    model: nn.Module, overrides: list[TensorOverride], targets: set[str], *, untie: bool
+) -> list[tuple[TensorOverride, nn.Module, torch.Tensor, bool]]:
+    """Check every override before any is copied.
+
+    Returns:
+        (override, its module, the base tensor, whether that tensor is a tied embedding) each.
+    """
     plan = []
     for override in overrides:
         module, tensor = _override_target(model, override)
@@ -447,41 +479,42 @@ def apply_overrides(
                 code="E050",
             )
         plan.append((override, module, tensor, tied))
-    rows = []
-    for override, module, tensor, tied in plan:
-        # Exact: value is the float32 widening of a tensor stored in this very dtype.
-        value = torch.from_numpy(np.ascontiguousarray(override.value)).to(tensor.dtype)
-        before = tensor.detach().to(torch.float32, copy=True)
-        with torch.no_grad():
-            if override.rows is not None:
-                tensor[list(override.rows)] = value
-            elif tied:
-                module.weight = nn.Parameter(value.clone(), requires_grad=tensor.requires_grad)
-                if getattr(model, "config", None) is not None:
-                    model.config.tie_word_embeddings = False
-                logger.warning(
-                    "untied %s from the shared embedding to copy its %s tensor",
-                    override.name,
-                    override.kind,
-                )
-            else:
-                tensor.copy_(value)
-        after = getattr(module, override.param).detach().to(torch.float32)
-        rows.append(
-            {
-                "tensor": override.target,
-                "kind": override.kind,
-                "recorded_name": override.recorded_name,
-                "shape": list(override.value.shape),
-                "dtype": override.stored_dtype,
-                "rows": list(override.rows) if override.rows is not None else None,
-                "max_abs_change": float((after - before).abs().max()) if before.numel() else 0.0,
-            }
-        )
-        logger.info(
-            "copied %s tensor %s %s", override.kind, override.target, list(override.value.shape)
-        )
-    return rows
+    return plan
+
+
+def _copy_override(
+    model: nn.Module, override: TensorOverride, module: nn.Module, tensor: torch.Tensor, tied: bool
+) -> dict[str, Any]:
+    """Copy one checked override into the model; returns its merge_report.json row."""
+    # Exact: value is the float32 widening of a tensor stored in this very dtype.
+    value = torch.from_numpy(np.ascontiguousarray(override.value)).to(tensor.dtype)
+    before = tensor.detach().to(torch.float32, copy=True)
+    with torch.no_grad():
+        if override.rows is not None:
+            tensor[list(override.rows)] = value
+        elif tied:
+            module.weight = nn.Parameter(value.clone(), requires_grad=tensor.requires_grad)
+            _untie_config(model)
+            logger.warning(
+                "untied %s from the shared embedding to copy its %s tensor",
+                override.name,
+                override.kind,
+            )
+        else:
+            tensor.copy_(value)
+    after = getattr(module, override.param).detach().to(torch.float32)
+    logger.info(
+        "copied %s tensor %s %s", override.kind, override.target, list(override.value.shape)
+    )
+    return {
+        "tensor": override.target,
+        "kind": override.kind,
+        "recorded_name": override.recorded_name,
+        "shape": list(override.value.shape),
+        "dtype": override.stored_dtype,
+        "rows": list(override.rows) if override.rows is not None else None,
+        "max_abs_change": float((after - before).abs().max()) if before.numel() else 0.0,
+    }
 
 
 def verify_base(

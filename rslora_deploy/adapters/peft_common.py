@@ -88,7 +88,7 @@ def strip_prefix(key: str, path: Path) -> str:
 
 
 def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """Per-module override: first key with ``re.match(rf"(.*\\.)?({key})$", module)`` wins.
+    r"""Per-module override: first key with ``re.match(rf"(.*\.)?({key})$", module)`` wins.
 
     This is PEFT's ``rank_pattern``/``alpha_pattern`` rule (spec 6.1), in dict order.
     """
@@ -144,7 +144,7 @@ _TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64
 
 
 def stored_dtypes(path: Path) -> dict[str, str]:
-    """safetensors dtype string (``F32``, ``BF16``...) of every tensor in the weights file."""
+    """The safetensors dtype string (``F32``, ``BF16``...) of every tensor in the weights file."""
     path = Path(path)
     if path.suffix == ".safetensors":
         handle = SafetensorsFile(path)

@@ -82,11 +82,44 @@ def load_peft_lora(
     directory = Path(directory)
     cfg = read_config(directory)
     reject_unsupported(cfg, directory / "adapter_config.json", allow_full_module_overrides)
-    tensors, path = read_weights(directory)
-    all_tensors = tensors
-    tensors, overrides = split_overrides(cfg, tensors, stored_dtypes(path), path)
+    all_tensors, path = read_weights(directory)
+    tensors, overrides = split_overrides(cfg, all_tensors, stored_dtypes(path), path)
+    groups, embedding_modules, saved_bases = _group_factors(tensors, path)
+    deltas = []
+    for module, factors in groups.items():
+        delta = _module_delta(module, factors, cfg, path, embedding=module in embedding_modules)
+        if module in saved_bases:
+            delta.expected_base = saved_bases.pop(module)
+        deltas.append(delta)
+    if saved_bases:
+        raise AdapterFormatError(
+            f"{path}: unexpected tensor {next(iter(saved_bases))}"
+            ".base_layer.weight without LoRA factors",
+            code="E023",
+        )
+    if not deltas:
+        raise AdapterFormatError(f"{path} holds no LoRA tensors", code="E023")
+    summary = {
+        "r": int(cfg.get("r", 8)),
+        "lora_alpha": float(cfg.get("lora_alpha", 8)),
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "trainable_parameters": int(sum(t.size for t in all_tensors.values())),
+        "weights_file": path.name,
+    }
+    return deltas, summary, overrides
+
+
+def _group_factors(
+    tensors: dict[str, np.ndarray], path: Path
+) -> tuple[dict[str, dict[str, np.ndarray]], set[str], dict[str, np.ndarray]]:
+    """Group the LoRA tensors by module.
+
+    Returns:
+        ({module: {"A": lora_A, "B": lora_B}}, the modules stored in the embedding layout,
+        {module: saved base weight}).
+    """
     groups: dict[str, dict[str, np.ndarray]] = {}
-    embedding_modules = set()
+    embedding_modules: set[str] = set()
     saved_bases: dict[str, np.ndarray] = {}
     for key, array in tensors.items():
         stripped = strip_prefix(key, path)
@@ -99,64 +132,48 @@ def load_peft_lora(
         groups.setdefault(module, {})[factor] = array
         if embedding:
             embedding_modules.add(module)
-    r_default = int(cfg.get("r", 8))
-    alpha_default = float(cfg.get("lora_alpha", 8))
+    return groups, embedding_modules, saved_bases
+
+
+def _module_delta(
+    module: str, factors: dict[str, np.ndarray], cfg: dict[str, Any], path: Path, *, embedding: bool
+) -> ModuleDelta:
+    """Check one module's factors and build its delta with its own r/alpha from the patterns.
+
+    Raises:
+        AdapterFormatError: E023 when lora_A or lora_B is missing.
+        ShapeMismatchError: when the factors do not have the module's rank.
+        NonFiniteError: when a factor holds NaN/Inf.
+    """
+    for factor in ("A", "B"):
+        if factor not in factors:
+            raise AdapterFormatError(
+                f"{path}: missing tensor for {module} factor {factor} (lora_{factor})",
+                code="E023",
+            )
+    a_mat, b_mat = factors["A"], factors["B"]
+    r_m = int(pattern_value(cfg.get("rank_pattern"), module, int(cfg.get("r", 8))))
+    alpha_m = float(
+        pattern_value(cfg.get("alpha_pattern"), module, float(cfg.get("lora_alpha", 8)))
+    )
+    if a_mat.ndim != 2 or b_mat.ndim != 2 or a_mat.shape[0] != r_m or b_mat.shape[1] != r_m:
+        raise ShapeMismatchError(
+            f"{path}: {module} has lora_A {list(a_mat.shape)} and lora_B "
+            f"{list(b_mat.shape)}, expected rank r={r_m} (A [r, d_in], B [d_out, r]) from "
+            "r/rank_pattern in adapter_config.json"
+        )
+    for factor, array in (("A", a_mat), ("B", b_mat)):
+        if not np.all(np.isfinite(array)):
+            raise NonFiniteError(f"{path}: {module} lora_{factor} contains NaN/Inf")
     use_rslora = bool(cfg.get("use_rslora", False))
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-    deltas = []
-    for module, factors in groups.items():
-        for factor in ("A", "B"):
-            if factor not in factors:
-                raise AdapterFormatError(
-                    f"{path}: missing tensor for {module} factor {factor} (lora_{factor})",
-                    code="E023",
-                )
-        a_mat, b_mat = factors["A"], factors["B"]
-        embedding = module in embedding_modules
-        r_m = int(pattern_value(cfg.get("rank_pattern"), module, r_default))
-        alpha_m = float(pattern_value(cfg.get("alpha_pattern"), module, alpha_default))
-        if a_mat.ndim != 2 or b_mat.ndim != 2 or a_mat.shape[0] != r_m or b_mat.shape[1] != r_m:
-            raise ShapeMismatchError(
-                f"{path}: {module} has lora_A {list(a_mat.shape)} and lora_B "
-                f"{list(b_mat.shape)}, expected rank r={r_m} (A [r, d_in], B [d_out, r]) from "
-                "r/rank_pattern in adapter_config.json"
-            )
-        for factor, array in (("A", a_mat), ("B", b_mat)):
-            if not np.all(np.isfinite(array)):
-                raise NonFiniteError(f"{path}: {module} lora_{factor} contains NaN/Inf")
-        layout = "embedding" if embedding else ("conv1d" if fan_in_fan_out else None)
-        deltas.append(
-            ModuleDelta(
-                name=module,
-                layout=layout,
-                d_in=int(a_mat.shape[1]),
-                d_out=int(b_mat.shape[0]),
-                B=b_mat,
-                A=a_mat,
-                scale=lora_scale(alpha_m, r_m, use_rslora),
-                source={
-                    "format": "peft-lora",
-                    "r": r_m,
-                    "alpha": alpha_m,
-                    "use_rslora": use_rslora,
-                },
-            )
-        )
-        if module in saved_bases:
-            deltas[-1].expected_base = saved_bases.pop(module)
-    if saved_bases:
-        raise AdapterFormatError(
-            f"{path}: unexpected tensor {next(iter(saved_bases))}"
-            ".base_layer.weight without LoRA factors",
-            code="E023",
-        )
-    if not deltas:
-        raise AdapterFormatError(f"{path} holds no LoRA tensors", code="E023")
-    summary = {
-        "r": r_default,
-        "lora_alpha": alpha_default,
-        "use_rslora": use_rslora,
-        "trainable_parameters": int(sum(t.size for t in all_tensors.values())),
-        "weights_file": path.name,
-    }
-    return deltas, summary, overrides
+    return ModuleDelta(
+        name=module,
+        layout="embedding" if embedding else ("conv1d" if fan_in_fan_out else None),
+        d_in=int(a_mat.shape[1]),
+        d_out=int(b_mat.shape[0]),
+        B=b_mat,
+        A=a_mat,
+        scale=lora_scale(alpha_m, r_m, use_rslora),
+        source={"format": "peft-lora", "r": r_m, "alpha": alpha_m, "use_rslora": use_rslora},
+    )

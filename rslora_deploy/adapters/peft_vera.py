@@ -67,12 +67,63 @@ def load_peft_vera(
 
     Returns:
         (deltas, summary, overrides).
+
+    Raises:
+        AdapterFormatError: E023 (tensor set), E071 (projections absent and not regenerable).
+        ShapeMismatchError: a lambda or a projection without rank r, or d_out > max_out.
+        NonFiniteError: a lambda holds NaN/Inf.
     """
     directory = Path(directory)
     cfg = read_config(directory)
     reject_unsupported(cfg, directory / "adapter_config.json", allow_full_module_overrides)
     tensors, path = read_weights(directory)
     tensors, overrides = split_overrides(cfg, tensors, stored_dtypes(path), path)
+    shared, lambdas = _split_tensors(tensors, path)
+    r = int(cfg.get("r", 256))
+    _check_lambdas(lambdas, r, path)
+    regenerated = False
+    if set(shared) != {"A", "B"}:
+        if shared:
+            raise AdapterFormatError(
+                f"{path}: only one of base_model.vera_A/vera_B is present", code="E023"
+            )
+        shared = _regenerate(cfg, lambdas, r, path, allow_unverified_regeneration, base_shapes)
+        regenerated = True
+    vera_a, vera_b = shared["A"], shared["B"]
+    if vera_a.ndim != 2 or vera_b.ndim != 2 or vera_a.shape[0] != r or vera_b.shape[1] != r:
+        raise ShapeMismatchError(
+            f"{path}: vera_A {list(vera_a.shape)} / vera_B "
+            f"{list(vera_b.shape)} do not have rank r={r}"
+        )
+    layout = "conv1d" if bool(cfg.get("fan_in_fan_out", False)) else None
+    deltas = [
+        _module_delta(module, pair, vera_a, vera_b, r, layout, path)
+        for module, pair in lambdas.items()
+    ]
+    summary: dict[str, Any] = {
+        "r": r,
+        "save_projection": not regenerated,
+        "regenerated_projections": regenerated,
+        "projection_prng_key": cfg.get("projection_prng_key", 0),
+        "trainable_parameters": int(sum(p["b"].size + p["d"].size for p in lambdas.values())),
+        "weights_file": path.name,
+    }
+    if regenerated:
+        summary["regenerated_sha256"] = {f: tensor_sha256(shared[f]) for f in ("A", "B")}
+    return deltas, summary, overrides
+
+
+def _split_tensors(
+    tensors: dict[str, np.ndarray], path: Path
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """Sort the file's tensors into the shared projections and the per-module lambdas.
+
+    Returns:
+        ({"A": vera_A, "B": vera_B} as far as present, {module: {"b": lambda_b, "d": lambda_d}}).
+
+    Raises:
+        AdapterFormatError: E023 for any other tensor, or when no lambda is present.
+    """
     shared: dict[str, np.ndarray] = {}
     lambdas: dict[str, dict[str, np.ndarray]] = {}
     for key, array in tensors.items():
@@ -89,7 +140,11 @@ def load_peft_vera(
         )
     if not lambdas:
         raise AdapterFormatError(f"{path} holds no vera_lambda tensors", code="E023")
-    r = int(cfg.get("r", 256))
+    return shared, lambdas
+
+
+def _check_lambdas(lambdas: dict[str, dict[str, np.ndarray]], r: int, path: Path) -> None:
+    """Every module has finite lambda_b and lambda_d, and lambda_d has r entries."""
     for module, pair in lambdas.items():
         for leaf in ("b", "d"):
             if leaf not in pair:
@@ -103,53 +158,37 @@ def load_peft_vera(
                 f"{path}: {module}.vera_lambda_d has shape "
                 f"{list(pair['d'].shape)}, expected [{r}] (r)"
             )
-    regenerated = False
-    if set(shared) != {"A", "B"}:
-        if shared:
-            raise AdapterFormatError(
-                f"{path}: only one of base_model.vera_A/vera_B is present", code="E023"
-            )
-        shared = _regenerate(cfg, lambdas, r, path, allow_unverified_regeneration, base_shapes)
-        regenerated = True
-    vera_a, vera_b = shared["A"], shared["B"]
-    if vera_a.ndim != 2 or vera_b.ndim != 2 or vera_a.shape[0] != r or vera_b.shape[1] != r:
+
+
+def _module_delta(
+    module: str,
+    pair: dict[str, np.ndarray],
+    vera_a: np.ndarray,
+    vera_b: np.ndarray,
+    r: int,
+    layout: str | None,
+    path: Path,
+) -> ModuleDelta:
+    """B_eff = diag(lambda_b) B[:d_out], A_eff = diag(lambda_d) A, s = 1 for one module.
+
+    A keeps all max_in columns: the merge slices A[:, :d_in] once it knows the layer
+    (``slice_in_from_layer``).
+    """
+    d_out = int(pair["b"].shape[0])
+    if d_out > vera_b.shape[0]:
         raise ShapeMismatchError(
-            f"{path}: vera_A {list(vera_a.shape)} / vera_B "
-            f"{list(vera_b.shape)} do not have rank r={r}"
+            f"{path}: {module} has d_out={d_out} > max_out={vera_b.shape[0]} rows of vera_B"
         )
-    deltas = []
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-    for module, pair in lambdas.items():
-        d_out = int(pair["b"].shape[0])
-        if d_out > vera_b.shape[0]:
-            raise ShapeMismatchError(
-                f"{path}: {module} has d_out={d_out} > max_out={vera_b.shape[0]} rows of vera_B"
-            )
-        b_eff = pair["b"][:, None].astype(np.float32) * vera_b[:d_out, :]
-        a_eff = pair["d"][:, None].astype(np.float32) * vera_a
-        deltas.append(
-            ModuleDelta(
-                name=module,
-                layout="conv1d" if fan_in_fan_out else None,
-                d_in=int(vera_a.shape[1]),
-                d_out=d_out,
-                B=b_eff,
-                A=a_eff,
-                scale=1.0,
-                source={"format": "peft-vera", "r": r, "slice_in_from_layer": True},
-            )
-        )
-    summary = {
-        "r": r,
-        "save_projection": not regenerated,
-        "regenerated_projections": regenerated,
-        "projection_prng_key": cfg.get("projection_prng_key", 0),
-        "trainable_parameters": int(sum(p["b"].size + p["d"].size for p in lambdas.values())),
-        "weights_file": path.name,
-    }
-    if regenerated:
-        summary["regenerated_sha256"] = {f: tensor_sha256(shared[f]) for f in ("A", "B")}
-    return deltas, summary, overrides
+    return ModuleDelta(
+        name=module,
+        layout=layout,
+        d_in=int(vera_a.shape[1]),
+        d_out=d_out,
+        B=pair["b"][:, None].astype(np.float32) * vera_b[:d_out, :],
+        A=pair["d"][:, None].astype(np.float32) * vera_a,
+        scale=1.0,
+        source={"format": "peft-vera", "r": r, "slice_in_from_layer": True},
+    )
 
 
 def _regenerate(

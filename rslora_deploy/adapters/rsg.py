@@ -161,7 +161,7 @@ def combine(
 
 
 def aggregate_sha256(checksums: dict[str, dict[str, str]]) -> str:
-    """Aggregate digest of sorted lines ``f"{module}\\t{factor}\\t{hex}\\n"`` (spec 3.6 step 4)."""
+    r"""Aggregate digest of sorted lines ``f"{module}\t{factor}\t{hex}\n"`` (spec 3.6 step 4)."""
     lines = [
         f"{module}\t{factor}\t{checksums[module][factor]}\n"
         for module in sorted(checksums)

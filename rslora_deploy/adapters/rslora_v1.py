@@ -47,7 +47,10 @@ _V_DTYPES = {"float32": "F32", "float64": "F64"}
 
 
 def effective_scale(alpha: float, r: int, k: int, scaling_rule: str, normalization: str) -> float:
-    """s = sigma * nu^2 (spec 3.2): sigma = alpha/r or alpha/sqrt(r); nu^2 = 1/k or 1."""
+    """The merge scale s = sigma * nu^2 (spec 3.2).
+
+    sigma = alpha/r (``alpha_over_r``) or alpha/sqrt(r); nu^2 = 1/k (``inv_sqrt_k``) or 1.
+    """
     sigma = alpha / r if scaling_rule == "alpha_over_r" else alpha / math.sqrt(r)
     return sigma / k if normalization == "inv_sqrt_k" else sigma
 
@@ -167,6 +170,25 @@ def _positive_int(obj: dict[str, Any], key: str, where: str) -> int:
     return int(value)
 
 
+def _parse_v_groups(
+    cfg: dict[str, Any], modules: dict[str, Any], where: str
+) -> dict[str, list[str]]:
+    """``v_groups`` of a grouped config: every module in exactly one group (E001 otherwise)."""
+    v_groups: dict[str, list[str]] = _get(cfg, "v_groups", dict, where)
+    seen: dict[str, str] = {}
+    for group, members in v_groups.items():
+        if not isinstance(members, list):
+            raise _fail(f"{where}: v_groups[{group!r}] must be a list of module names")
+        for member in members:
+            if member not in modules or member in seen:
+                why = "not in modules" if member not in modules else f"also in {seen[member]!r}"
+                raise _fail(f"{where}: v_groups[{group!r}] lists {member!r}, {why}")
+            seen[member] = group
+    if missing := sorted(set(modules) - set(seen)):
+        raise _fail(f"{where}: modules {missing[:3]} are in no v_groups entry")
+    return v_groups
+
+
 def parse_config(raw_bytes: bytes, where: str = CONFIG_NAME) -> RsloraConfig:
     """Validate config bytes (E001, E003, E041, E022 for slices).
 
@@ -209,20 +231,7 @@ def parse_config(raw_bytes: bytes, where: str = CONFIG_NAME) -> RsloraConfig:
         )
     modules = _parse_modules(_get(cfg, "modules", dict, where), where)
     v_sharing = _enum(cfg, "v_sharing", V_SHARING, where)
-    v_groups: dict[str, list[str]] = {}
-    if v_sharing == "grouped":
-        v_groups = _get(cfg, "v_groups", dict, where)
-        seen: dict[str, str] = {}
-        for group, members in v_groups.items():
-            if not isinstance(members, list):
-                raise _fail(f"{where}: v_groups[{group!r}] must be a list of module names")
-            for member in members:
-                if member not in modules or member in seen:
-                    why = "not in modules" if member not in modules else f"also in {seen[member]!r}"
-                    raise _fail(f"{where}: v_groups[{group!r}] lists {member!r}, {why}")
-                seen[member] = group
-        if missing := sorted(set(modules) - set(seen)):
-            raise _fail(f"{where}: modules {missing[:3]} are in no v_groups entry")
+    v_groups = _parse_v_groups(cfg, modules, where) if v_sharing == "grouped" else {}
     v_ab_tied = _get(cfg, "v_ab_tied", bool, where)
     storage = _enum(proj, "storage", STORAGES, pwhere)
     generator, seed = _parse_generator(proj, storage, pwhere)

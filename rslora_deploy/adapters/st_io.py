@@ -73,6 +73,9 @@ def _is_count(value: Any) -> bool:
 class SafetensorsFile:
     """A validated safetensors file: its header, metadata and lazily read tensors.
 
+    Args:
+        path: the ``.safetensors`` file; its header is read and checked on construction.
+
     Raises:
         AdapterFormatError: missing file, pickle/zip content, truncated or inconsistent header.
     """
@@ -159,7 +162,7 @@ class SafetensorsFile:
         return list(self.entries)
 
     def dtype(self, name: str) -> str:
-        """safetensors dtype string of a tensor (``F32``, ``BF16``...)."""
+        """The safetensors dtype string of a tensor (``F32``, ``BF16``...)."""
         return str(self.entries[name]["dtype"])
 
     def shape(self, name: str) -> tuple[int, ...]:
