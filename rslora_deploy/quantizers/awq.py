@@ -1,5 +1,7 @@
-"""AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
-Acceleration", arXiv 2306.00978) on gptqmodel 7.6.0.
+"""AWQ on gptqmodel 7.6.0.
+
+Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration",
+arXiv 2306.00978.
 
 AWQ protects the weight channels that meet large activations: for each group of linears sharing
 an input it searches a per-input-channel scale ``s = mean|x|^alpha`` (``alpha`` in [0, 1] on a
@@ -30,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def awq_config(cfg: QuantizeConfig, extras: QuantizeExtras) -> Any:
-    """gptqmodel's AWQ config for our config (GEMM format, lm_head never quantized)."""
+    """The gptqmodel AWQ config for our config (GEMM format, lm_head never quantized)."""
     gptqmodel_engine.prepare_env()
     from gptqmodel import QuantizeConfig as EngineConfig
 

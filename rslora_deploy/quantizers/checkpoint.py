@@ -149,7 +149,7 @@ def copy_extras(src: Path, dst: Path) -> None:
 
 
 def module_overrides(name: str, dynamic: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
-    """gptqmodel ``dynamic`` semantics for one module: ``{}`` none, ``None`` = skip (``-:``)."""
+    """The gptqmodel ``dynamic`` override of one module: ``{}`` none, ``None`` skip (``-:``)."""
     for pattern, override in (dynamic or {}).items():
         if pattern.startswith("-:"):
             if re.match(pattern[2:], name):

@@ -1,5 +1,7 @@
-"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
-Transformers", arXiv 2210.17323) on gptqmodel 7.6.0.
+"""GPTQ on gptqmodel 7.6.0.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv 2210.17323.
 
 For each linear layer with calibration inputs ``X`` GPTQ minimises ``||W X - Q(W) X||^2`` column
 by column: with the damped Hessian ``H = 2 X X^T + lambda * mean(diag H) * I`` (``lambda`` =
@@ -26,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def gptq_config(cfg: QuantizeConfig, extras: QuantizeExtras) -> Any:
-    """gptqmodel's ``QuantizeConfig`` for our config (lm_head never quantized)."""
+    """The gptqmodel ``QuantizeConfig`` for our config (lm_head never quantized)."""
     gptqmodel_engine.prepare_env()
     from gptqmodel import QuantizeConfig as EngineConfig
 

@@ -17,11 +17,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rslora_deploy._fsutil import write_json
 from rslora_deploy.errors import NonFiniteQuantizationError, QuantizationError, UnsupportedError
 from rslora_deploy.quantizers import checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +79,34 @@ def run_quantize(model: Any, calibration: list[dict[str, list[int]]], **kwargs: 
 
 
 def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Strip machine paths from the configs and restore unquantized tensors to the source's."""
-    import torch
+    """Strip machine paths from the configs and restore unquantized tensors to the source's.
+
+    Returns:
+        The counts of unquantized tensors restored exactly and of those the engine modified.
+
+    Raises:
+        NonFiniteQuantizationError: a quantized or a source tensor holds NaN/Inf.
+    """
     from safetensors.torch import load_file, save_file
 
+    _clean_configs(model_dir, out_dir)
+    (out_dir / "quant_log.csv").unlink(missing_ok=True)
+    source: dict[str, torch.Tensor] = {}
+    for path in checkpoint.weight_files(model_dir):
+        source.update(load_file(path))
+    restored = 0
+    modified = 0
+    for path in checkpoint.weight_files(out_dir):
+        tensors = load_file(path)
+        file_restored, file_modified = _restore_unquantized(tensors, source)
+        restored += file_restored
+        modified += file_modified
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return {"unquantized_tensors_restored": restored, "unquantized_tensors_modified": modified}
+
+
+def _clean_configs(model_dir: Path, out_dir: Path) -> None:
+    """Drop ``offload_to_disk_path`` and give config.json the source's dtype entries back."""
     for name in ("config.json", "quantize_config.json"):
         path = out_dir / name
         if not path.is_file():
@@ -93,42 +120,49 @@ def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
                 if key in source_cfg:
                     data[key] = source_cfg[key]
         write_json(path, data)
-    (out_dir / "quant_log.csv").unlink(missing_ok=True)
-    source: dict[str, torch.Tensor] = {}
-    for path in checkpoint.weight_files(model_dir):
-        source.update(load_file(path))
+
+
+def _restore_unquantized(
+    tensors: dict[str, torch.Tensor], source: dict[str, torch.Tensor]
+) -> tuple[int, int]:
+    """Put the source's values and dtype back into one saved file's unquantized tensors.
+
+    ``tensors`` is edited in place.
+
+    Returns:
+        (tensors restored exactly, tensors the engine modified and that keep its values).
+    """
+    import torch
+
     restored = 0
     modified = 0
-    for path in checkpoint.weight_files(out_dir):
-        tensors = load_file(path)
-        for key, tensor in tensors.items():
-            if not torch.isfinite(
-                tensor.float() if tensor.is_floating_point() else tensor.double()
-            ).all():
-                raise NonFiniteQuantizationError(
-                    f"quantized tensor {key} contains NaN/Inf; raise quantize.damp_percent or "
-                    "check the merged model's weights"
-                )
-            if key.endswith(".scales") and tensor.dtype == torch.bfloat16:
-                # AWQ saves its scales in the bf16 compute dtype; AutoAWQ's GEMM format and
-                # its loaders use fp16. bf16 -> fp16 is exact for scales (8-bit mantissa fits in
-                # 11, and group scales sit far inside fp16's range).
-                tensors[key] = tensor.to(torch.float16)
-            original = source.get(key)
-            if original is None or original.shape != tensor.shape:
-                continue
-            if not torch.isfinite(original).all():
-                raise NonFiniteQuantizationError(
-                    f"source tensor {key} contains NaN/Inf; fix the merged model first"
-                )
-            if torch.equal(tensor, original.to(tensor.dtype)):
-                # Only the dtype changed (bf16 calibration): put the exact source values back.
-                tensors[key] = original.contiguous()
-                restored += 1
-            else:
-                # The engine changed the values on purpose (AWQ folds its channel scales into
-                # the preceding RMSNorm): keep them, in the source dtype.
-                tensors[key] = tensor.to(original.dtype).contiguous()
-                modified += 1
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    return {"unquantized_tensors_restored": restored, "unquantized_tensors_modified": modified}
+    for key, tensor in tensors.items():
+        if not torch.isfinite(
+            tensor.float() if tensor.is_floating_point() else tensor.double()
+        ).all():
+            raise NonFiniteQuantizationError(
+                f"quantized tensor {key} contains NaN/Inf; raise quantize.damp_percent or "
+                "check the merged model's weights"
+            )
+        if key.endswith(".scales") and tensor.dtype == torch.bfloat16:
+            # AWQ saves its scales in the bf16 compute dtype; AutoAWQ's GEMM format and
+            # its loaders use fp16. bf16 -> fp16 is exact for scales (8-bit mantissa fits in
+            # 11, and group scales sit far inside fp16's range).
+            tensors[key] = tensor.to(torch.float16)
+        original = source.get(key)
+        if original is None or original.shape != tensor.shape:
+            continue
+        if not torch.isfinite(original).all():
+            raise NonFiniteQuantizationError(
+                f"source tensor {key} contains NaN/Inf; fix the merged model first"
+            )
+        if torch.equal(tensor, original.to(tensor.dtype)):
+            # Only the dtype changed (bf16 calibration): put the exact source values back.
+            tensors[key] = original.contiguous()
+            restored += 1
+        else:
+            # The engine changed the values on purpose (AWQ folds its channel scales into
+            # the preceding RMSNorm): keep them, in the source dtype.
+            tensors[key] = tensor.to(original.dtype).contiguous()
+            modified += 1
+    return restored, modified

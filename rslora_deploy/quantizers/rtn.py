@@ -68,9 +68,8 @@ class RTNQuantizer:
             tensors[f"{spec.name}.qzeros"] = packed.qzeros
             tensors[f"{spec.name}.scales"] = packed.scales
             tensors[f"{spec.name}.g_idx"] = packed.g_idx
-            rel = float(
-                np.linalg.norm(rtn_math.dequantize(gq) - weight)
-                / max(np.linalg.norm(weight), 1e-30)
+            rel = float(np.linalg.norm(rtn_math.dequantize(gq) - weight)) / max(
+                float(np.linalg.norm(weight)), 1e-30
             )
             max_err = max(max_err, rel)
             logger.debug("rtn %s bits=%d group=%d rel_err=%.4g", spec.name, bits, group, rel)
