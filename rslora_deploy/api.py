@@ -276,7 +276,7 @@ def _package(staging: Path, body: dict[str, Any], write_manifest: Any, write_car
 
     header = manifest_header()
     write_card(staging, {**header, **body})
-    write_manifest(staging, body, created_utc=header["created_utc"])
+    write_manifest(staging, body, created_utc=header.get("created_utc"))
 
 
 def _manifest_body(

@@ -390,7 +390,7 @@ def _package_model(
         }
         header = manifest_header()
         write_model_card(staging, {**header, **body})
-        write_manifest(staging, body, created_utc=header["created_utc"])
+        write_manifest(staging, body, created_utc=header.get("created_utc"))
     emit({"package": str(out), "budget": result}, fmt, f"package: {out}")
     if not result["fits"]:
         raise typer.Exit(EXIT_OVER_BUDGET)

@@ -22,7 +22,6 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -51,21 +50,44 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
 
 
 def manifest_header(created_utc: str | None = None) -> dict[str, Any]:
-    """The fields every manifest starts with: schema version, tool, creation time."""
-    from rslora_deploy._version import __version__
+    """The fields every manifest starts with: schema version, tool and library versions.
 
-    return {
-        "schema_version": MANIFEST_SCHEMA_VERSION,
-        "tool": {"name": "rslora-deploy", "version": __version__},
-        "created_utc": created_utc or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    ``created_utc`` is recorded only when given or when ``SOURCE_DATE_EPOCH`` is set: a clock
+    reading would make every build's manifest and model card differ (docs/reproducibility.md).
+    """
+    from rslora_deploy.provenance import source_date, tool_record
+
+    header: dict[str, Any] = {"schema_version": MANIFEST_SCHEMA_VERSION, "tool": tool_record()}
+    stamp = created_utc or source_date()
+    if stamp:
+        header["created_utc"] = stamp
+    return header
 
 
 def write_manifest(
-    root: Path, body: dict[str, Any], created_utc: str | None = None
+    root: Path,
+    body: dict[str, Any],
+    created_utc: str | None = None,
+    nondeterministic: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Write ``manifest.json`` with the tool header and the file list; returns it."""
-    manifest = {**manifest_header(created_utc), **body, "files": file_entries(root)}
+    """Write ``manifest.json`` with the tool header and the file list; returns it.
+
+    Args:
+        root: the package directory.
+        body: the build's settings, inputs and results.
+        created_utc: a creation time to record (default: ``SOURCE_DATE_EPOCH`` or none).
+        nondeterministic: ``{path, why}`` of files that differ between identical builds by nature
+            (measurements of the run); present ones are listed there, not hashed in ``files``.
+    """
+    named = [dict(e) for e in nondeterministic or [] if (Path(root) / e["path"]).is_file()]
+    skipped = {entry["path"] for entry in named}
+    files = [entry for entry in file_entries(root) if entry["path"] not in skipped]
+    manifest = {
+        **manifest_header(created_utc),
+        **body,
+        "nondeterministic": named,
+        "files": files,
+    }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -95,6 +117,16 @@ def read_manifest(root: Path) -> dict[str, Any]:
         )
         if not ok:
             raise InputError(f"{where} has a malformed file entry {str(entry)[:120]}")
+        confined(root, entry.get("path"), where)
+        if entry["path"] in seen or entry["path"] == MANIFEST:
+            raise InputError(f"{where} lists {entry['path']!r} twice; rebuild the package")
+        seen.add(entry["path"])
+    named = manifest.setdefault("nondeterministic", [])
+    if not isinstance(named, list):
+        raise InputError(f"{where} has a 'nondeterministic' that is not a list; rebuild it")
+    for entry in named:
+        if not isinstance(entry, dict) or not isinstance(entry.get("why"), str):
+            raise InputError(f"{where} has a malformed nondeterministic entry {str(entry)[:120]}")
         confined(root, entry.get("path"), where)
         if entry["path"] in seen or entry["path"] == MANIFEST:
             raise InputError(f"{where} lists {entry['path']!r} twice; rebuild the package")
@@ -135,7 +167,10 @@ def verify_manifest(root: Path) -> list[str]:
     manifest = read_manifest(root)
     present, problems = package_files(root)
     present_set = set(present)
-    listed = {entry["path"] for entry in manifest["files"]}
+    listed = {entry["path"] for entry in manifest["files"] + manifest["nondeterministic"]}
+    for entry in manifest["nondeterministic"]:
+        if entry["path"] not in present_set and not (root / entry["path"]).is_symlink():
+            problems.append(f"{entry['path']}: missing")
     for entry in manifest["files"]:
         path = root / entry["path"]
         if entry["path"] not in present_set:
@@ -156,7 +191,8 @@ def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
     lines = [
         f"# {manifest['inputs']['base'].get('name', 'model')} for {manifest['profile']['name']}",
         "",
-        f"Built by rslora-deploy {manifest['tool']['version']} on {manifest['created_utc']}.",
+        f"Built by rslora-deploy {manifest['tool']['version']}"
+        + (f" on {manifest['created_utc']}." if manifest.get("created_utc") else "."),
         "",
         "| item | value |",
         "|---|---|",

@@ -87,7 +87,11 @@ def export_onnx(
         )
     command = builder_command(source, out_dir, cache_dir, cfg, profile.export_target, tied)
     logger.info("export_onnx: %s", " ".join(command))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The builder stamps producer_version with `git rev-parse HEAD` run five levels above its own
+    # file: with a virtualenv inside a git checkout that is the *checkout's* commit, so model.onnx
+    # changed with every commit of this repository (docs/reproducibility.md). GIT_DIR pointing
+    # nowhere makes that call fail and the builder falls back to its wheel's own commit.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GIT_DIR": os.devnull}
     with log_path.open("w", encoding="utf-8") as log:
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0 or not (out_dir / GENAI_CONFIG).is_file():
