@@ -1,4 +1,4 @@
-"""Manifests hold no clock reading, name run measurements instead of hashing them, record versions."""
+"""Manifests hold no clock reading, name run measurements (not hashed), record versions."""
 
 from __future__ import annotations
 
