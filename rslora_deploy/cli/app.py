@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from rslora_deploy._fsutil import staged_output, write_json
-from rslora_deploy.cli import adapter_cmds, quantize_cmds
+from rslora_deploy.cli import adapter_cmds, cache_cmds, quantize_cmds
 from rslora_deploy.cli._errors import EXIT_OVER_BUDGET, EXIT_USAGE, report
 from rslora_deploy.cli._output import OutputFormat, emit
 
@@ -434,6 +434,7 @@ def assets_fetch(
 
 adapter_cmds.register(app)
 quantize_cmds.register(app)
+cache_cmds.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
