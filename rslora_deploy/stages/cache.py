@@ -1,16 +1,17 @@
 """Stage cache: each stage's output stored under the hash of everything that decides it.
 
-Layout under :func:`cache_root` (``$RSLORA_DEPLOY_CACHE/stages`` or
-``~/.cache/rslora-deploy/stages``)::
+Layout under :func:`cache_root` (``$RSLORA_DEPLOY_STAGE_CACHE``, ``$RSLORA_DEPLOY_CACHE/stages``
+or ``~/.cache/rslora-deploy/stages``)::
 
     <stage>/<key>/output/       the stage's files, exactly as the stage wrote them
-    <stage>/<key>/entry.json    stage, key, the key's inputs, the stage's meta, file sizes
+    <stage>/<key>/entry.json    stage, key, the stage's meta, file sizes
     <stage>/<key>.lock          fcntl lock file of that key
     <stage>/.tmp-<key>-XXXX/    an entry being written (removed when its writer fails or dies)
 
 The key is SHA-256 over canonical JSON of the stage name, its inputs (input file hashes or the
 keys of the stages it reads, its own settings) and the tool and key library versions
-(:func:`rslora_deploy.provenance.tool_record`). An entry is written under a temporary name and
+(:func:`rslora_deploy.provenance.tool_record`) and a digest of this package's own source
+(:func:`code_digest`). An entry is written under a temporary name and
 renamed into place only when complete, so a build killed at any moment (SIGKILL included) leaves
 either a complete entry or none; a leftover temporary directory is removed by the next writer of
 that key. Writers of one key are serialized by an exclusive ``fcntl.flock`` on its lock file:
@@ -20,6 +21,7 @@ two builds that need the same stage at once compute it once, and the second reus
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -41,10 +43,29 @@ _TMP = ".tmp-"
 
 
 def cache_root() -> Path:
-    """``$RSLORA_DEPLOY_CACHE/stages``, or ``~/.cache/rslora-deploy/stages``."""
+    """``$RSLORA_DEPLOY_STAGE_CACHE``, else ``$RSLORA_DEPLOY_CACHE/stages``, else
+    ``~/.cache/rslora-deploy/stages``."""
+    override = os.environ.get("RSLORA_DEPLOY_STAGE_CACHE")
+    if override:
+        return Path(override)
     from rslora_deploy.data.assets import cache_dir
 
     return cache_dir() / "stages"
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 over this package's Python sources (path and bytes of every ``*.py``).
+
+    Part of every key: the version number does not change while the code is developed, and a
+    stage whose code changed must not be served from an entry the old code wrote.
+    """
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -77,7 +98,7 @@ def stage_key(stage: str, inputs: Mapping[str, Any]) -> str:
     """
     from rslora_deploy.provenance import tool_record
 
-    payload = {"stage": stage, "inputs": inputs, "tool": tool_record()}
+    payload = {"stage": stage, "inputs": inputs, "tool": tool_record(), "code": code_digest()}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
