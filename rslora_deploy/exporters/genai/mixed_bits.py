@@ -195,6 +195,9 @@ def rewrite_protected_nodes(
     """Give every ``MatMulNBits`` node holding a protected module its weights from ``checkpoint``.
 
     Args:
+        onnx_dir: the builder's export; its ``model.onnx`` (+ external data) is rewritten in place.
+        checkpoint: the real mixed-bits GPTQ checkpoint (not the :func:`builder_view`).
+        mixed: the checkpoint's per-module bit widths (:func:`mixed_bits`).
         layout: ``nbits8``: the node stays ``MatMulNBits`` with ``bits=8`` (1 byte a weight);
             ``float``: it becomes a plain ``MatMul`` on the exact dequantized weight in the
             graph's activation dtype (4 bytes a weight in an fp32 graph). onnxruntime 1.32's CPU
@@ -231,50 +234,15 @@ def rewrite_protected_nodes(
         modules = node_modules(prefix)
         if not any(bits_of.get(m) == PROTECT_BITS for m in modules):
             continue
-        missing = [m for m in modules if m not in bits_of]
-        if missing:
-            raise ExportError(
-                f"ONNX node {node.name} maps to {missing}, which the checkpoint lacks; the builder "
-                "named its nodes in a way this export does not know (report it with the model)"
-            )
-        attrs = {a.name: a for a in node.attribute}
-        parts = [rtn_math.unpack_gptq(_packed(tensors, m), bits_of[m]) for m in modules]
-        q, zeros = (np.concatenate(x) for x in zip(*(codes_8bit(p) for p in parts), strict=True))
-        scales = np.concatenate([p.scales for p in parts])
-        n_out, k_in = q.shape
-        block = parts[0].group_size
-        if (n_out, k_in, block) != (attrs["N"].i, attrs["K"].i, attrs["block_size"].i):
-            raise ExportError(
-                f"ONNX node {node.name} is N={attrs['N'].i}, K={attrs['K'].i}, block "
-                f"{attrs['block_size'].i} but its modules {modules} give N={n_out}, K={k_in}, "
-                f"block {block}; the checkpoint and the export disagree"
-            )
+        codes = _node_codes(node, modules, tensors, bits_of)
         old = [inits[name] for name in node.input[1:4]]
         report["bytes_before"] += sum(numpy_helper.to_array(i).nbytes for i in old)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(old[1].data_type)
         if layout == "float":
-            codes = rtn_math.GroupQuant(q, scales, zeros.astype(np.int64), PROTECT_BITS, block)
-            weight = rtn_math.dequantize(codes).T.astype(dtype)
-            name = f"{prefix}.MatMul.weight"
-            model.graph.initializer.append(numpy_helper.from_array(weight, name))
             dropped.update(node.input[1:4])
-            report["bytes_after"] += weight.nbytes
-            activations = node.input[0]
-            del node.input[:]
-            node.input.extend([activations, name])
-            del node.attribute[:]
-            node.op_type, node.domain = "MatMul", ""
-            node.name = node.name.replace("MatMulNBits", "MatMul")
+            report["bytes_after"] += _to_float_matmul(model, node, prefix, codes, dtype)
         else:
-            new = (
-                q.reshape(n_out, k_in // block, block),
-                scales.astype(dtype).reshape(-1),
-                zeros.reshape(-1),
-            )
-            for init, array in zip(old, new, strict=True):
-                report["bytes_after"] += array.nbytes
-                init.CopyFrom(numpy_helper.from_array(array, init.name))
-            attrs["bits"].i = PROTECT_BITS
+            report["bytes_after"] += _to_nbits8(node, old, codes, dtype)
         report["nodes"] += 1
         report["promoted_modules"] += sum(bits_of[m] != PROTECT_BITS for m in modules)
         done.update(modules)
@@ -291,6 +259,82 @@ def rewrite_protected_nodes(
     _save_beside(model, model_path)
     report["protected_modules"] = len(mixed.overrides)
     return report
+
+
+def _node_codes(
+    node: Any, modules: tuple[str, ...], tensors: Any, bits_of: dict[str, int]
+) -> rtn_math.GroupQuant:
+    """The 8-bit codes of one node: its modules' codes stacked in output-row order.
+
+    Returns:
+        ``q`` uint8 ``[N, K]``, fp16 ``scales`` and uint8 ``zeros`` ``[N, K / block]``, bits 8.
+
+    Raises:
+        ExportError: a module of the node is not in the checkpoint, or the node's ``N``, ``K``
+            or ``block_size`` differs from what its modules give.
+    """
+    missing = [m for m in modules if m not in bits_of]
+    if missing:
+        raise ExportError(
+            f"ONNX node {node.name} maps to {missing}, which the checkpoint lacks; the builder "
+            "named its nodes in a way this export does not know (report it with the model)"
+        )
+    attrs = {a.name: a for a in node.attribute}
+    parts = [rtn_math.unpack_gptq(_packed(tensors, m), bits_of[m]) for m in modules]
+    q, zeros = (np.concatenate(x) for x in zip(*(codes_8bit(p) for p in parts), strict=True))
+    scales = np.concatenate([p.scales for p in parts])
+    n_out, k_in = q.shape
+    block = parts[0].group_size
+    if (n_out, k_in, block) != (attrs["N"].i, attrs["K"].i, attrs["block_size"].i):
+        raise ExportError(
+            f"ONNX node {node.name} is N={attrs['N'].i}, K={attrs['K'].i}, block "
+            f"{attrs['block_size'].i} but its modules {modules} give N={n_out}, K={k_in}, "
+            f"block {block}; the checkpoint and the export disagree"
+        )
+    return rtn_math.GroupQuant(q, scales, zeros, PROTECT_BITS, block)
+
+
+def _to_float_matmul(
+    model: Any, node: Any, prefix: str, codes: rtn_math.GroupQuant, dtype: np.dtype[Any]
+) -> int:
+    """Turn ``node`` into a ``MatMul`` on the dequantized weight; returns the weight's bytes.
+
+    The node's old initializers stay in the graph; the caller drops them once no node uses them.
+    """
+    from onnx import numpy_helper
+
+    exact = rtn_math.GroupQuant(
+        codes.q, codes.scales, codes.zeros.astype(np.int64), PROTECT_BITS, codes.group_size
+    )
+    weight = rtn_math.dequantize(exact).T.astype(dtype)
+    name = f"{prefix}.MatMul.weight"
+    model.graph.initializer.append(numpy_helper.from_array(weight, name))
+    activations = node.input[0]
+    del node.input[:]
+    node.input.extend([activations, name])
+    del node.attribute[:]
+    node.op_type, node.domain = "MatMul", ""
+    node.name = node.name.replace("MatMulNBits", "MatMul")
+    return int(weight.nbytes)
+
+
+def _to_nbits8(node: Any, old: list[Any], codes: rtn_math.GroupQuant, dtype: np.dtype[Any]) -> int:
+    """Write 8-bit codes into the node's B/scales/zero_points initializers; returns their bytes."""
+    from onnx import numpy_helper
+
+    n_out, k_in = codes.q.shape
+    block = codes.group_size
+    new = (
+        codes.q.reshape(n_out, k_in // block, block),
+        codes.scales.astype(dtype).reshape(-1),
+        codes.zeros.reshape(-1),
+    )
+    written = 0
+    for init, array in zip(old, new, strict=True):
+        written += array.nbytes
+        init.CopyFrom(numpy_helper.from_array(array, init.name))
+    {a.name: a for a in node.attribute}["bits"].i = PROTECT_BITS
+    return written
 
 
 def _modules(tensors: Any) -> list[str]:
