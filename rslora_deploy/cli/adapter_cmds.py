@@ -88,7 +88,7 @@ def merge(
 
     base_dir = _default_base(base)
     adapter_dir = adapter if adapter is not None else demo_adapter_dir()
-    merge_cfg = MergeConfig(dtype=dtype.value, untie=untie)
+    merge_cfg = MergeConfig(dtype=dtype, untie=untie)
     adapter_cfg = AdapterConfig(
         path=adapter_dir,
         allow_base_mismatch=allow_base_mismatch,

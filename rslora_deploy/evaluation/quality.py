@@ -90,7 +90,7 @@ def windows_from_texts(
             f"evaluation text from {source} has {len(stream)} tokens, fewer than {windows} "
             f"windows of {window_len}; lower eval.windows or eval.window_len"
         )
-    rows = np.asarray(stream[: windows * body], dtype=np.int64).reshape(windows, body)
+    rows: np.ndarray = np.asarray(stream[: windows * body], dtype=np.int64).reshape(windows, body)
     if bos is not None:
         rows = np.concatenate([np.full((windows, 1), bos, dtype=np.int64), rows], axis=1)
     meta = {"source": source, "windows": windows, "window_len": window_len, "bos": bos is not None}
