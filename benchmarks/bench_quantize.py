@@ -153,39 +153,60 @@ def main() -> None:
         out = args.work / name
         if args.skip_quantize and (out / "config.json").is_file():
             continue
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        load_before = load_average()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--model",
-                args.model,
-                "--one",
-                name,
-                "--work",
-                str(args.work),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        # The child's log, kept beside the checkpoints: a failure's traceback is in it.
-        (args.work / f"{name}.log").write_text(proc.stderr)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            report["quantize"][name] = {"error": proc.stderr.strip().splitlines()[-1:]}
-        else:
-            report["quantize"][name] = json.loads(line[len("RESULT ") :])
-        report["quantize"][name]["load_average_1min"] = [load_before, load_average()]
+        report["quantize"][name] = _quantize_in_child(args, name)
         args.results.write_text(json.dumps(report, indent=2))
         log.info("%s: %s", name, report["quantize"][name].get("wall_s", "failed"))
+    report["eval"] = _evaluate(args, base, report["quantize"])
+    args.results.write_text(json.dumps(report, indent=2))
+    models = report["eval"]["models"]
+    print(
+        json.dumps(
+            {
+                n: {k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()}
+                for n, e in models.items()
+            },
+            indent=1,
+        )
+    )
+
+
+def _quantize_in_child(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Quantize one variant in a fresh process (its own peak RSS); its RESULT line, or the error."""
+    out = args.work / name
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    load_before = load_average()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--one",
+            name,
+            "--work",
+            str(args.work),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # The child's log, kept beside the checkpoints: a failure's traceback is in it.
+    (args.work / f"{name}.log").write_text(proc.stderr)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        entry: dict[str, Any] = {"error": proc.stderr.strip().splitlines()[-1:]}
+    else:
+        entry = json.loads(line[len("RESULT ") :])
+    entry["load_average_1min"] = [load_before, load_average()]
+    return entry
+
+
+def _evaluate(args: argparse.Namespace, base: Path, quantized: dict[str, Any]) -> dict[str, Any]:
+    """Perplexity of fp32 and every quantized variant in one lockstep run, with RTN recovery."""
     from rslora_deploy.evaluation.quality import evaluate_models
 
     dirs = {"fp32": base}
-    dirs.update(
-        {n: args.work / n for n in report["quantize"] if (args.work / n / "config.json").is_file()}
-    )
+    dirs.update({n: args.work / n for n in quantized if (args.work / n / "config.json").is_file()})
     load_before = load_average()
     start = time.perf_counter()
     result = evaluate_models(dirs, "fp32", args.windows, args.window_len)
@@ -199,17 +220,7 @@ def main() -> None:
             entry["recovered_of_rtn_increase"] = (ppl_rtn - entry["perplexity"]) / (
                 ppl_rtn - ppl_fp
             )
-    report["eval"] = result
-    args.results.write_text(json.dumps(report, indent=2))
-    print(
-        json.dumps(
-            {
-                n: {k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()}
-                for n, e in models.items()
-            },
-            indent=1,
-        )
-    )
+    return result
 
 
 if __name__ == "__main__":

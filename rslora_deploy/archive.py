@@ -1,5 +1,4 @@
-"""One-file packages: a ``.tar.gz`` whose bytes depend only on the package's content, and its
-safe extraction.
+"""One-file packages: a ``.tar.gz`` whose bytes depend only on the content, and its extraction.
 
 Writing (:func:`write_archive`): the members are ``manifest.json`` and every file the manifest
 lists, in sorted path order, at the archive root (no top-level folder, so the bytes do not depend
