@@ -57,7 +57,12 @@ def write_archive(package_dir: Path, archive: Path | None = None) -> Path:
     Raises:
         InputError: ``package_dir`` is not an intact package, or ``archive`` has the wrong suffix.
     """
-    from rslora_deploy.stages.package import MANIFEST, read_manifest, verify_manifest
+    from rslora_deploy.stages.package import (
+        MANIFEST,
+        check_model_paths,
+        read_manifest,
+        verify_manifest,
+    )
 
     package_dir = Path(package_dir)
     archive = Path(archive) if archive is not None else default_archive_path(package_dir)
@@ -69,6 +74,7 @@ def write_archive(package_dir: Path, archive: Path | None = None) -> Path:
             f"package {package_dir} fails its manifest ({'; '.join(problems[:3])}); "
             "rebuild it before archiving"
         )
+    check_model_paths(package_dir)
     names = [MANIFEST, *sorted(entry["path"] for entry in read_manifest(package_dir)["files"])]
     archive.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{archive.name}.partial-", dir=archive.parent)

@@ -291,7 +291,7 @@ def _verify_package(root: Path, generate: bool, label: Path) -> dict[str, Any]:
 
     from rslora_deploy.errors import ExportValidationError, InputError
     from rslora_deploy.exporters.genai.builder import cpu_view
-    from rslora_deploy.stages.package import MANIFEST, verify_manifest
+    from rslora_deploy.stages.package import MANIFEST, check_model_paths, verify_manifest
     from rslora_deploy.stages.verify import smoke_generate
 
     if not (root / MANIFEST).is_file():
@@ -302,6 +302,7 @@ def _verify_package(root: Path, generate: bool, label: Path) -> dict[str, Any]:
             f"package {label} fails its manifest: {'; '.join(problems[:5])}; rebuild it or "
             "fetch an intact copy"
         )
+    check_model_paths(root)
     result: dict[str, Any] = {"package": str(label), "manifest": "ok"}
     if generate:
         with tempfile.TemporaryDirectory() as tmp:

@@ -184,6 +184,34 @@ def verify_manifest(root: Path) -> list[str]:
     return problems
 
 
+def check_model_paths(root: Path) -> None:
+    """Every file name in ``model/genai_config.json`` stays inside ``model/``.
+
+    The runtime opens what that file names; a package that travelled must not make it read
+    ``../../somewhere``.
+
+    Raises:
+        InputError: the config is malformed, or a ``filename`` leaves the model folder.
+    """
+    from rslora_deploy.untrusted import confined, read_json
+
+    config_path = Path(root) / "model" / "genai_config.json"
+    if not config_path.is_file():
+        return
+    where = f"{config_path}"
+    pending: list[Any] = [read_json(config_path, "runtime config", fix="rebuild the package")]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "filename" and isinstance(value, str):
+                    confined(config_path.parent, value, where)
+                else:
+                    pending.append(value)
+        elif isinstance(node, list):
+            pending.extend(node)
+
+
 def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
     """A short README.md for the package, generated from the manifest and reports."""
     budget = manifest["budget"]

@@ -189,6 +189,18 @@ def _edit_manifest(root: Path, edit: Callable[[dict], None]) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _rehashed(edit: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Apply ``edit`` and rewrite the manifest to match: the package is consistent but hostile."""
+
+    def mutate(root: Path) -> None:
+        from rslora_deploy.stages.package import write_manifest
+
+        edit(root)
+        write_manifest(root, {"budget": {}}, created_utc="2026-01-01T00:00:00Z")
+
+    return mutate
+
+
 PACKAGE_CASES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "tampered-file": (
         lambda r: (r / "model" / "model.onnx").write_bytes(b"graph" * 99 + b"grapH"),
@@ -240,6 +252,14 @@ PACKAGE_CASES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "symlink-in-package": (
         lambda r: (r / "model" / "link").symlink_to("/etc/passwd"),
         ("model/link", "symbolic link"),
+    ),
+    "runtime-config-escapes": (
+        _rehashed(
+            lambda r: (r / "model" / "genai_config.json").write_text(
+                '{"model": {"decoder": {"filename": "../../../etc/passwd"}}}'
+            )
+        ),
+        ("genai_config.json", "../../../etc/passwd", "outside"),
     ),
     "fifo-in-package": (
         lambda r: os.mkfifo(r / "model" / "pipe"),
