@@ -218,6 +218,12 @@ class ExportConfig(_Section):
         "or auto: float on CPU-target graphs below accuracy_level 4, where onnxruntime's 8-bit "
         "kernel is 4.4x slower end to end (benchmarks/bench_decode.py), else nbits8.",
     )
+    gears: tuple[int, ...] = Field(
+        default=(1, 16, 64, 256),
+        description="ascend-om exporter only: the values of S (new tokens per call) the static "
+        "graph is compiled for; 1 is decode, the rest prefill chunks. Each must be <= "
+        "max_length.",
+    )
 
     @field_validator("accuracy_level")
     @classmethod

@@ -11,7 +11,7 @@ import os
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rslora_deploy.config import validation_message
 from rslora_deploy.errors import ConfigError
@@ -60,6 +60,21 @@ class DeviceProfile(BaseModel):
         description="Warn when a build's adapter survival (retained share of the adapter's "
         "effect) is below this; a recipe's eval.survival_threshold overrides it.",
     )
+    soc_versions: list[str] = Field(
+        default_factory=list,
+        description="Ascend SoCs the ascend-om exporter writes ATC scripts for (Ascend310P3, "
+        "Ascend310B1, ...); the first is the runner's default .om.",
+    )
+
+    @field_validator("soc_versions")
+    @classmethod
+    def _known_socs(cls, value: list[str]) -> list[str]:
+        from rslora_deploy.exporters.ascend.atc import KNOWN_SOCS
+
+        unknown = [s for s in value if s not in KNOWN_SOCS]
+        if unknown:
+            raise ValueError(f"unknown {', '.join(unknown)}; known: {', '.join(KNOWN_SOCS)}")
+        return value
 
     @property
     def kv_bytes_per_element(self) -> int:

@@ -258,6 +258,30 @@ def _view_from_genai(onnx_dir: Path) -> Any:
 
 
 @app.command()
+def lint(
+    package: Annotated[
+        Path, typer.Argument(help="Package (or its model/) from an ascend-om build.")
+    ],
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
+) -> None:
+    """Op lint of an Ascend package: every node NPU-runnable, static per gear (exit 1 if not)."""
+    from rslora_deploy.exporters.ascend.op_lint import lint_package, raise_on_errors
+
+    result = lint_package(package)
+    data = result.to_dict()
+    text = (
+        f"{data['nodes']} nodes, opset {data['opset']}, IR {data['ir_version']}: "
+        f"{'passed' if data['passed'] else 'FAILED'} ({len(data['errors'])} errors, "
+        f"{len(data['warnings'])} warnings, {data['seconds']} s); gears static: "
+        + ", ".join(f"{g}={v['static']}" for g, v in data["gears"].items())
+    )
+    emit(data, fmt, text)
+    raise_on_errors(result)
+
+
+@app.command()
 def verify(
     package: Annotated[
         Path, typer.Argument(help="Package directory or .tar.gz archive written by build.")

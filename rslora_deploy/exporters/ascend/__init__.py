@@ -1,0 +1,2 @@
+"""Ascend 310P/310B exporter: a static-shape fp16 standard-op ONNX decoder, ATC scripts, op lint
+and a KV-buffer runner shipped in the package (docs/ascend.md)."""
