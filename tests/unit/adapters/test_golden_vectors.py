@@ -20,6 +20,7 @@ from rslora_deploy.adapters.merge_math import merge_deltas
 from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
 from rslora_deploy.testing.adapters import f32 as np_f32
 from rslora_deploy.testing.adapters import fake_base_model, write_peft_dir
+from tests import tolerances as tol
 
 pytestmark = pytest.mark.golden
 
@@ -55,7 +56,7 @@ def test_tv1_explicit_basis_factors_and_dw_bit_exact(tmp_path: Path, golden: dic
     np.testing.assert_array_equal(delta.delta_weight(np.float32), np_f32(tv["dW"]))
     # the original notation: A = A~/sqrt 2, B = B~/sqrt 2, dW = (1/r) B A
     a_n, b_n = np.array(tv["A_normalized"]), np.array(tv["B_normalized"])
-    np.testing.assert_allclose(0.5 * b_n @ a_n, tv["dW"], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(0.5 * b_n @ a_n, tv["dW"], rtol=tol.F64_RTOL, atol=tol.F64_ATOL)
 
 
 def test_tv1_normalization_none_doubles(tmp_path: Path, golden: dict) -> None:
@@ -96,7 +97,7 @@ def test_tv2_merge_linear_and_conv1d_bit_exact(tmp_path: Path, golden: dict) -> 
     assert torch.equal(lin.weight, torch.tensor(tv["W_merged_linear"], dtype=torch.float32))
     assert torch.equal(lin.bias, torch.tensor(tv["bias"], dtype=torch.float32))  # untouched
     assert stats[0].lost_fraction == 0.0
-    assert stats[0].relative_merge_error < 1e-6  # only the fp32 rounding of W + dW
+    assert stats[0].relative_merge_error < tol.FP32_ATOL  # only the fp32 rounding of W + dW
 
     conv_deltas = load_adapter(ckpt).deltas
     conv_deltas[0].layout = "conv1d"
@@ -106,9 +107,11 @@ def test_tv2_merge_linear_and_conv1d_bit_exact(tmp_path: Path, golden: dict) -> 
 
     expected = torch.tensor(tv["y_merged"], dtype=torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(lin(x), expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(conv(x), expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(fly(x), torch.tensor(tv["y_on_the_fly"]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(lin(x), expected, rtol=0, atol=tol.FP32_ATOL)
+        torch.testing.assert_close(conv(x), expected, rtol=0, atol=tol.FP32_ATOL)
+        torch.testing.assert_close(
+            fly(x), torch.tensor(tv["y_on_the_fly"]), rtol=0, atol=tol.FP32_ATOL
+        )
 
 
 def test_tv3_seed_mode_dw_and_export(tmp_path: Path, golden: dict) -> None:
@@ -133,18 +136,18 @@ def test_tv3_seed_mode_dw_and_export(tmp_path: Path, golden: dict) -> None:
     }
     assert cfg["effective_scale"] == golden["TV3_s"]
     (delta,) = load_adapter(ckpt).deltas
-    np.testing.assert_allclose(delta.A, golden["TV3_A_tilde"], rtol=1e-12)
-    np.testing.assert_allclose(delta.B, golden["TV3_B_tilde"], rtol=1e-12)
-    np.testing.assert_allclose(delta.delta_weight(), tv["dW"], rtol=1e-12)
+    np.testing.assert_allclose(delta.A, golden["TV3_A_tilde"], rtol=tol.F64_RTOL)
+    np.testing.assert_allclose(delta.B, golden["TV3_B_tilde"], rtol=tol.F64_RTOL)
+    np.testing.assert_allclose(delta.delta_weight(), tv["dW"], rtol=tol.F64_RTOL)
     export = golden["TV3_export_peft_lora"]
     summary = to_peft_lora(ckpt, tmp_path / "peft")
     assert summary["r"] == export["r"]
     peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (peft_cfg["r"], peft_cfg["lora_alpha"], peft_cfg["use_rslora"]) == (2, 2, False)
     (back,) = load_adapter(tmp_path / "peft").deltas
-    np.testing.assert_allclose(back.A, export["lora_A"], rtol=1e-6)
-    np.testing.assert_allclose(back.B, export["lora_B"], rtol=1e-6)
-    np.testing.assert_allclose(back.delta_weight(), tv["dW"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(back.A, export["lora_A"], rtol=tol.FP32_STORAGE_RTOL)
+    np.testing.assert_allclose(back.B, export["lora_B"], rtol=tol.FP32_STORAGE_RTOL)
+    np.testing.assert_allclose(back.delta_weight(), tv["dW"], rtol=tol.FP32_STORAGE_RTOL, atol=1e-9)
 
 
 @pytest.mark.parametrize(("use_rslora", "key"), [(False, "dW_standard"), (True, "dW_rslora")])
@@ -164,7 +167,7 @@ def test_tv4_peft_lora(tmp_path: Path, golden: dict, use_rslora: bool, key: str)
         },
     )
     (delta,) = load_adapter(path).deltas
-    np.testing.assert_allclose(delta.delta_weight(), tv[key], rtol=1e-12)
+    np.testing.assert_allclose(delta.delta_weight(), tv[key], rtol=tol.F64_RTOL)
 
 
 def test_tv5_peft_vera(tmp_path: Path, golden: dict) -> None:
@@ -182,7 +185,9 @@ def test_tv5_peft_vera(tmp_path: Path, golden: dict) -> None:
     (delta,) = load_adapter(path).deltas
     delta.fit_to_layer(3, 4)
     # fp32 inputs (lambda_d = 0.1 is not exact in fp32), so compare at fp32 precision
-    np.testing.assert_allclose(delta.delta_weight(), tv["dW"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        delta.delta_weight(), tv["dW"], rtol=tol.FP32_STORAGE_RTOL, atol=tol.FP32_STORAGE_ATOL
+    )
 
 
 def test_tv7_single_rounding_bf16_and_lost_update(golden: dict) -> None:

@@ -26,6 +26,7 @@ from rslora_deploy.adapters.layers import apply_on_the_fly
 from rslora_deploy.adapters.merge_math import merge_deltas
 from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
 from rslora_deploy.testing.adapters import fake_base_model
+from tests import tolerances as tol
 
 MASK = (1 << 64) - 1
 SETTINGS = settings(
@@ -143,7 +144,7 @@ def test_variant_vectors_against_reference(tmp_path: Path, variant: str) -> None
         m = MODS[delta.name]
         pkey = f"@shape:{m['d_out']}x{m['d_in']}" if variant == "per_shape" else delta.name
         want = ref_dw(seed, task, pkey, m["d_out"], m["d_in"], r, k, *per[delta.name], s)
-        np.testing.assert_allclose(delta.delta_weight(), want, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(delta.delta_weight(), want, rtol=tol.F64_RTOL, atol=tol.F64_ATOL)
     if variant == "per_shape":  # same shape and v => identical dW (spec 3.4 warning case)
         by = {d.name: d.delta_weight() for d in adapter.deltas}
         np.testing.assert_array_equal(by[M1], by[M3])
@@ -220,8 +221,8 @@ def test_merged_equals_on_the_fly(
     x = torch.randint(0, d_in, (3, 2)) if layout == "embedding" else torch.randn(3, d_in)
     with torch.no_grad():
         y_fly, y_merged = fly["m"](x), merged["m"](x)
-    tol = 1e-5 * (1 + y_fly.abs().max().item())
-    assert (y_fly - y_merged).abs().max().item() <= tol
+    bound = tol.FP32_LOGITS_RTOL * (1 + y_fly.abs().max().item())
+    assert (y_fly - y_merged).abs().max().item() <= bound
     if extra:  # out_slice: everything outside the slice stays bit-identical
         w, w0 = layer.weight.detach(), before
         outside = torch.ones(d_out + extra, dtype=torch.bool)
@@ -268,11 +269,14 @@ def test_algebra(tmp_path: Path, v_a: list[float], v_b: list[float], c: float) -
     np.testing.assert_allclose(
         _dw(_ckpt(tmp_path, "c", [c * x for x in v_a], [x / c for x in v_b])),
         base,
-        rtol=1e-9,
-        atol=1e-12,
+        rtol=tol.F64_IDENTITY,
+        atol=tol.F64_IDENTITY_ATOL,
     )
     np.testing.assert_allclose(
-        _dw(_ckpt(tmp_path, "a", v_a, v_b, alpha=3.0)), 3 * base, rtol=1e-12, atol=1e-15
+        _dw(_ckpt(tmp_path, "a", v_a, v_b, alpha=3.0)),
+        3 * base,
+        rtol=tol.F64_RTOL,
+        atol=tol.F64_ATOL,
     )  # linear in alpha
     assert np.linalg.matrix_rank(base, tol=1e-9) <= 3  # rank <= r
 
@@ -291,7 +295,9 @@ def test_stored_equals_seed_bit_for_bit_and_export_roundtrip(
 
         shutil.rmtree(out)
     to_peft_lora(seed_ckpt, out)
-    np.testing.assert_allclose(_dw(out), _dw(seed_ckpt), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        _dw(out), _dw(seed_ckpt), rtol=tol.FP32_EXPORT_RTOL, atol=tol.FP32_STORAGE_ATOL
+    )
 
 
 def test_determinism_order_and_other_modules(tmp_path: Path) -> None:
@@ -326,7 +332,7 @@ def test_unmerge_recovers_weight_and_conv1d_is_transpose() -> None:
     merge_deltas(nn.ModuleDict({"m": conv}), [delta])
     assert torch.equal(conv.weight, lin.weight.T)
     unmerged = lin.weight.detach() - torch.from_numpy(delta.delta_weight(np.float32))
-    torch.testing.assert_close(unmerged, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(unmerged, w0, rtol=0, atol=tol.FP32_ATOL)
 
 
 def test_bf16_base_within_dtype_tolerance() -> None:

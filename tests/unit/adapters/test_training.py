@@ -15,6 +15,7 @@ from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
 from rslora_deploy.adapters.training import TrainConfig, collect_v, inject, target_names, train
 from rslora_deploy.testing.adapters import fake_base_model
 from rslora_deploy.testing.tiny import tiny_llama
+from tests import tolerances as tol
 
 
 def test_train_only_v_and_checkpoint_reproduces_model(tmp_path: Path) -> None:
@@ -56,5 +57,7 @@ def test_train_only_v_and_checkpoint_reproduces_model(tmp_path: Path) -> None:
     with torch.no_grad():
         y_trained = model(input_ids=windows).logits
         y_merged = fresh(input_ids=windows).logits
-    assert (y_trained - y_merged).abs().max().item() <= 1e-4 * (1 + y_trained.abs().max().item())
+    assert (y_trained - y_merged).abs().max().item() <= tol.FP32_TRAINED_RTOL * (
+        1 + y_trained.abs().max().item()
+    )
     assert isinstance(model.get_submodule(names[0]), RSLoRALinear)

@@ -74,31 +74,53 @@ def test_unreadable_base_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     _assert_clean_failure(code, err, out, "config.json", "not valid JSON")
 
 
-def test_missing_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_adapter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_dir: Path
+) -> None:
     out = tmp_path / "pkg"
     adapter = tmp_path / "no-adapter"
     code, err = _run(
-        ["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out", str(out)], capsys
-    )
+        ["build", "--profile", "t4-2gb", "--base", str(tiny_dir), "--adapter", str(adapter),
+         "--out", str(out)],
+        capsys,
+    )  # fmt: skip
     _assert_clean_failure(code, err, out, str(adapter), "does not exist")
 
 
-def test_adapter_dir_without_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_adapter_dir_without_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_dir: Path
+) -> None:
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "notes.txt").write_text("x")
     out = tmp_path / "pkg"
     code, err = _run(
-        ["build", "--profile", "t4-2gb", "--adapter", str(adapter), "--out", str(out)], capsys
-    )
+        ["build", "--profile", "t4-2gb", "--base", str(tiny_dir), "--adapter", str(adapter),
+         "--out", str(out)],
+        capsys,
+    )  # fmt: skip
     _assert_clean_failure(code, err, out, "rslora_config.json", "adapter_config.json")
 
 
-def test_existing_out_is_not_touched(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_out_is_not_touched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_dir: Path
+) -> None:
     out = tmp_path / "pkg"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    code, err = _run(["build", "--profile", "t4-2gb", "--no-adapter", "--out", str(out)], capsys)
+    code, err = _run(
+        [
+            "build",
+            "--profile",
+            "t4-2gb",
+            "--base",
+            str(tiny_dir),
+            "--no-adapter",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 1
     assert "--overwrite" in err
     assert (out / "mine.txt").read_text() == "keep"

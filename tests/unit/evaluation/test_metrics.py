@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rslora_deploy.evaluation import metrics
+from tests import tolerances as tol
 
 
 def _logits(seed: int, shape=(6, 11)) -> np.ndarray:
@@ -15,17 +16,17 @@ def _logits(seed: int, shape=(6, 11)) -> np.ndarray:
 def test_log_softmax_is_normalised_and_stable():
     a = _logits(0)
     lp = metrics.log_softmax(a)
-    assert np.allclose(np.exp(lp).sum(axis=-1), 1.0, atol=1e-12)
+    assert np.allclose(np.exp(lp).sum(axis=-1), 1.0, atol=tol.F64_IDENTITY_ATOL)
     # A huge per-row offset would overflow a naive exp; the max subtraction makes it a no-op.
-    assert np.allclose(metrics.log_softmax(a + 1e4), lp, atol=1e-9)
+    assert np.allclose(metrics.log_softmax(a + 1e4), lp, atol=tol.F64_IDENTITY)
 
 
 def test_kl_zero_and_positive():
     a, b = _logits(0), _logits(1)
-    assert np.allclose(metrics.kl_per_position(a, a), 0, atol=1e-12)
+    assert np.allclose(metrics.kl_per_position(a, a), 0, atol=tol.F64_IDENTITY_ATOL)
     assert (metrics.kl_per_position(a, b) > 0).all()
     # Adding a per-row constant to logits does not change the distribution.
-    assert np.allclose(metrics.kl_per_position(a, a + 5.0), 0, atol=1e-12)
+    assert np.allclose(metrics.kl_per_position(a, a + 5.0), 0, atol=tol.F64_IDENTITY_ATOL)
 
 
 def test_kl_matches_direct_formula():

@@ -79,8 +79,9 @@ def test_dequantized_model_matches_transformers_reload(rtn_dir):
 
     from rslora_deploy.evaluation.quality import dequantized_gptq_model
     from rslora_deploy.testing.tiny import example_inputs
+    from rslora_deploy.testing.tokenizer import TINY_VOCAB
 
-    ids = example_inputs(vocab=49152, seq=16)
+    ids = example_inputs(vocab=TINY_VOCAB, seq=16)
     ours = dequantized_gptq_model(rtn_dir)
     theirs = AutoModelForCausalLM.from_pretrained(rtn_dir, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -10,6 +10,7 @@ import pytest
 from rslora_deploy.evaluation import survival
 from rslora_deploy.exporters.genai.fused import FUSED_GROUPS
 from rslora_deploy.quantizers import protection
+from tests import tolerances as tol
 
 
 def _logits(seed: int, shape=(6, 11)) -> np.ndarray:
@@ -22,8 +23,8 @@ def test_retained_endpoints():
         stats = survival.SurvivalStats()
         stats.add(base, merged, quant)
         out = stats.summary(threshold=0.5)
-        assert out["retained"] == pytest.approx(expected, abs=1e-9)
-        assert out["retained_kl"] == pytest.approx(expected, abs=1e-9)
+        assert out["retained"] == pytest.approx(expected, abs=tol.F64_IDENTITY)
+        assert out["retained_kl"] == pytest.approx(expected, abs=tol.F64_IDENTITY)
         assert out["warning"] is (expected < 0.5)
 
 
@@ -43,12 +44,12 @@ def test_loss_view_and_warning_logged(caplog):
     stats = survival.SurvivalStats()
     stats.add(base, merged, base, targets=targets)
     out = stats.summary(threshold=0.9)
-    assert out["retained_loss"] == pytest.approx(0.0, abs=1e-9)
+    assert out["retained_loss"] == pytest.approx(0.0, abs=tol.F64_IDENTITY)
     assert out["warning"]
     assert "protect-adapter" in caplog.text
 
 
-def test_tiny_models_survival(tmp_path, tokenizer_dir):
+def test_tiny_models_survival(tmp_path):
     """B, M = B + small delta on one module, Q = RTN(M): retained is finite and <= 1."""
     import torch
     from safetensors.numpy import load_file, save_file
@@ -57,11 +58,11 @@ def test_tiny_models_survival(tmp_path, tokenizer_dir):
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import QuantizeConfig
     from rslora_deploy.stages.quantize import quantize_model
-    from rslora_deploy.testing.tiny import example_inputs
-    from tests.unit.conftest import make_tiny
+    from rslora_deploy.testing.tiny import example_inputs, tiny_llama_dir
+    from rslora_deploy.testing.tokenizer import TINY_VOCAB
 
-    base = make_tiny(tmp_path / "b", tokenizer_dir, seed=3)
-    merged = make_tiny(tmp_path / "m", tokenizer_dir, seed=3)
+    base = tiny_llama_dir(tmp_path / "b", seed=3)
+    merged = tiny_llama_dir(tmp_path / "m", seed=3)
     tensors = load_file(str(merged / "model.safetensors"))
     key = "model.layers.0.mlp.up_proj.weight"
     rng = np.random.default_rng(0)
@@ -83,7 +84,7 @@ def test_tiny_models_survival(tmp_path, tokenizer_dir):
     }
     assert protection.protection_dynamic(ratios, FUSED_GROUPS, max_ratio=1e-9) == {}
 
-    ids = example_inputs(vocab=49152, batch=1, seq=24)
+    ids = example_inputs(vocab=TINY_VOCAB, batch=1, seq=24)
     logits = {}
     for name, path in (("b", base), ("m", merged), ("q", quant)):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

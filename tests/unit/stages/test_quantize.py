@@ -117,10 +117,11 @@ def test_transformers_reloads_rtn(rtn_dir, tiny_dir):
     from transformers import AutoModelForCausalLM
 
     from rslora_deploy.testing.tiny import example_inputs
+    from rslora_deploy.testing.tokenizer import TINY_VOCAB
 
     loaded = AutoModelForCausalLM.from_pretrained(rtn_dir, dtype=torch.float32).eval()
     ref = _dequantized_reference(tiny_dir, rtn_dir)
-    ids = example_inputs(vocab=49152, seq=16)
+    ids = example_inputs(vocab=TINY_VOCAB, seq=16)
     with torch.no_grad():
         a, b = loaded(ids).logits, ref(ids).logits
     # gptqmodel's CPU kernel computes in bf16 (TorchAtenLinear): about 3 significant digits.
@@ -149,12 +150,12 @@ def test_prequantized_config_mismatch(rtn_dir, tmp_path):
         check_prequantized(bad)
 
 
-def test_nan_weight_fails_before_writing(tmp_path, tokenizer_dir):
+def test_nan_weight_fails_before_writing(tmp_path):
     from safetensors.numpy import save_file
 
-    from tests.unit.conftest import make_tiny
+    from rslora_deploy.testing.tiny import tiny_llama_dir
 
-    src = make_tiny(tmp_path / "nan", tokenizer_dir, seed=1)
+    src = tiny_llama_dir(tmp_path / "nan", seed=1)
     tensors = load_file(str(src / "model.safetensors"))
     tensors[f"{LAYER}.weight"][3, 5] = np.nan
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
@@ -194,10 +195,11 @@ def test_awq_tiny_real_engine(tiny_dir, rtn_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from rslora_deploy.testing.tiny import example_inputs
+    from rslora_deploy.testing.tokenizer import TINY_VOCAB
 
     # AWQ folded its scales into the norms: those must survive finalize (not be "restored").
     assert art.meta["unquantized_tensors_modified"] > 0
-    ids = example_inputs(vocab=49152)
+    ids = example_inputs(vocab=TINY_VOCAB)
     reloaded = AutoModelForCausalLM.from_pretrained(art.path, dtype=torch.float32).eval()
     full = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     rtn = AutoModelForCausalLM.from_pretrained(rtn_dir, dtype=torch.float32).eval()
