@@ -21,6 +21,7 @@ from rslora_deploy.errors import (
     ShapeMismatchError,
     UnsupportedError,
 )
+from rslora_deploy.untrusted import MAX_JSON_BYTES, read_limited
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -32,7 +33,8 @@ def read_config(directory: Path) -> dict[str, Any]:
     """Parse ``adapter_config.json`` (E001 when it is not a JSON object)."""
     path = Path(directory) / CONFIG_NAME
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        raw = read_limited(path, MAX_JSON_BYTES, "adapter config", AdapterFormatError)
+        cfg = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise AdapterFormatError(
             f"{path} is not valid JSON ({exc}); fix or re-save the adapter", code="E001"

@@ -31,6 +31,7 @@ from rslora_deploy.errors import (
     NonFiniteError,
     ShapeMismatchError,
 )
+from rslora_deploy.untrusted import MAX_JSON_BYTES, read_limited
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def read_checkpoint(directory: Path) -> RsloraCheckpoint:
                 f"{directory}: {path.name} is missing; an RS-LoRA v1 checkpoint needs "
                 f"{CONFIG_NAME} and {WEIGHTS_NAME}"
             )
-    raw = cfg_path.read_bytes()
+    raw = read_limited(cfg_path, MAX_JSON_BYTES, "adapter config", AdapterFormatError)
     cfg = parse_config(raw, str(cfg_path))
     handle = SafetensorsFile(st_path)
     meta = handle.metadata

@@ -110,3 +110,26 @@ def test_hostile_calibration(
     argv = ["build", "--profile", "t4-2gb", "--base", str(small_base), "--method", "gptq"]
     argv += ["--calib", str(calib), "--out", str(out)]
     assert_clean_failure(argv, capsys, out, str(calib), *needles)
+
+
+ADAPTER_CASES: dict[str, tuple[str, bytes, tuple[str, ...]]] = {
+    "peft-config-too-large": ("adapter_config.json", b" " * (17 * 2**20) + b"{}", ("limit",)),
+    "peft-config-is-a-list": ("adapter_config.json", b"[]", ("expected a JSON object",)),
+    "rslora-config-too-large": ("rslora_config.json", b" " * (17 * 2**20) + b"{}", ("limit",)),
+    "rslora-config-not-json": ("rslora_config.json", b"{format", ("not valid JSON",)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTER_CASES))
+def test_hostile_adapter_config(
+    case: str, small_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name, content, needles = ADAPTER_CASES[case]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / name).write_bytes(content)
+    if name.startswith("rslora"):  # a valid, empty weights file: the config is what is broken
+        (adapter / "rslora_model.safetensors").write_bytes(b"\x02" + b"\0" * 7 + b"{}")
+    out = tmp_path / "out"
+    argv = ["build", "--profile", "t4-2gb", "--base", str(small_base), "--adapter", str(adapter)]
+    assert_clean_failure([*argv, "--out", str(out)], capsys, out, name, *needles)
