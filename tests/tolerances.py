@@ -60,3 +60,15 @@ GPTQMODEL_BF16_KERNEL = 0.02
 #: The dry budget's predicted weight bytes against the exported ones: the formula leaves out
 #: small graph tensors (norms, rotary caches) that add about 1%.
 BUDGET_PREDICTION = 0.02
+
+# --- the Ascend fp16 graph (ascend-om exporter) ---------------------------------------------------
+#: The fp16 decoder (fp16 weights and matmuls, fp32 RMSNorm/softmax) on ONNX Runtime CPU against
+#: the fp32 transformers model, relative L2 of the prompt logits: fp16 has a 2^-11 (4.9e-4) unit
+#: round-off; measured 6e-4 to 8e-4 on the tiny Llama/Qwen2 configs.
+ASCEND_FP16_LOGITS = 5e-3
+#: The same prompt prefilled in one padded gear call vs fed one token at a time: different fp16
+#: summation orders, max |difference| relative to the largest logit.
+ASCEND_PREFILL_VS_STEP = 2e-2
+#: Two greedy candidates whose fp16 logits differ by at most this many ulps of the top logit are
+#: a tie decided by rounding (2^-10 is one fp16 ulp relative).
+ASCEND_TIE_RELATIVE = 2.0**-9
