@@ -190,6 +190,23 @@ def _parse_v_groups(
     return v_groups
 
 
+def _checked_scale(cfg: dict[str, Any], r: int, k: int, where: str) -> float:
+    """The scale from alpha, r, k and the rules, which must match ``effective_scale`` (E003)."""
+    alpha = float(_get(cfg, "alpha", (int, float), where))
+    scaling_rule = _enum(cfg, "scaling_rule", SCALING_RULES, where)
+    proj = _get(cfg, "projection", dict, where)
+    normalization = _enum(proj, "normalization", NORMALIZATIONS, f"{where}: projection")
+    recorded = float(_get(cfg, "effective_scale", (int, float), where))
+    scale = effective_scale(alpha, r, k, scaling_rule, normalization)
+    if not math.isclose(recorded, scale, rel_tol=1e-12, abs_tol=0.0):
+        raise AdapterFormatError(
+            f"{where}: effective_scale={recorded!r} but alpha={alpha}, r={r}, k={k}, "
+            f"{scaling_rule}, {normalization} give {scale!r}; fix effective_scale",
+            code="E003",
+        )
+    return scale
+
+
 def parse_config(raw_bytes: bytes, where: str = CONFIG_NAME) -> RsloraConfig:
     """Validate config bytes (E001, E003, E041, E022 for slices).
 
@@ -217,19 +234,9 @@ def parse_config(raw_bytes: bytes, where: str = CONFIG_NAME) -> RsloraConfig:
     task_id = _get(cfg, "task_id", str, where)
     r = _positive_int(cfg, "r", where)
     k = _positive_int(cfg, "k", where)
-    alpha = float(_get(cfg, "alpha", (int, float), where))
-    scaling_rule = _enum(cfg, "scaling_rule", SCALING_RULES, where)
+    scale = _checked_scale(cfg, r, k, where)
     proj = _get(cfg, "projection", dict, where)
     pwhere = f"{where}: projection"
-    normalization = _enum(proj, "normalization", NORMALIZATIONS, pwhere)
-    recorded = float(_get(cfg, "effective_scale", (int, float), where))
-    scale = effective_scale(alpha, r, k, scaling_rule, normalization)
-    if not math.isclose(recorded, scale, rel_tol=1e-12, abs_tol=0.0):
-        raise AdapterFormatError(
-            f"{where}: effective_scale={recorded!r} but alpha={alpha}, r={r}, k={k}, "
-            f"{scaling_rule}, {normalization} give {scale!r}; fix effective_scale",
-            code="E003",
-        )
     modules = _parse_modules(_get(cfg, "modules", dict, where), where)
     v_sharing = _enum(cfg, "v_sharing", V_SHARING, where)
     v_groups = _parse_v_groups(cfg, modules, where) if v_sharing == "grouped" else {}
@@ -370,31 +377,42 @@ def read_checkpoint(directory: Path) -> RsloraCheckpoint:
             "remove it or fix the config",
             code="E023",
         )
-    tensors = {}
-    for name, shape in expected.items():
-        is_p = ".rslora_P_" in name or name.startswith("rslora_P_shared.")
-        want_dtype = "F32" if is_p else _V_DTYPES[cfg.dtype_v]
-        if handle.dtype(name) != want_dtype:
-            raise _fail(
-                f"{st_path}: tensor {name!r} is {handle.dtype(name)}, expected "
-                f"{want_dtype} (dtype.{'P' if is_p else 'v'}); F16/BF16 is not allowed "
-                "in v1",
-                code="E024",
-            )
-        if handle.shape(name) != shape:
-            raise ShapeMismatchError(
-                f"{st_path}: tensor {name!r} has shape "
-                f"{list(handle.shape(name))}, expected {list(shape)}"
-            )
-        array = handle.numpy(name)
-        if not np.all(np.isfinite(array)):
-            raise NonFiniteError(
-                f"{st_path}: tensor {name!r} contains NaN/Inf; the adapter is "
-                "corrupted or training diverged"
-            )
-        tensors[name] = array
+    tensors = {
+        name: _read_tensor(handle, name, shape, cfg.dtype_v, st_path)
+        for name, shape in expected.items()
+    }
     _check_checksum_table(cfg, str(cfg_path))
     return RsloraCheckpoint(directory, cfg, tensors)
+
+
+def _read_tensor(
+    handle: SafetensorsFile, name: str, shape: tuple[int, ...], dtype_v: str, st_path: Path
+) -> np.ndarray:
+    """One checkpoint tensor after its dtype (E024), shape (E022) and finiteness (E030) checks.
+
+    P tensors are always F32; v tensors have the config's ``dtype.v``.
+    """
+    is_p = ".rslora_P_" in name or name.startswith("rslora_P_shared.")
+    want_dtype = "F32" if is_p else _V_DTYPES[dtype_v]
+    if handle.dtype(name) != want_dtype:
+        raise _fail(
+            f"{st_path}: tensor {name!r} is {handle.dtype(name)}, expected "
+            f"{want_dtype} (dtype.{'P' if is_p else 'v'}); F16/BF16 is not allowed "
+            "in v1",
+            code="E024",
+        )
+    if handle.shape(name) != shape:
+        raise ShapeMismatchError(
+            f"{st_path}: tensor {name!r} has shape "
+            f"{list(handle.shape(name))}, expected {list(shape)}"
+        )
+    array = handle.numpy(name)
+    if not np.all(np.isfinite(array)):
+        raise NonFiniteError(
+            f"{st_path}: tensor {name!r} contains NaN/Inf; the adapter is "
+            "corrupted or training diverged"
+        )
+    return array
 
 
 def _check_checksum_table(cfg: RsloraConfig, where: str) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from rslora_deploy.adapters import rsg
 from rslora_deploy.adapters.layers import RSLoRALinear
 from rslora_deploy.adapters.rslora_v1 import effective_scale
 from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +183,6 @@ def train_adapter(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rslora_deploy.adapters.base_hash import config_sha256, target_weights_sha256
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -200,9 +201,29 @@ def train_adapter(
         "training %d v scalars in %d modules on %d windows", trainable, len(names), windows.shape[0]
     )
     result = train(model, windows, cfg)
+    spec = _checkpoint_spec(model, base_dir, modules, cfg)
+    write_checkpoint(out_dir, spec, collect_v(model))
+    curve = result["loss_curve"]
+    return {
+        "steps": cfg.steps,
+        "seconds": round(result["seconds"], 1),
+        "first_loss": curve[0],
+        "last10_loss": float(np.mean(curve[-10:])),
+        "trainable_parameters": trainable,
+        "modules": len(names),
+        "windows": int(windows.shape[0]),
+    }
+
+
+def _checkpoint_spec(
+    model: PreTrainedModel, base_dir: Path, modules: dict[str, dict[str, Any]], cfg: TrainConfig
+) -> RsloraSpec:
+    """The checkpoint's config: hyper-parameters, base fingerprints and what made it."""
     import transformers
 
-    spec = RsloraSpec(
+    from rslora_deploy.adapters.base_hash import config_sha256, target_weights_sha256
+
+    return RsloraSpec(
         modules=modules,
         r=cfg.r,
         k=cfg.k,
@@ -229,14 +250,3 @@ def train_adapter(
             **cfg.extra.get("created_by", {}),
         },
     )
-    write_checkpoint(out_dir, spec, collect_v(model))
-    curve = result["loss_curve"]
-    return {
-        "steps": cfg.steps,
-        "seconds": round(result["seconds"], 1),
-        "first_loss": curve[0],
-        "last10_loss": float(np.mean(curve[-10:])),
-        "trainable_parameters": trainable,
-        "modules": len(names),
-        "windows": int(windows.shape[0]),
-    }
