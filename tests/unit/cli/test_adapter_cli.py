@@ -15,6 +15,7 @@ from rslora_deploy.adapters.base_hash import config_sha256, target_weights_sha25
 from rslora_deploy.adapters.rslora_writer import RsloraSpec, write_checkpoint
 from rslora_deploy.cli.app import main
 from rslora_deploy.testing.tiny import save_tiny, tiny_llama
+from tests.unit.cli.clean_failure import assert_failed_cleanly
 
 Q = "model.layers.1.self_attn.q_proj"
 
@@ -137,12 +138,7 @@ def test_merge_bad_adapter_exit_1_nothing_written(
     code, stdout, err = run(
         capsys, "merge", "--base", str(base), "--adapter", str(bad), "--out", str(out)
     )
-    assert code == 1
-    assert needle in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err
-    assert not out.exists()
-    assert not list(tmp_path.glob(".out.tmp-*"))
+    assert_failed_cleanly(code, err, out, needle, only_line=True)
 
 
 def test_merge_refuses_existing_out_and_missing_base(

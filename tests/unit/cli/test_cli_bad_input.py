@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from rslora_deploy.cli.app import main
+from tests.unit.cli.clean_failure import assert_failed_cleanly
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -14,21 +15,10 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     return code, capsys.readouterr().err
 
 
-def _assert_clean_failure(code: int, err: str, out: Path, *needles: str) -> None:
-    assert code == 1, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}*"))
-
-
 def test_unknown_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "pkg"
     code, err = _run(["build", "--profile", "jetson-9gb", "--out", str(out)], capsys)
-    _assert_clean_failure(code, err, out, "jetson-9gb", "known profiles")
+    assert_failed_cleanly(code, err, out, "jetson-9gb", "known profiles")
 
 
 def test_missing_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,7 +27,7 @@ def test_missing_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     code, err = _run(
         ["build", "--profile", "t4-2gb", "--base", str(missing), "--out", str(out)], capsys
     )
-    _assert_clean_failure(code, err, out, str(missing), "does not exist")
+    assert_failed_cleanly(code, err, out, str(missing), "does not exist")
 
 
 def test_base_with_only_pickle_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -49,7 +39,7 @@ def test_base_with_only_pickle_weights(tmp_path: Path, capsys: pytest.CaptureFix
     code, err = _run(
         ["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)], capsys
     )
-    _assert_clean_failure(code, err, out, "pytorch_model.bin", "pickle")
+    assert_failed_cleanly(code, err, out, "pytorch_model.bin", "pickle")
 
 
 def test_base_file_not_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,7 +49,7 @@ def test_base_file_not_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     code, err = _run(
         ["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)], capsys
     )
-    _assert_clean_failure(code, err, out, "not a .gguf")
+    assert_failed_cleanly(code, err, out, "not a .gguf")
 
 
 def test_unreadable_base_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,7 +61,7 @@ def test_unreadable_base_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     code, err = _run(
         ["build", "--profile", "t4-2gb", "--base", str(base), "--out", str(out)], capsys
     )
-    _assert_clean_failure(code, err, out, "config.json", "not valid JSON")
+    assert_failed_cleanly(code, err, out, "config.json", "not valid JSON")
 
 
 def test_missing_adapter(
@@ -84,7 +74,7 @@ def test_missing_adapter(
          "--out", str(out)],
         capsys,
     )  # fmt: skip
-    _assert_clean_failure(code, err, out, str(adapter), "does not exist")
+    assert_failed_cleanly(code, err, out, str(adapter), "does not exist")
 
 
 def test_adapter_dir_without_config(
@@ -99,7 +89,7 @@ def test_adapter_dir_without_config(
          "--out", str(out)],
         capsys,
     )  # fmt: skip
-    _assert_clean_failure(code, err, out, "rslora_config.json", "adapter_config.json")
+    assert_failed_cleanly(code, err, out, "rslora_config.json", "adapter_config.json")
 
 
 def test_existing_out_is_not_touched(
@@ -145,7 +135,7 @@ def test_package_needs_an_onnx_folder(tmp_path: Path, capsys: pytest.CaptureFixt
     code, err = _run(
         ["package", "--model", str(tmp_path), "--profile", "t4-2gb", "--out", str(out)], capsys
     )
-    _assert_clean_failure(code, err, out, "genai_config.json")
+    assert_failed_cleanly(code, err, out, "genai_config.json")
 
 
 def test_budget_on_a_non_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,21 +8,13 @@ import pytest
 
 from rslora_deploy.cli.app import main
 from tests import tolerances as tol
+from tests.unit.cli.clean_failure import assert_failed_cleanly
 
 
 def run(capsys, *args):
     code = main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def _assert_clean_failure(code, err, out_dir, needle):
-    assert code == 1, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert needle in lines[0], err
-    assert not out_dir.exists()
-    assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*"))
 
 
 def test_quantize_rtn_ok(capsys, tiny_dir, tmp_path):
@@ -63,7 +55,7 @@ def test_quantize_bad_options(capsys, tiny_dir, tmp_path, args, needle):
     code, _, err = run(
         capsys, "quantize", "--model", str(tiny_dir), "--out", str(out), "--method", "rtn", *args
     )
-    _assert_clean_failure(code, err, out, needle)
+    assert_failed_cleanly(code, err, out, needle, only_line=True)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +88,7 @@ def test_quantize_bad_calibration(capsys, tiny_dir, tmp_path, name, content, nee
         "--calib-seq-len",
         "64",
     )
-    _assert_clean_failure(code, err, out, needle)
+    assert_failed_cleanly(code, err, out, needle, only_line=True)
 
 
 def test_quantize_out_not_empty(capsys, tiny_dir, tmp_path):
@@ -124,7 +116,7 @@ def test_protect_adapter_needs_base(capsys, tiny_dir, tmp_path):
         "rtn",
         "--protect-adapter",
     )
-    _assert_clean_failure(code, err, out, "--protect-adapter needs --base")
+    assert_failed_cleanly(code, err, out, "--protect-adapter needs --base", only_line=True)
 
 
 def test_eval_quantized_vs_merged(capsys, tiny_dir, rtn_dir, tmp_path):

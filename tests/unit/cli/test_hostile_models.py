@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_clean_failure
+
+from tests.unit.cli.clean_failure import assert_clean_failure
 
 Raw = dict[str, tuple[str, list[int], bytes]]
 WEIGHTS = "model.safetensors"

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_failure
 
 from rslora_deploy.archive import extract_archive, write_archive
 from rslora_deploy.cli.app import main
 from rslora_deploy.errors import InputError
+from tests.unit.cli.clean_failure import assert_clean_failure
 
 MakePackage = Callable[..., Path]
 

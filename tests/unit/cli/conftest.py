@@ -1,8 +1,6 @@
-"""Shared pieces of the hostile-input suite: how a clean failure looks, and valid starting points.
+"""Fixtures of the CLI tests: valid starting points the hostile-input cases break one thing in.
 
-Every case builds one malformed input in a temporary directory from a valid one, runs the real
-CLI entry point in-process and asserts: exit code 1, exactly one ``error`` line that names the
-problem, no traceback, and nothing at the target (no --out, no staging or temporary leftovers).
+How a clean failure looks is asserted by :mod:`tests.unit.cli.clean_failure`.
 """
 
 from __future__ import annotations
@@ -12,26 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from rslora_deploy.cli.app import main
-
-
-def assert_clean_failure(
-    argv: list[str], capsys: pytest.CaptureFixture[str], target: Path, *needles: str
-) -> str:
-    """Run the CLI; assert exit 1, one error line holding every needle, nothing at ``target``."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 1, err
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert not target.exists(), f"{target} exists after a failed command"
-    leftovers = [p.name for p in target.parent.glob(f".{target.name}*")]
-    assert not leftovers, leftovers
-    return lines[0]
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_failure
 
 from rslora_deploy.profiles import profiles_dir
+from tests.unit.cli.clean_failure import assert_clean_failure
 
 GOOD_PROFILE = (profiles_dir() / "t4-2gb.toml").read_text()
 
