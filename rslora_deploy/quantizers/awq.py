@@ -20,7 +20,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from rslora_deploy.errors import QuantizationError
 from rslora_deploy.quantizers import gptqmodel_engine
 from rslora_deploy.quantizers.base import QuantizeExtras
 
@@ -65,14 +64,9 @@ class AWQQuantizer:
         extras: QuantizeExtras,
     ) -> dict[str, Any]:
         """Calibrate, scale-search, quantize and save into ``out_dir``."""
-        if calib is None:
-            raise QuantizationError("awq needs calibration data; the stage passed none")
         from gptqmodel import BACKEND
 
-        model = gptqmodel_engine.load(model_dir, awq_config(cfg, extras), cfg.compute_dtype)
-        gptqmodel_engine.run_quantize(
-            model, calib.as_gptqmodel(), batch_size=cfg.batch_size, backend=BACKEND.AWQ_TORCH
+        qcfg = awq_config(cfg, extras)
+        return gptqmodel_engine.quantize_and_save(
+            self.name, model_dir, out_dir, qcfg, cfg, calib, backend=BACKEND.AWQ_TORCH
         )
-        model.save(str(out_dir))
-        del model
-        return gptqmodel_engine.finalize_checkpoint(model_dir, out_dir)

@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from rslora_deploy.errors import QuantizationError
 from rslora_deploy.quantizers import gptqmodel_engine
 from rslora_deploy.quantizers.base import QuantizeExtras
 
@@ -61,10 +60,5 @@ class GPTQQuantizer:
         extras: QuantizeExtras,
     ) -> dict[str, Any]:
         """Calibrate, quantize and save into ``out_dir``."""
-        if calib is None:
-            raise QuantizationError("gptq needs calibration data; the stage passed none")
-        model = gptqmodel_engine.load(model_dir, gptq_config(cfg, extras), cfg.compute_dtype)
-        gptqmodel_engine.run_quantize(model, calib.as_gptqmodel(), batch_size=cfg.batch_size)
-        model.save(str(out_dir))
-        del model
-        return gptqmodel_engine.finalize_checkpoint(model_dir, out_dir)
+        qcfg = gptq_config(cfg, extras)
+        return gptqmodel_engine.quantize_and_save(self.name, model_dir, out_dir, qcfg, cfg, calib)

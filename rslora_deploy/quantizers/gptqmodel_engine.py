@@ -26,6 +26,9 @@ from rslora_deploy.quantizers import checkpoint
 if TYPE_CHECKING:
     import torch
 
+    from rslora_deploy.config import QuantizeConfig
+    from rslora_deploy.data.calibration import CalibrationSet
+
 logger = logging.getLogger(__name__)
 
 
@@ -76,6 +79,41 @@ def run_quantize(model: Any, calibration: list[dict[str, list[int]]], **kwargs: 
             f"gptqmodel quantization failed ({type(exc).__name__}: {text[:200]}); "
             "set RSLORA_DEPLOY_DEBUG=1 for the traceback"
         ) from exc
+
+
+def quantize_and_save(
+    method: str,
+    model_dir: Path,
+    out_dir: Path,
+    qcfg: Any,
+    cfg: QuantizeConfig,
+    calib: CalibrationSet | None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The GPTQ and AWQ handlers' common run: load, calibrate, save, finalize.
+
+    Args:
+        method: the handler's name, for the error message.
+        model_dir: the merged full-precision model.
+        out_dir: existing, empty directory for the checkpoint.
+        qcfg: gptqmodel's QuantizeConfig for the method.
+        cfg: our quantize config (``compute_dtype``, ``batch_size``).
+        calib: the calibration set; required.
+        kwargs: passed on to ``model.quantize`` (e.g. AWQ's ``backend``).
+
+    Returns:
+        :func:`finalize_checkpoint`'s counts.
+
+    Raises:
+        QuantizationError: no calibration data, or the engine failed.
+    """
+    if calib is None:
+        raise QuantizationError(f"{method} needs calibration data; the stage passed none")
+    model = load(model_dir, qcfg, cfg.compute_dtype)
+    run_quantize(model, calib.as_gptqmodel(), batch_size=cfg.batch_size, **kwargs)
+    model.save(str(out_dir))
+    del model
+    return finalize_checkpoint(model_dir, out_dir)
 
 
 def finalize_checkpoint(model_dir: Path, out_dir: Path) -> dict[str, Any]:
