@@ -1,5 +1,7 @@
-"""Ascend exporter on the real SmolLM2-135M: export time and size per profile, lint time, greedy
-agreement with PyTorch, and ONNX Runtime CPU decode speed next to onnxruntime-genai's CPU graph.
+"""Ascend exporter on the real SmolLM2-135M, measured against onnxruntime-genai's CPU graph.
+
+Per profile: export time and size, lint time, greedy agreement with PyTorch, and ONNX Runtime
+CPU decode speed next to onnxruntime-genai's CPU graph.
 
 No NPU here: ONNX Runtime on the CPU is the only speed this machine can measure for the Ascend
 graph (fp16, run by ORT's CPU EP through fp32 casts). The peer is the onnxruntime-genai model

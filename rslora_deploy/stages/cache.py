@@ -43,8 +43,11 @@ _TMP = ".tmp-"
 
 
 def cache_root() -> Path:
-    """``$RSLORA_DEPLOY_STAGE_CACHE``, else ``$RSLORA_DEPLOY_CACHE/stages``, else
-    ``~/.cache/rslora-deploy/stages``."""
+    """The stage cache's folder.
+
+    ``$RSLORA_DEPLOY_STAGE_CACHE``, else ``$RSLORA_DEPLOY_CACHE/stages``, else
+    ``~/.cache/rslora-deploy/stages``.
+    """
     override = os.environ.get("RSLORA_DEPLOY_STAGE_CACHE")
     if override:
         return Path(override)
@@ -178,7 +181,7 @@ class StageCache:
 
     def entries(self) -> list[EntryInfo]:
         """Every complete entry, oldest first."""
-        found = []
+        found: list[EntryInfo] = []
         if not self.root.is_dir():
             return found
         for entry_file in self.root.glob(f"*/*/{ENTRY}"):

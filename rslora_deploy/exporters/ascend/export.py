@@ -93,6 +93,8 @@ def export_decoder(decoder: Any, out_path: Path, max_gear: int) -> dict[str, Any
             f"torch.onnx could not export the Ascend decoder: {type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0][:300]}"
         ) from exc
+    if program is None:  # only the legacy exporter (dynamo=False) returns None
+        raise ExportError("torch.onnx.export returned no ONNX program for the Ascend decoder")
     model = program.model_proto
     downgrade(model)
     finalize(model)

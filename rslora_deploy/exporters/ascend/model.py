@@ -176,6 +176,12 @@ class AscendDecoder(nn.Module):
         sin: the sine table, same shape.
     """
 
+    # Registered buffers, declared for the type checker (nn.Module.__getattr__ is typed
+    # Tensor | Module).
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+    slot_pos: torch.Tensor
+
     def __init__(self, dims: DecoderDims, cos: torch.Tensor, sin: torch.Tensor) -> None:
         super().__init__()
         self.dims = dims

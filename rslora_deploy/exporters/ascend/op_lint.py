@@ -287,8 +287,10 @@ def write_report(report: LintReport, path: Path) -> None:
 
 
 def lint_package(path: Path) -> LintReport:
-    """Lint a package (or its ``model/``): the decoder, per its ``io_spec.json``, and the ATC
-    scripts' input names and shapes against the graph's inputs.
+    """Lint a package (or its ``model/``): its decoder and its ATC scripts.
+
+    The decoder is checked against its ``io_spec.json``, the ATC scripts' input names and shapes
+    against the graph's inputs.
 
     Raises:
         InputError: no ``io_spec.json`` (not an ascend-om package).

@@ -161,13 +161,15 @@ def npu_memory() -> dict[str, Any] | None:
         import torch
         import torch_npu  # noqa: F401
 
-        if not torch.npu.is_available():
+        # torch_npu registers torch.npu when imported; torch's own type hints do not know it.
+        npu = torch.npu  # type: ignore[attr-defined]
+        if not npu.is_available():
             return None
-        free, total = torch.npu.mem_get_info()
+        free, total = npu.mem_get_info()
         return {
             "free_bytes": int(free),
             "total_bytes": int(total),
-            "max_allocated_bytes": int(torch.npu.max_memory_allocated()),
+            "max_allocated_bytes": int(npu.max_memory_allocated()),
         }
     except (ImportError, RuntimeError):
         return None
@@ -231,7 +233,8 @@ class KVRunner:
         """Greedy continuation of ``prompt`` (new tokens only, EOS included if produced)."""
         self.reset()
         eos = set(self.spec.get("eos_token_ids", [])) if stop_at_eos else set()
-        logits, out = self.prefill(prompt), []
+        logits = self.prefill(prompt)
+        out: list[int] = []
         while len(out) < max_new_tokens:
             token = int(np.argmax(logits))
             out.append(token)
