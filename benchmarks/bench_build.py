@@ -55,9 +55,9 @@ def main() -> None:
         *rows,
         f"| **total** | {total:.1f} | |",
         "",
-        f"Package: estimate {result.budget['estimate_bytes'] / 2**20:.1f} MiB of "
-        f"{result.budget['budget_bytes'] / 2**20:.0f} MiB, fits={result.fits}; "
-        f"weights {result.budget['terms_bytes']['weights'] / 2**20:.1f} MiB. "
+        f"Package: estimate {result.budget.estimate_bytes / 2**20:.1f} MiB of "
+        f"{result.budget.budget_bytes / 2**20:.0f} MiB, fits={result.fits}; "
+        f"weights {result.budget.terms_bytes['weights'] / 2**20:.1f} MiB. "
         f"Quality: {json.dumps(quality)}",
         END,
     ])  # fmt: skip

@@ -12,8 +12,8 @@ graph's speed is not measured here.
 Every model is built from the same merged weights (SmolLM2-135M + the demo adapter), quantized
 with RTN: the speed of a ``MatMulNBits`` graph depends on its layout, not on how the codes were
 chosen, and RTN keeps the benchmark to a few minutes. Each generation runs in its own process
-(:func:`rslora_deploy.stages.verify.smoke_generate`) with the same prompt (a Brown evaluation
-passage), the same KV length and greedy decoding; the median of ``--runs`` is reported.
+(:func:`rslora_deploy.exporters.genai.smoke.smoke_generate`) with the same prompt (a Brown
+evaluation passage), the same KV length and greedy decoding; the median of ``--runs`` is reported.
 
 Perplexity of every graph on the same evaluation windows goes beside the speed: the peer's int4
 embedding and int8 activations are part of why it is fast.
@@ -56,6 +56,7 @@ def _prepare(work: Path) -> dict[str, Path]:
     from rslora_deploy.config import AdapterConfig, ExportConfig, MergeConfig, QuantizeConfig
     from rslora_deploy.data.assets import default_base_dir
     from rslora_deploy.exporters.genai.builder import export_onnx
+    from rslora_deploy.exporters.genai.exporter import GenaiExporter
     from rslora_deploy.profiles import load_profile
     from rslora_deploy.quantizers.protection import plan_protection
     from rslora_deploy.stages.merge import merge_adapter
@@ -70,7 +71,9 @@ def _prepare(work: Path) -> dict[str, Path]:
     if not (checkpoints["plain"] / "config.json").is_file():
         quantize_model(Artifact("hf", merged), checkpoints["plain"], cfg)
     if not (checkpoints["protected"] / "config.json").is_file():
-        extras, _ = plan_protection(base, merged, cfg, cfg.protect_ratio)
+        extras, _ = plan_protection(
+            base, merged, cfg, cfg.protect_ratio, GenaiExporter.fused_groups
+        )
         quantize_model(Artifact("hf", merged), checkpoints["protected"], cfg, extras=extras)
     profile = load_profile("ascend-310b-2gb")  # cpu target
     variants = {
@@ -106,7 +109,7 @@ def _prepare(work: Path) -> dict[str, Path]:
 
 
 def _measure(folder: Path, prompt: str, runs: int) -> dict[str, Any]:
-    from rslora_deploy.stages.verify import smoke_generate
+    from rslora_deploy.exporters.genai.smoke import smoke_generate
 
     samples = [smoke_generate(folder, prompt, NEW_TOKENS, MAX_LENGTH) for _ in range(runs)]
     data_bytes = sum(p.stat().st_size for p in folder.glob("model.onnx*"))

@@ -28,6 +28,45 @@ class Device(str, Enum):
     CPU = "cpu"
 
 
+class ExportTarget(str, Enum):
+    """Where the exported graph's activations live: the dtype and kernels the exporter picks."""
+
+    CPU = "cpu"
+    """fp32 activations, CPU kernels (onnxruntime-genai builder ``-e cpu``)."""
+    CUDA = "cuda"
+    """fp16 activations, CUDA kernels (builder ``-e cuda``)."""
+    NPU = "npu"
+    """fp16 standard-op graph for an NPU graph compiler (Ascend ATC)."""
+
+
+class Runtime(str, Enum):
+    """The software that loads the package on the device."""
+
+    ONNXRUNTIME_GENAI = "onnxruntime-genai"
+    ONNXRUNTIME = "onnxruntime"
+    ACL = "acl"
+    """Ascend Computing Language (pyACL) running an ATC-compiled ``.om`` model."""
+
+
+class ExecutionProvider(str, Enum):
+    """ONNX Runtime execution provider (or the NPU runtime) that runs the graph."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    CANN = "cann"
+
+
+class KvDtype(str, Enum):
+    """Element type of the KV cache."""
+
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+
+_KV_BYTES = {KvDtype.FLOAT16: 2, KvDtype.BFLOAT16: 2, KvDtype.FLOAT32: 4}
+
+
 class DeviceProfile(BaseModel):
     """Memory budget and runtime limits of one deployment target.
 
@@ -39,10 +78,17 @@ class DeviceProfile(BaseModel):
     name: str = Field(description="Profile name, the file stem.")
     description: str = Field(description="One line for `profiles list`.")
     device: Device = Field(description="cuda, npu or cpu.")
-    runtime: str = Field(description="Runtime that loads the package (onnxruntime-genai).")
-    execution_provider: str = Field(description="ONNX Runtime execution provider on the device.")
-    export_target: str = Field(
-        description="onnxruntime-genai builder target (-e): cuda (fp16 activations) or cpu (fp32)."
+    runtime: Runtime = Field(description="Runtime that loads the package.")
+    execution_provider: ExecutionProvider = Field(
+        description="ONNX Runtime execution provider (or NPU runtime) on the device."
+    )
+    exporter: str = Field(
+        description="Registered exporter that writes the package's model/ folder "
+        "(rslora_deploy.exporters.EXPORTERS), e.g. onnxruntime-genai."
+    )
+    export_target: ExportTarget = Field(
+        description="Activation placement of the exported graph: cuda (fp16), cpu (fp32) or npu "
+        "(fp16 standard-op graph for ATC)."
     )
     memory_bytes: int = Field(gt=0, description="Memory the deployed model may use, in bytes.")
     reserved_bytes: int = Field(
@@ -51,7 +97,7 @@ class DeviceProfile(BaseModel):
     supported_bits: list[int] = Field(description="Weight bit widths the runtime executes.")
     max_seq_len: int = Field(gt=0, description="Context length the KV cache is sized for.")
     batch_size: int = Field(gt=0, description="Concurrent sequences the KV cache is sized for.")
-    kv_dtype: str = Field(description="KV cache dtype: float16 or float32.")
+    kv_dtype: KvDtype = Field(description="KV cache dtype.")
     notes: str = Field(default="", description="Caveats shown in the budget report.")
     survival_threshold: float = Field(
         default=0.5,
@@ -76,10 +122,21 @@ class DeviceProfile(BaseModel):
             raise ValueError(f"unknown {', '.join(unknown)}; known: {', '.join(KNOWN_SOCS)}")
         return value
 
+    @field_validator("exporter")
+    @classmethod
+    def _known_exporter(cls, value: str) -> str:
+        from rslora_deploy.exporters import EXPORTERS
+
+        if value not in EXPORTERS:
+            raise ValueError(
+                f"unknown exporter {value!r}; registered: {', '.join(EXPORTERS.names())}"
+            )
+        return value
+
     @property
     def kv_bytes_per_element(self) -> int:
         """Bytes per KV-cache element."""
-        return {"float16": 2, "bfloat16": 2, "float32": 4}[self.kv_dtype]
+        return _KV_BYTES[self.kv_dtype]
 
 
 def profiles_dir() -> Path:

@@ -117,8 +117,8 @@ def build(
     text = (
         f"package: {result.package_dir}\n"
         + (f"archive: {archive_path}\n" if archive_path else "")
-        + f"memory estimate {budget['estimate_bytes'] / 2**20:.1f} MiB of "
-        f"{budget['budget_bytes'] / 2**20:.0f} MiB ({config.profile}): "
+        + f"memory estimate {budget.estimate_bytes / 2**20:.1f} MiB of "
+        f"{budget.budget_bytes / 2**20:.0f} MiB ({config.profile}): "
         f"{'fits' if result.fits else 'OVER BUDGET'}"
     )
     quality = result.manifest.get("quality") or {}
@@ -128,7 +128,7 @@ def build(
         retained = quality.get("adapter_survival_retained")
         warning = f"adapter survival {retained} is {warning}"
         text += f"\nWARNING: {warning}"
-    payload = {"package": str(result.package_dir), "budget": budget, "warning": warning}
+    payload = {"package": str(result.package_dir), "budget": budget.to_json(), "warning": warning}
     if archive_path is not None:
         payload["archive"] = str(archive_path)
     emit(payload, fmt, text)
@@ -170,21 +170,22 @@ def _stage_printer(fmt: OutputFormat) -> Any:
 def export(
     model: Annotated[Path, typer.Option(help="Quantized HF checkpoint (GPTQ/AWQ).")],
     out: Annotated[Path, typer.Option(help="Output folder for the ONNX model.")],
-    profile: Annotated[str, typer.Option(help="Profile (sets the builder target).")] = "t4-2gb",
+    profile: Annotated[str, typer.Option(help="Profile (sets exporter and target).")] = "t4-2gb",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
-    """Export a quantized checkpoint to an onnxruntime-genai folder."""
+    """Export a quantized checkpoint with the profile's exporter."""
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import ExportConfig
     from rslora_deploy.errors import InputError
-    from rslora_deploy.exporters.genai.builder import export_onnx
+    from rslora_deploy.exporters import get_exporter
     from rslora_deploy.profiles import load_profile
 
     prof = load_profile(profile)
+    exporter = get_exporter(prof.exporter)
     if not (model / "config.json").is_file():
         raise InputError(f"{model} has no config.json; pass a quantized Hugging Face checkpoint")
     with staged_output(out, overwrite) as staging:
-        export_onnx(
+        exporter.export(
             Artifact("hf-quantized", model),
             staging,
             ExportConfig(),
@@ -314,9 +315,9 @@ def _verify_package(root: Path, generate: bool, label: Path) -> dict[str, Any]:
     import tempfile
 
     from rslora_deploy.errors import ExportValidationError, InputError
-    from rslora_deploy.exporters.genai.builder import cpu_view
+    from rslora_deploy.exporters import get_exporter
+    from rslora_deploy.profiles import DeviceProfile
     from rslora_deploy.stages.package import MANIFEST, check_model_paths, verify_manifest
-    from rslora_deploy.stages.verify import smoke_generate
 
     if not (root / MANIFEST).is_file():
         raise InputError(f"{label} has no {MANIFEST}; pass a package written by `build`")
@@ -329,8 +330,11 @@ def _verify_package(root: Path, generate: bool, label: Path) -> dict[str, Any]:
     check_model_paths(root)
     result: dict[str, Any] = {"package": str(label), "manifest": "ok"}
     if generate:
+        manifest = json.loads((root / MANIFEST).read_text())
+        prof = DeviceProfile.model_validate(manifest["profile"])
         with tempfile.TemporaryDirectory() as tmp:
-            result["smoke_test"] = smoke_generate(cpu_view(root / "model", Path(tmp) / "m"))
+            smoke = get_exporter(prof.exporter).smoke_test(root / "model", prof, Path(tmp))
+        result["smoke_test"] = smoke
     return result
 
 
@@ -386,15 +390,15 @@ def _package_model(
     import shutil
     import tempfile
 
-    from rslora_deploy.api import describe_dir, measured_cpu
     from rslora_deploy.errors import InputError
-    from rslora_deploy.exporters.genai.builder import cpu_view
+    from rslora_deploy.exporters import get_exporter
     from rslora_deploy.profiles import load_profile
-    from rslora_deploy.stages.budget import estimate
-    from rslora_deploy.stages.package import manifest_header, write_manifest, write_model_card
-    from rslora_deploy.stages.verify import smoke_generate
+    from rslora_deploy.reports import BudgetReport, SmokeReport
+    from rslora_deploy.stages.budget import estimate, measured_cpu
+    from rslora_deploy.stages.package import describe_dir, finish_package, manifest_body
 
     prof = load_profile(profile)
+    exporter = get_exporter(prof.exporter)
     if not (model / "genai_config.json").is_file():
         raise InputError(
             f"{model} has no genai_config.json; pass the output of `rslora-deploy export`"
@@ -402,22 +406,18 @@ def _package_model(
     with staged_output(out, overwrite) as staging:
         shutil.copytree(model, staging / "model")
         with tempfile.TemporaryDirectory() as tmp:
-            smoke = smoke_generate(cpu_view(staging / "model", Path(tmp) / "m"))
-        result = estimate(staging / "model", _view_from_genai(staging / "model"), prof)
-        result["measured_cpu"] = measured_cpu(smoke, prof)
+            smoke = SmokeReport.model_validate(
+                exporter.smoke_test(staging / "model", prof, Path(tmp))
+            )
+        view = _view_from_genai(staging / "model")
+        result = BudgetReport.model_validate(estimate(staging / "model", view, prof))
+        result.measured_cpu = measured_cpu(smoke, prof)
         (staging / "reports").mkdir()
-        write_json(staging / "reports" / "budget.json", result)
-        body = {
-            "profile": prof.model_dump(mode="json"),
-            "inputs": {"base": describe_dir(model, model.name), "adapter": None},
-            "budget": {k: result[k] for k in ("fits", "budget_bytes", "estimate_bytes")},
-            "smoke_test": {k: smoke[k] for k in ("prompt", "text", "runtime")},
-        }
-        header = manifest_header()
-        write_model_card(staging, {**header, **body})
-        write_manifest(staging, body, created_utc=header.get("created_utc"))
-    emit({"package": str(out), "budget": result}, fmt, f"package: {out}")
-    if not result["fits"]:
+        write_json(staging / "reports" / "budget.json", result.to_json())
+        inputs = {"base": describe_dir(model, model.name), "adapter": None}
+        finish_package(staging, manifest_body(prof, result, smoke, inputs))
+    emit({"package": str(out), "budget": result.to_json()}, fmt, f"package: {out}")
+    if not result.fits:
         raise typer.Exit(EXIT_OVER_BUDGET)
 
 

@@ -119,9 +119,12 @@ def quantize(
 
 
 def _protection(base: Path, model: Path, cfg: Any, ratio: float) -> tuple[Any, dict[str, Any]]:
+    from rslora_deploy.exporters import get_exporter
     from rslora_deploy.quantizers.protection import plan_protection
 
-    return plan_protection(base, model, cfg, ratio)
+    # A standalone quantize has no profile: plan for the default exporter's fused nodes.
+    fused = get_exporter("onnxruntime-genai").fused_groups
+    return plan_protection(base, model, cfg, ratio, fused)
 
 
 def eval_cmd(

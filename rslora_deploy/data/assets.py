@@ -26,8 +26,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-# chmod_like_mkdir is imported from here by api.py and stages/package.py until they switch.
-from rslora_deploy._fsutil import chmod_like_mkdir, sha256_file, staged_output, write_json  # noqa: F401
+from rslora_deploy._fsutil import sha256_file, staged_output, write_json
 from rslora_deploy.errors import AssetError, InputError
 
 logger = logging.getLogger(__name__)

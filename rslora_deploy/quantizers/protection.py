@@ -35,21 +35,15 @@ def plan_protection(
     merged_dir: Path,
     cfg: QuantizeConfig,
     ratio: float,
-    fused_groups: FusedGroups | None = None,
+    fused_groups: FusedGroups,
 ) -> tuple[Any, dict[str, Any]]:
     """Quantizer extras keeping low-ratio modules at 8 bits, and the report of what it costs.
 
-    ``fused_groups`` are the module groups the exporter fuses into one node (its
-    ``fused_groups``); None means the onnxruntime-genai builder's, the only exporter so far.
+    ``fused_groups`` are the module groups the exporter fuses into one node
+    (``Exporter.fused_groups``), passed in by the caller: quantizers/ never imports exporters/.
     """
     from rslora_deploy.quantizers.base import QuantizeExtras
     from rslora_deploy.quantizers.checkpoint import decoder_linears
-
-    if fused_groups is None:
-        # Imported here, not at the top: exporters/ imports quantizers/, not the other way round.
-        from rslora_deploy.exporters.genai import fused
-
-        fused_groups = fused.FUSED_GROUPS
 
     ratios = delta_to_step_ratios(base_dir, merged_dir, cfg.bits, cfg.group_size, cfg.sym)
     modules = protected_modules(ratios, fused_groups, ratio)

@@ -1,12 +1,30 @@
-"""What every stage shares: timing and peak-memory measurement of one stage run."""
+"""The stage contract: the ``Stage`` protocol, the ``StageContext`` and per-stage measurement.
+
+Every stage is artifact in, artifact out (``run(artifact, cfg, ctx) -> Artifact``); ``api.build``
+runs them in order through :func:`run_stage`, which times each one and samples its peak RSS.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from rslora_deploy.artifact import Artifact
+from rslora_deploy.config import BuildConfig
+from rslora_deploy.profiles import DeviceProfile
+from rslora_deploy.reports import BudgetReport, QualityReport, SmokeReport
+
+if TYPE_CHECKING:
+    from rslora_deploy.exporters.base import Exporter
+    from rslora_deploy.stages.load import ResolvedInputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,3 +74,78 @@ def measured(name: str, interval: float = 0.1) -> Iterator[StageRecord]:
         stop.set()
         thread.join()
         record.seconds = round(time.perf_counter() - start, 3)
+
+
+StageCallback = Callable[[str, str], None]
+"""Called as ``on_stage(stage_name, "start" | "end")``; the CLI uses it for progress display."""
+
+
+@dataclass
+class StageContext:
+    """What every stage of one build shares besides the artifact it is handed.
+
+    Attributes:
+        config: the whole resolved build configuration.
+        profile: the device profile.
+        exporter: the profile's exporter (budget and verify ask it, never the target string).
+        work: scratch directory, removed before packaging.
+        reports: the package's ``reports/`` directory; a stage writes its report here.
+        staging: the package being assembled (renamed into place at the end).
+        on_stage: progress callback.
+        records: per-stage time and peak RSS, in run order.
+        inputs: the resolved base model and adapter (stage ``load``).
+        artifacts: every stage's output artifact, by stage name.
+        smoke: the smoke-test report (stage ``verify``).
+        quality: the quality report (stage ``evaluate``; None when skipped).
+        budget: the budget report (stage ``check_budget``).
+    """
+
+    config: BuildConfig
+    profile: DeviceProfile
+    exporter: Exporter
+    work: Path
+    reports: Path
+    staging: Path
+    on_stage: StageCallback = field(default=lambda name, event: None)
+    records: list[StageRecord] = field(default_factory=list)
+    inputs: ResolvedInputs | None = None
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+    smoke: SmokeReport | None = None
+    quality: QualityReport | None = None
+    budget: BudgetReport | None = None
+
+
+class Stage(Protocol):
+    """One pipeline step: artifact in, artifact out (style guide §2; Olive ``Pass``).
+
+    ``cfg`` is the stage's own section of the build config (``config.quantize`` for quantize...),
+    ``ctx`` the shared context. A stage writes only below ``ctx.work`` (its own subdirectory),
+    ``ctx.reports`` (its own report file) or, for export and package, the package itself.
+    """
+
+    name: ClassVar[str]
+    """Stage name, as it appears in ``reports/build.json`` and the log."""
+
+    def section(self, config: BuildConfig) -> Any:
+        """The part of the build config this stage reads."""
+
+    def run(self, artifact: Artifact, cfg: Any, ctx: StageContext) -> Artifact:
+        """Run the stage on ``artifact`` and return its output artifact."""
+
+
+def run_stage(stage: Stage, artifact: Artifact, ctx: StageContext) -> Artifact:
+    """Run one stage, measuring its time and peak RSS and reporting progress."""
+    ctx.on_stage(stage.name, "start")
+    logger.info("stage %s: start", stage.name)
+    with measured(stage.name) as record:
+        result = stage.run(artifact, stage.section(ctx.config), ctx)
+    ctx.records.append(record)
+    ctx.artifacts[stage.name] = result
+    logger.info(
+        "stage %s: done in %.1f s, peak RSS %.0f MiB",
+        stage.name,
+        record.seconds,
+        record.peak_rss_bytes / 2**20,
+    )
+    ctx.on_stage(stage.name, "end")
+    return result

@@ -3,29 +3,34 @@
 The estimate is a sum of documented terms (docs/budget.md), each computed from the artifact or the
 model config, never guessed:
 
-    weights     = bytes of model.onnx + its external data file(s)          (measured on disk)
-    kv_cache    = batch * layers * 2 * kv_heads * head_dim * max_seq_len * kv_bytes
-                  (onnxruntime-genai preallocates the cache to max_length: stack-notes measured
-                   69 MB growth from 512 to 2048 tokens on SmolLM2 against 70.8 MB by this formula)
-    logits      = batch * max_seq_len * vocab * io_bytes     (a full-context prefill's logits)
-    activations = batch * max_seq_len * (4 * hidden + 3 * intermediate) * io_bytes
-                  + batch * heads * max_seq_len**2 * 4       (one layer's fp32 attention scores,
-                                                              upper bound: fused kernels use less)
+    weights     = bytes of the exported model files                       (measured on disk)
+    runtime     = what the profile's exporter says its graph allocates: KV cache, logits,
+                  activations (``Exporter.budget_terms``; the onnxruntime-genai formulas are in
+                  rslora_deploy/exporters/genai/exporter.py)
     reserved    = the profile's runtime allowance (context, kernels, workspace)
 
-    total = weights + kv_cache + logits + activations + reserved;  fits = total <= memory_bytes
+    total = weights + runtime terms + reserved;  fits = total <= memory_bytes
 
 This is the same arithmetic as nanoGPT's ``estimate_mfu``: a formula with its inputs printed, so a
-reader can check every term. io_bytes is 2 for an fp16-activation (cuda) export, 4 for cpu.
+reader can check every term. The stage asks the exporter, never the target string, so a second
+exporter brings its own terms.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from rslora_deploy.model_view import ModelView
+from rslora_deploy._fsutil import write_json
+from rslora_deploy.artifact import Artifact
+from rslora_deploy.config import BuildConfig, ExportConfig
+from rslora_deploy.model_view import ModelView, model_view
 from rslora_deploy.profiles import DeviceProfile
+from rslora_deploy.reports import BudgetReport, MeasuredCpu, SmokeReport
+
+if TYPE_CHECKING:
+    from rslora_deploy.exporters.base import Exporter
+    from rslora_deploy.stages.base import StageContext
 
 MODEL_FILE_SUFFIXES = (".onnx", ".data", ".onnx_data")
 
@@ -38,18 +43,16 @@ def weight_bytes(onnx_dir: Path) -> int:
     )  # fmt: skip
 
 
-def kv_cache_bytes(view: ModelView, profile: DeviceProfile, seq_len: int | None = None) -> int:
-    """KV cache preallocated for ``seq_len`` tokens (defaults to the profile's max_seq_len)."""
-    seq = seq_len or profile.max_seq_len
-    return (
-        profile.batch_size * view.layers * 2 * view.kv_heads * view.head_dim * seq
-        * profile.kv_bytes_per_element
-    )  # fmt: skip
+def exporter_of(profile: DeviceProfile) -> Exporter:
+    """The profile's registered exporter."""
+    from rslora_deploy.exporters import get_exporter
+
+    return get_exporter(profile.exporter)
 
 
 def io_bytes(profile: DeviceProfile) -> int:
-    """Bytes per activation element of the exported graph."""
-    return 2 if profile.export_target == "cuda" else 4
+    """Bytes per activation element of the graph the profile's exporter writes."""
+    return exporter_of(profile).io_bytes(profile)
 
 
 def estimate(onnx_dir: Path, view: ModelView, profile: DeviceProfile) -> dict[str, Any]:
@@ -61,13 +64,11 @@ def estimate(onnx_dir: Path, view: ModelView, profile: DeviceProfile) -> dict[st
 
 def estimate_from_weights(weights: int, view: ModelView, profile: DeviceProfile) -> dict[str, Any]:
     """The budget report: every term, the total, the budget and the verdict."""
-    seq, batch, io = profile.max_seq_len, profile.batch_size, io_bytes(profile)
+    exporter = exporter_of(profile)
+    seq, batch, io = profile.max_seq_len, profile.batch_size, exporter.io_bytes(profile)
     terms = {
         "weights": weights,
-        "kv_cache": kv_cache_bytes(view, profile),
-        "logits": batch * seq * view.vocab * io,
-        "activations": batch * seq * (4 * view.hidden + 3 * view.intermediate) * io
-        + batch * view.heads * seq * seq * 4,
+        **exporter.budget_terms(view, profile),
         "reserved": profile.reserved_bytes,
     }
     total = sum(terms.values())
@@ -81,7 +82,7 @@ def estimate_from_weights(weights: int, view: ModelView, profile: DeviceProfile)
         "inputs": {
             "batch_size": batch,
             "max_seq_len": seq,
-            "kv_dtype": profile.kv_dtype,
+            "kv_dtype": profile.kv_dtype.value,
             "io_bytes": io,
             "layers": view.layers,
             "kv_heads": view.kv_heads,
@@ -138,3 +139,45 @@ def predict_weight_bytes(
         "rope_cache": 2 * context_length * (view.head_dim // 2) * io,
         "norms": (2 * view.layers + 1) * view.hidden * io,
     }
+
+
+def measured_cpu(smoke: SmokeReport, profile: DeviceProfile) -> MeasuredCpu:
+    """The verify run's peak RSS, with what it does and does not show for this profile.
+
+    The KV cache is preallocated to the package's max_length in that run, so for a package whose
+    exporter says a CPU run is representative (a CPU-target graph) it is a real measurement of
+    the runtime; the estimate must cover it (tests/integration/test_build_real.py). A CUDA-target
+    graph run on the CPU EP gets fp32 casts of its fp16 tensors, so there it is only a smoke check.
+    """
+    comparable = exporter_of(profile).measurement_comparable(profile)
+    return MeasuredCpu(
+        peak_rss_bytes=smoke.peak_rss_bytes,
+        kv_max_length=smoke.kv_max_length,
+        comparable_to_estimate=comparable,
+        note=(
+            "peak RSS of the runtime running this package on the CPU with its full KV cache"
+            if comparable
+            else "CPU proxy run of a device-target graph (the CPU EP adds fp32 casts): a "
+            "smoke check only, not the device's memory"
+        ),
+    )
+
+
+class BudgetStage:
+    """Stage ``check_budget``: the estimate of the exported model against the profile."""
+
+    name: ClassVar[str] = "check_budget"
+
+    def section(self, config: BuildConfig) -> ExportConfig:
+        """The ``[export]`` section (the budget follows what was exported)."""
+        return config.export
+
+    def run(self, artifact: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
+        """Estimate, attach the smoke run's measurement, write ``reports/budget.json``."""
+        view = model_view(ctx.artifacts["merge_adapter"].path)
+        report = BudgetReport.model_validate(estimate(artifact.path, view, ctx.profile))
+        if ctx.smoke is not None:
+            report.measured_cpu = measured_cpu(ctx.smoke, ctx.profile)
+        write_json(ctx.reports / "budget.json", report.to_json())
+        ctx.budget = report
+        return artifact

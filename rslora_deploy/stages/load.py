@@ -9,13 +9,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.config import BuildConfig
 from rslora_deploy.data import assets
-from rslora_deploy.errors import InputError
+from rslora_deploy.errors import ConfigError, InputError
 from rslora_deploy.model_view import model_view
 from rslora_deploy.stages.base_checks import check_base_model, check_gguf
+
+if TYPE_CHECKING:
+    from rslora_deploy.stages.base import StageContext
 
 logger = logging.getLogger(__name__)
 
@@ -106,3 +110,24 @@ def load_inputs(config: BuildConfig) -> ResolvedInputs:
     )
     base = Artifact("hf", base_dir, {"model": view.to_dict(), "default_asset": is_default})
     return ResolvedInputs(base=base, adapter_dir=adapter_dir, is_default_base=is_default)
+
+
+class LoadStage:
+    """Stage ``load``: resolve the base model and adapter; check the build can start."""
+
+    name: ClassVar[str] = "load"
+
+    def section(self, config: BuildConfig) -> BuildConfig:
+        """Load reads the top-level paths and the adapter section: the whole config."""
+        return config
+
+    def run(self, artifact: Artifact, cfg: BuildConfig, ctx: StageContext) -> Artifact:
+        """Resolve the inputs into ``ctx.inputs``; return the base model artifact."""
+        inputs = load_inputs(cfg)
+        if cfg.quantize.protect_adapter and inputs.adapter_dir is None:
+            raise ConfigError(
+                "--protect-adapter keeps the adapter's modules at 8 bits, but this build merges "
+                "no adapter; pass --adapter or drop --protect-adapter"
+            )
+        ctx.inputs = inputs
+        return inputs.base

@@ -12,11 +12,14 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rslora_deploy.artifact import Artifact
-from rslora_deploy.config import AdapterConfig, MergeConfig, MergeDtype
+from rslora_deploy.config import AdapterConfig, BuildConfig, MergeConfig, MergeDtype
 from rslora_deploy.errors import InputError, RsloraDeployError
+
+if TYPE_CHECKING:
+    from rslora_deploy.stages.base import StageContext
 
 logger = logging.getLogger(__name__)
 
@@ -271,3 +274,27 @@ def _clean(out_dir: Path, created: bool) -> None:
                 child.unlink()
         if created:
             out_dir.rmdir()
+
+
+class MergeStage:
+    """Stage ``merge_adapter``: base + adapter -> merged HF dir (the base as it is without one)."""
+
+    name: ClassVar[str] = "merge_adapter"
+
+    def section(self, config: BuildConfig) -> MergeConfig:
+        """The ``[merge]`` section (the ``[adapter]`` one is read from the context)."""
+        return config.merge
+
+    def run(self, artifact: Artifact, cfg: MergeConfig, ctx: StageContext) -> Artifact:
+        """Merge ``ctx.inputs.adapter_dir`` into ``artifact``; copy the merge report."""
+        adapter_dir = ctx.inputs.adapter_dir if ctx.inputs else None
+        if adapter_dir is None:
+            logger.info("merge: no adapter, deploying the base model as it is")
+            return artifact
+        merged = merge_adapter(
+            artifact.path, adapter_dir, ctx.work / "merged", cfg, ctx.config.adapter
+        )
+        report = merged.path / "merge_report.json"
+        if report.is_file():
+            shutil.copy2(report, ctx.reports / "merge_report.json")
+        return merged

@@ -19,14 +19,18 @@ import os
 import re
 import shutil
 import stat
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from rslora_deploy._fsutil import chmod_like_mkdir, sha256_file
+from rslora_deploy._fsutil import sha256_file, write_json
+from rslora_deploy.artifact import Artifact
+from rslora_deploy.config import BuildConfig, PackageConfig
 from rslora_deploy.errors import ConfigError, InputError
+from rslora_deploy.profiles import DeviceProfile
+from rslora_deploy.reports import BudgetReport, QualityReport, SmokeReport
+
+if TYPE_CHECKING:
+    from rslora_deploy.stages.base import StageContext, StageRecord
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -272,41 +276,131 @@ def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
     (root / "README.md").write_text("\n".join(lines))
 
 
-@contextmanager
-def staged_output(
-    target: Path, overwrite: bool, hint: str = "pass --overwrite or choose another --out"
-) -> Iterator[Path]:
-    """Yield a staging directory beside ``target``; on success rename it to ``target``.
+def describe_dir(path: Path, name: str | None = None) -> dict[str, Any]:
+    """Name, path and per-file sha256 of the weight/config files of a model or adapter dir."""
+    files = {
+        p.name: sha256_file(p)
+        for p in sorted(path.iterdir())
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".gguf")
+    }
+    return {"name": name or path.name, "path": str(path), "sha256": files}
 
-    On any exception the staging directory (and any parent directories this call created) are
-    removed, so nothing is left at or beside the output path.
 
-    Raises:
-        ConfigError: ``target`` exists, is not an empty directory, and ``overwrite`` is False.
+def manifest_body(
+    profile: DeviceProfile,
+    budget: BudgetReport,
+    smoke: SmokeReport,
+    inputs: dict[str, Any],
+    **sections: Any,
+) -> dict[str, Any]:
+    """The manifest's content besides its header and file list, in one place.
+
+    ``build`` and the ``package`` command both assemble their manifest here. ``sections`` are the
+    optional parts a full build adds (``quantization``, ``export``, ``quality``, ``config``); a
+    ``None`` section is left out.
     """
-    target = Path(target).absolute()
-    empty_dir = target.is_dir() and not any(target.iterdir())
-    if target.exists() and not empty_dir and not overwrite:
-        raise ConfigError(f"output path {target} already exists and is not empty; {hint}")
-    created = []
-    parent = target.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    chmod_like_mkdir(staging)
-    try:
-        yield staging
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{staging.name[-8:]}")
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for directory in created:
-            shutil.rmtree(directory, ignore_errors=True)
-        raise
+    body: dict[str, Any] = {
+        "profile": profile.model_dump(mode="json"),
+        "inputs": inputs,
+        "budget": {
+            "fits": budget.fits,
+            "budget_bytes": budget.budget_bytes,
+            "estimate_bytes": budget.estimate_bytes,
+        },
+        "smoke_test": {"prompt": smoke.prompt, "text": smoke.text, "runtime": smoke.runtime},
+    }
+    body.update({key: value for key, value in sections.items() if value is not None})
+    return body
+
+
+def finish_package(staging: Path, body: dict[str, Any]) -> dict[str, Any]:
+    """Model card first (it is one of the files the manifest hashes), then the manifest."""
+    header = manifest_header()
+    write_model_card(staging, {**header, **body})
+    return write_manifest(staging, body, created_utc=header.get("created_utc"))
+
+
+def quality_summary(quality: QualityReport | None, protected: bool = False) -> dict[str, Any]:
+    """The headline numbers of ``reports/quality.json`` for the manifest and model card."""
+    if quality is None:
+        return {}
+    summary: dict[str, Any] = {}
+    for name, stats in quality.models.items():
+        summary[f"perplexity_{name}"] = round(stats["perplexity"], 3)
+        if name != "merged" and "greedy_agreement" in stats:
+            summary[f"greedy_agreement_{name}"] = round(stats["greedy_agreement"], 4)
+    if "onnx_vs_quantized" in quality.relative_logit_error:
+        error = quality.relative_logit_error["onnx_vs_quantized"]
+        summary["onnx_vs_torch_relative_logit_error"] = round(error, 5)
+    survival = quality.survival
+    if isinstance(survival, dict) and "retained" in survival:
+        summary["adapter_survival_retained"] = round(survival["retained"], 3)
+        if survival.get("warning"):
+            fix = (
+                "raise quantize.protect_ratio (1.0 keeps every adapter module at 8 bits)"
+                if protected
+                else "rebuild with --protect-adapter"
+            )
+            summary["adapter_survival_warning"] = f"below {survival.get('threshold')}: {fix}"
+    if "scored_tokens" in quality.protocol:
+        summary["eval_tokens"] = quality.protocol["scored_tokens"]
+    return summary
+
+
+def build_report(
+    records: list[StageRecord], config: BuildConfig, profile: DeviceProfile
+) -> dict[str, Any]:
+    """``reports/build.json``: per-stage wall time and peak RSS, with the config."""
+    return {
+        "profile": profile.name,
+        "stages": [
+            {"name": r.name, "seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
+            for r in records
+        ],
+        "config": config.to_json_dict(),
+    }
+
+
+class PackageStage:
+    """Stage ``package``: reports, model card and manifest into the staging directory."""
+
+    name: ClassVar[str] = "package"
+
+    def section(self, config: BuildConfig) -> PackageConfig:
+        """The ``[package]`` section."""
+        return config.package
+
+    def run(self, artifact: Artifact, cfg: PackageConfig, ctx: StageContext) -> Artifact:
+        """Write build.json, drop the work dir, write the model card and the manifest."""
+        if ctx.inputs is None or ctx.budget is None or ctx.smoke is None:
+            raise ConfigError("package needs the load, verify and check_budget stages first")
+        write_json(ctx.reports / "build.json", build_report(ctx.records, ctx.config, ctx.profile))
+        quantized = ctx.artifacts["quantize"]
+        if cfg.keep_quantized_checkpoint and quantized.path.is_relative_to(ctx.work):
+            shutil.move(quantized.path, ctx.staging / "quantized")
+        shutil.rmtree(ctx.work)
+        finish_package(ctx.staging, self._body(ctx))
+        return Artifact("package", ctx.staging)
+
+    @staticmethod
+    def _body(ctx: StageContext) -> dict[str, Any]:
+        inputs = ctx.inputs
+        assert inputs is not None, "the load stage sets ctx.inputs"
+        assert ctx.budget is not None, "the check_budget stage sets ctx.budget"
+        assert ctx.smoke is not None, "the verify stage sets ctx.smoke"
+        merged = ctx.artifacts["merge_adapter"]
+        adapter = None
+        if inputs.adapter_dir is not None:
+            adapter = {**describe_dir(inputs.adapter_dir), **merged.meta.get("adapter", {})}
+        base_name = "SmolLM2-135M-Instruct" if inputs.is_default_base else inputs.base.path.name
+        quantized = ctx.artifacts["quantize"]
+        return manifest_body(
+            ctx.profile,
+            ctx.budget,
+            ctx.smoke,
+            {"base": describe_dir(inputs.base.path, base_name), "adapter": adapter},
+            quantization={k: v for k, v in quantized.meta.items() if k != "seconds"},
+            export=ctx.artifacts["export_onnx"].meta,
+            quality=quality_summary(ctx.quality, ctx.config.quantize.protect_adapter),
+            config=ctx.config.to_json_dict(),
+        )

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rslora_deploy.artifact import Artifact
-from rslora_deploy.config import QuantizeConfig
+from rslora_deploy.config import BuildConfig, QuantizeConfig
 from rslora_deploy.errors import ConfigError, QuantizationError, UnsupportedError
 from rslora_deploy.quantizers import QUANTIZERS
 from rslora_deploy.quantizers.base import QuantizeExtras
@@ -25,6 +25,9 @@ from rslora_deploy.quantizers.checkpoint import (
     quantization_config,
     read_config,
 )
+
+if TYPE_CHECKING:
+    from rslora_deploy.stages.base import StageContext
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +159,31 @@ def _calibration(model_dir: Path, cfg: QuantizeConfig) -> Any:
     return build_calibration(
         tokenizer, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed, path=cfg.calib_path
     )
+
+
+class QuantizeStage:
+    """Stage ``quantize``: merged HF dir -> GPTQ/AWQ/RTN checkpoint (``--protect-adapter`` too)."""
+
+    name: ClassVar[str] = "quantize"
+
+    def section(self, config: BuildConfig) -> QuantizeConfig:
+        """The ``[quantize]`` section."""
+        return config.quantize
+
+    def run(self, artifact: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artifact:
+        """Quantize ``artifact`` into the work dir; an already-quantized input passes through."""
+        extras, protection = None, None
+        base = ctx.inputs.base.path if ctx.inputs else artifact.path
+        if cfg.protect_adapter and not is_prequantized(artifact.path):
+            from rslora_deploy.quantizers.protection import plan_protection
+
+            extras, protection = plan_protection(
+                base, artifact.path, cfg, cfg.protect_ratio, ctx.exporter.fused_groups
+            )
+        result = quantize_model(artifact, ctx.work / "quantized", cfg, extras=extras)
+        if protection is not None:
+            # The regex list is in the checkpoint's quantization_config; the manifest keeps the
+            # count.
+            result.meta.get("extras", {}).pop("dynamic", None)
+            result.meta["protection"] = protection
+        return result

@@ -155,7 +155,7 @@ class AscendExporter:
 
     def smoke_test(self, model_dir: Path, profile: Any, work: Path) -> dict[str, Any]:
         """Greedy generation through the shipped runner on ONNX Runtime CPU, in a child."""
-        from rslora_deploy.stages.verify import DEFAULT_PROMPT
+        from rslora_deploy.exporters.base import DEFAULT_PROMPT
 
         return run_shipped_runner(model_dir, prompt=DEFAULT_PROMPT, max_new_tokens=24)
 

@@ -153,7 +153,8 @@ def cpu_view(onnx_dir: Path, view_dir: Path) -> Path:
     MatMulNBits, fp16 activations) also runs on CPU. Verification on a machine with no GPU links
     every file and rewrites only the provider list, so the bytes checked are the bytes shipped.
     """
-    view_dir.mkdir(parents=True, exist_ok=True)
+    _remove_tree(view_dir)  # a second call (verify, then evaluate) rebuilds the same view
+    view_dir.mkdir(parents=True)
     for item in onnx_dir.iterdir():
         if item.name != GENAI_CONFIG:
             (view_dir / item.name).symlink_to(item.resolve())

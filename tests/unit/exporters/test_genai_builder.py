@@ -31,7 +31,8 @@ def genai_dir(tmp_path_factory: pytest.TempPathFactory, rtn_dir: Path) -> Path:
 
 
 def test_tiny_export_generates_with_the_tiny_tokenizer(genai_dir: Path) -> None:
-    from rslora_deploy.stages.verify import DEFAULT_PROMPT, smoke_generate
+    from rslora_deploy.exporters.base import DEFAULT_PROMPT
+    from rslora_deploy.exporters.genai.smoke import smoke_generate
 
     out = smoke_generate(genai_dir, max_new_tokens=8, max_length=64)
     assert out["new_tokens"] == 8

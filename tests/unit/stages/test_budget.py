@@ -7,9 +7,10 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rslora_deploy.exporters.base import kv_cache_bytes
 from rslora_deploy.model_view import ModelView
 from rslora_deploy.profiles import load_profile
-from rslora_deploy.stages.budget import estimate, kv_cache_bytes
+from rslora_deploy.stages.budget import estimate
 
 SMOL = ModelView(
     "LlamaForCausalLM",

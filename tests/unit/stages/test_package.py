@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rslora_deploy.stages.package import staged_output, verify_manifest, write_manifest
+from rslora_deploy._fsutil import staged_output
+from rslora_deploy.stages.package import verify_manifest, write_manifest
 
 
 def _fill(root: Path) -> None:

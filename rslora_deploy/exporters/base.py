@@ -1,0 +1,82 @@
+"""The exporter contract: what the pipeline asks of the code that writes a package's ``model/``.
+
+An exporter owns everything that depends on the runtime that will load the package: the graph it
+writes, how that graph is smoke-tested, how many bytes per activation element it uses, which
+projections it fuses into one node (so they must share a precision), and the memory its graph
+allocates beyond the weights. The budget, verify and quantize stages ask the profile's exporter
+instead of branching on a target string, so a second exporter is one module plus one registration
+line in :mod:`rslora_deploy.exporters` (docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from rslora_deploy.artifact import Artifact
+    from rslora_deploy.config import ExportConfig
+    from rslora_deploy.model_view import ModelView
+    from rslora_deploy.profiles import DeviceProfile
+
+
+#: The prompt every exporter's smoke test generates from (the package's model card shows the text).
+DEFAULT_PROMPT = "The capital of France is"
+
+
+class Exporter(Protocol):
+    """One way of turning a (quantized) Hugging Face checkpoint into a device's model folder.
+
+    Implementations are classes registered in ``EXPORTERS``; the pipeline instantiates them with
+    no arguments, so all settings come from ``ExportConfig`` and the ``DeviceProfile``.
+    """
+
+    name: ClassVar[str]
+    """Registry key; a profile names its exporter with it (``exporter = "onnxruntime-genai"``)."""
+
+    runtime: ClassVar[str]
+    """What loads the package on the device, for the manifest and model card."""
+
+    fused_groups: ClassVar[tuple[tuple[str, ...], ...]]
+    """Projection names this exporter fuses into one node; members must share a precision."""
+
+    def export(
+        self,
+        quantized: Artifact,
+        out_dir: Path,
+        cfg: ExportConfig,
+        profile: DeviceProfile,
+        log_path: Path,
+    ) -> Artifact:
+        """Write the model folder at ``out_dir`` and return it as an artifact."""
+
+    def smoke_test(self, model_dir: Path, profile: DeviceProfile, work: Path) -> dict[str, Any]:
+        """Generate from a fixed prompt with the shipped bytes, in a child process.
+
+        Returns the smoke report (prompt, text, speed, peak RSS of the child).
+        """
+
+    def cpu_runnable(self, model_dir: Path, profile: DeviceProfile, work: Path) -> Path:
+        """A folder this machine's CPU can run (the model itself, or a view of it)."""
+
+    def io_bytes(self, profile: DeviceProfile) -> int:
+        """Bytes per activation element of the exported graph."""
+
+    def budget_terms(self, view: ModelView, profile: DeviceProfile) -> dict[str, int]:
+        """Memory the graph allocates at run time besides its weights and the reserved term.
+
+        Keys are term names (``kv_cache``, ``logits``, ``activations``...), values bytes at the
+        profile's ``max_seq_len`` and ``batch_size``; docs/budget.md gives each formula.
+        """
+
+    def measurement_comparable(self, profile: DeviceProfile) -> bool:
+        """Whether a CPU run of this package measures what the device would use."""
+
+
+def kv_cache_bytes(view: ModelView, profile: DeviceProfile, seq_len: int | None = None) -> int:
+    """KV cache preallocated for ``seq_len`` tokens (defaults to the profile's max_seq_len)."""
+    seq = seq_len or profile.max_seq_len
+    return (
+        profile.batch_size * view.layers * 2 * view.kv_heads * view.head_dim * seq
+        * profile.kv_bytes_per_element
+    )  # fmt: skip

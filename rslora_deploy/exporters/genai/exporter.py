@@ -1,0 +1,85 @@
+"""The ``onnxruntime-genai`` exporter: int4 ``MatMulNBits`` + ``GroupQueryAttention`` + KV cache.
+
+It wraps the onnxruntime-genai model builder (:mod:`.builder`), its smoke test (:mod:`.smoke`)
+and the memory its graph allocates at run time. The budget terms (docs/budget.md):
+
+    kv_cache    = batch * layers * 2 * kv_heads * head_dim * max_seq_len * kv_bytes
+                  (onnxruntime-genai preallocates the cache to max_length: stack-notes measured
+                   69 MB growth from 512 to 2048 tokens on SmolLM2 against 70.8 MB by this formula)
+    logits      = batch * max_seq_len * vocab * io_bytes     (a full-context prefill's logits)
+    activations = batch * max_seq_len * (4 * hidden + 3 * intermediate) * io_bytes
+                  + batch * heads * max_seq_len**2 * 4       (one layer's fp32 attention scores,
+                                                              upper bound: fused kernels use less)
+
+io_bytes is 2 for an fp16-activation (cuda) graph and 4 for a cpu one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rslora_deploy.exporters.base import kv_cache_bytes
+from rslora_deploy.exporters.genai.fused import FUSED_GROUPS
+from rslora_deploy.profiles import ExportTarget
+
+if TYPE_CHECKING:
+    from rslora_deploy.artifact import Artifact
+    from rslora_deploy.config import ExportConfig
+    from rslora_deploy.model_view import ModelView
+    from rslora_deploy.profiles import DeviceProfile
+
+
+class GenaiExporter:
+    """Export through the onnxruntime-genai model builder, for its CPU or CUDA runtime."""
+
+    name: ClassVar[str] = "onnxruntime-genai"
+    runtime: ClassVar[str] = "onnxruntime-genai"
+    #: The builder fuses q/k/v into one MatMul and gate/up into another: members of a group must
+    #: share a precision (protection planning widens a protected module to its group; fused.py).
+    fused_groups: ClassVar[tuple[tuple[str, ...], ...]] = FUSED_GROUPS
+
+    def export(
+        self,
+        quantized: Artifact,
+        out_dir: Path,
+        cfg: ExportConfig,
+        profile: DeviceProfile,
+        log_path: Path,
+    ) -> Artifact:
+        """Run the builder in a child process (:func:`.builder.export_onnx`)."""
+        from rslora_deploy.exporters.genai.builder import export_onnx
+
+        return export_onnx(quantized, out_dir, cfg, profile, log_path)
+
+    def cpu_runnable(self, model_dir: Path, profile: DeviceProfile, work: Path) -> Path:
+        """The model itself for a CPU target; a CPU-provider view of a CUDA-target graph."""
+        if profile.export_target == ExportTarget.CPU:
+            return model_dir
+        from rslora_deploy.exporters.genai.builder import cpu_view
+
+        return cpu_view(model_dir, work / "cpu_view")
+
+    def smoke_test(self, model_dir: Path, profile: DeviceProfile, work: Path) -> dict[str, Any]:
+        """Greedy generation with onnxruntime-genai in a child process (:mod:`.smoke`)."""
+        from rslora_deploy.exporters.genai.smoke import smoke_generate
+
+        return smoke_generate(self.cpu_runnable(model_dir, profile, work))
+
+    def io_bytes(self, profile: DeviceProfile) -> int:
+        """fp16 activations on CUDA, fp32 on CPU."""
+        return 2 if profile.export_target == ExportTarget.CUDA else 4
+
+    def budget_terms(self, view: ModelView, profile: DeviceProfile) -> dict[str, int]:
+        """KV cache, prefill logits and activations at the profile's max_seq_len (module doc)."""
+        seq, batch, io = profile.max_seq_len, profile.batch_size, self.io_bytes(profile)
+        return {
+            "kv_cache": kv_cache_bytes(view, profile),
+            "logits": batch * seq * view.vocab * io,
+            "activations": batch * seq * (4 * view.hidden + 3 * view.intermediate) * io
+            + batch * view.heads * seq * seq * 4,
+        }
+
+    def measurement_comparable(self, profile: DeviceProfile) -> bool:
+        """A CPU run measures a CPU-target package; a CUDA graph on the CPU EP gets fp32 casts."""
+        return profile.export_target == ExportTarget.CPU
