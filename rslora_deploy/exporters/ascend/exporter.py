@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rslora_deploy._fsutil import write_json
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.errors import ConfigError, ExportValidationError
 
@@ -131,7 +132,7 @@ class AscendExporter:
         op_lint.raise_on_errors(report)
         spec = io_spec(_dims(facts), gears, eos_ids(quantized.path), socs)
         atc.write_scripts(out_dir / "atc", spec, socs)
-        _write_json(out_dir / "io_spec.json", spec)
+        write_json(out_dir / "io_spec.json", spec)
         _copy_support_files(quantized.path, out_dir)
         log_path.write_text(json.dumps({"lint": report.to_dict(), **facts}, default=str))
         meta = {
@@ -192,10 +193,6 @@ def _copy_support_files(source: Path, out_dir: Path) -> None:
     (out_dir / "lint").mkdir(exist_ok=True)
     for name in ("cann_onnx_ops.json", "ort_cann_graph_allowlist.json"):
         shutil.copy2(here / "data" / name, out_dir / "lint" / name)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def run_shipped_runner(

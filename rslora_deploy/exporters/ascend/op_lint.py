@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from rslora_deploy._fsutil import write_json
 from rslora_deploy.errors import ExportValidationError
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ def raise_on_errors(report: LintReport) -> None:
 def write_report(report: LintReport, path: Path) -> None:
     """Write ``op_lint.json``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    write_json(path, report.to_dict())
 
 
 def lint_package(path: Path) -> LintReport:
