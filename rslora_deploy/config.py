@@ -33,14 +33,6 @@ ComputeDtype = Literal["bfloat16", "float16", "float32"]
 ProtectedLayout = Literal["auto", "nbits8", "float"]
 
 
-class QuantMethod(str, Enum):
-    """Weight quantization algorithms (docs/methods.md has the papers)."""
-
-    GPTQ = "gptq"
-    AWQ = "awq"
-    RTN = "rtn"
-
-
 class MergeDtype(str, Enum):
     """Output dtype of the merged model (``auto`` keeps the base's dtype)."""
 
@@ -116,7 +108,11 @@ class MergeConfig(_Section):
 class QuantizeConfig(_Section):
     """Weight-only quantization of the merged model."""
 
-    method: QuantMethod = Field(default=QuantMethod.GPTQ, description="gptq, awq or rtn.")
+    method: str = Field(
+        default="gptq",
+        description="A registered quantizer (rslora_deploy.quantizers.QUANTIZERS): gptq, awq or "
+        "rtn by default.",
+    )
     bits: int = Field(default=4, description="Weight bits: 4 or 8.")
     group_size: int = Field(
         default=64,
@@ -181,13 +177,26 @@ class QuantizeConfig(_Section):
             raise ValueError(f"group_size must be -1 or a power of two >= 16, got {value}")
         return value
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from rslora_deploy.quantizers import QUANTIZERS
+
+        if value not in QUANTIZERS:
+            raise ValueError(f"unknown method {value!r}; registered: {', '.join(QUANTIZERS)}")
+        return value
+
     @model_validator(mode="after")
-    def _check_awq_dtype(self) -> QuantizeConfig:
-        # gptqmodel's AWQ scale search runs in half precision only.
-        if self.method == QuantMethod.AWQ and self.compute_dtype == "float32":
+    def _check_compute_dtype(self) -> QuantizeConfig:
+        # Each method says which dtypes it runs in (AWQ: half precision only). The handler
+        # modules import no backend at module level, so this check is cheap.
+        from rslora_deploy.quantizers import QUANTIZERS
+
+        allowed = QUANTIZERS.get(self.method).compute_dtypes
+        if self.compute_dtype not in allowed:
             raise ValueError(
-                "compute_dtype float32 is not supported by method awq (gptqmodel runs AWQ in "
-                "bfloat16 or float16); use bfloat16"
+                f"compute_dtype {self.compute_dtype} is not supported by method {self.method}; "
+                f"use {' or '.join(allowed)}"
             )
         return self
 

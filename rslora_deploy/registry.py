@@ -54,6 +54,19 @@ class Registry(Generic[T]):
             raise ValueError(f"duplicate {self.kind} name {key!r}")
         self._entries[key] = obj
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register a plug-in remove it again).
+
+        Raises:
+            UnsupportedError: ``name`` is not registered.
+        """
+        if name not in self._entries:
+            raise UnsupportedError(
+                f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}"
+            )
+        del self._entries[name]
+        self._extras.pop(name, None)
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._entries)

@@ -1,5 +1,8 @@
 """Detect an adapter directory's format from its files and load it into ModuleDeltas.
 
+The formats are the classes registered in :data:`rslora_deploy.adapters.ADAPTER_FORMATS`; the
+built-in ones are
+
 * ``rslora_config.json`` + ``rslora_model.safetensors``: RS-LoRA v1 (spec 4)
 * ``adapter_config.json`` with ``peft_type`` LORA or VERA: PEFT (spec 6.1, 6.2)
 """
@@ -13,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from rslora_deploy._fsutil import sha256_file
-from rslora_deploy.adapters import peft_common, rslora_v1
+from rslora_deploy.adapters import ADAPTER_FORMATS, peft_common
+from rslora_deploy.adapters.base import AdapterFormat, AdapterLoadOptions
 from rslora_deploy.adapters.delta import ModuleDelta, TensorOverride
 from rslora_deploy.errors import AdapterFormatError, InputError, UnsupportedError
-
-FORMATS = ("rslora-v1", "peft-lora", "peft-vera")
 
 
 @dataclass
@@ -50,13 +52,18 @@ def file_hashes(directory: Path) -> dict[str, str]:
     return out
 
 
+def _format(name: str) -> AdapterFormat:
+    handler: AdapterFormat = ADAPTER_FORMATS.get(name)()
+    return handler
+
+
 def detect_format(directory: Path) -> str:
-    """Name the adapter format of a directory.
+    """Name the adapter format of a directory: the registered format that claims it.
 
     Raises:
         InputError: not a directory.
         AdapterFormatError: empty, or no recognizable adapter files (E001).
-        UnsupportedError: a PEFT type other than LORA/VERA (E070).
+        UnsupportedError: a PEFT type no registered format reads (E070).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -64,7 +71,7 @@ def detect_format(directory: Path) -> str:
             f"adapter path {directory} is not a directory; pass the folder holding "
             "rslora_config.json or adapter_config.json"
         )
-    names = {p.name for p in directory.iterdir()}
+    names = frozenset(p.name for p in directory.iterdir())
     if not names:
         raise AdapterFormatError(
             f"adapter directory {directory} is empty; expected "
@@ -72,16 +79,13 @@ def detect_format(directory: Path) -> str:
             "adapter_config.json + adapter_model.safetensors",
             code="E001",
         )
-    if rslora_v1.CONFIG_NAME in names:
-        return "rslora-v1"
+    for name in ADAPTER_FORMATS.names():
+        if _format(name).claims(directory, names):
+            return name
     if peft_common.CONFIG_NAME in names:
-        peft_type = peft_common.read_config(directory).get("peft_type")
-        if peft_type == "LORA":
-            return "peft-lora"
-        if peft_type == "VERA":
-            return "peft-vera"
+        kind = peft_common.read_config(directory).get("peft_type")
         raise UnsupportedError(
-            f"{directory}: peft_type={peft_type!r} is not supported; supported: LORA, VERA",
+            f"{directory}: peft_type={kind!r} is not supported; supported: LORA, VERA",
             code="E070",
         )
     raise AdapterFormatError(
@@ -98,12 +102,13 @@ def load_adapter(
     base_shapes: dict[str, tuple[int, int]] | None = None,
     allow_full_module_overrides: bool = False,
 ) -> LoadedAdapter:
-    """Load any supported adapter directory into the internal representation.
+    """Load any registered adapter format into the internal representation.
 
     Args:
         path: adapter directory.
         allow_unverified_vera_regeneration: allow PEFT VeRA without saved projections (E071).
-        base_shapes: module -> (d_out, d_in), only needed for that VeRA regeneration.
+        base_shapes: module -> (d_out, d_in), for a format that needs them
+            (:func:`base_shapes_needed`).
         allow_full_module_overrides: accept PEFT ``modules_to_save``/``trainable_token_indices``
             (E070 otherwise) and return their tensors in ``overrides``.
 
@@ -112,95 +117,34 @@ def load_adapter(
     """
     path = Path(path)
     fmt = detect_format(path)
-    meta: dict[str, Any] = {"format": fmt, "path": str(path)}
-    base_hashes = None
-    overrides: list[TensorOverride] = []
-    if fmt == "rslora-v1":
-        deltas, summary, base_hashes = _load_rslora_v1(path)
-        meta.update(summary)
-    else:
-        deltas, summary, overrides = _load_peft(
-            fmt,
-            path,
-            allow_unverified_vera_regeneration=allow_unverified_vera_regeneration,
-            base_shapes=base_shapes,
-            allow_full_module_overrides=allow_full_module_overrides,
-        )
-        meta.update(summary, checksums="none recorded by the format")
-    meta["modules"] = len(deltas)
-    if overrides:
-        meta["overrides"] = [{"tensor": o.target, "kind": o.kind} for o in overrides]
-    meta["files"] = file_hashes(path)
-    meta["sha256"] = hashlib.sha256(json.dumps(meta["files"], sort_keys=True).encode()).hexdigest()
-    if base_hashes:
-        meta["base_model"] = base_hashes
-    return LoadedAdapter(
-        format=fmt, deltas=deltas, meta=meta, base_hashes=base_hashes, overrides=overrides
-    )
-
-
-def _load_rslora_v1(path: Path) -> tuple[list[ModuleDelta], dict[str, Any], dict[str, str]]:
-    """Read and verify an RS-LoRA v1 checkpoint.
-
-    Returns:
-        (deltas, summary for the report, the base-model hashes the checkpoint records).
-    """
-    ckpt = rslora_v1.read_checkpoint(path)
-    cfg = ckpt.config
-    base_hashes = {k: v for k, v in cfg.raw["base_model"].items() if isinstance(v, str)}
-    summary = {
-        "r": cfg.r,
-        "k": cfg.k,
-        "alpha": cfg.raw["alpha"],
-        "effective_scale": cfg.scale,
-        "task_id": cfg.task_id,
-        "v_sharing": cfg.v_sharing,
-        "v_ab_tied": cfg.v_ab_tied,
-        "projection": {
-            "storage": cfg.storage,
-            "generator": cfg.generator,
-            "seed": cfg.seed,
-            "sharing": cfg.sharing,
-            "normalization": cfg.raw["projection"]["normalization"],
-            "sha256_all": cfg.raw["projection"]["sha256_all"],
-        },
-        "checksums": "verified",
-        "trainable_parameters": cfg.trainable_parameters(),
-    }
-    return rslora_v1.checkpoint_deltas(ckpt), summary, base_hashes
-
-
-def _load_peft(
-    fmt: str,
-    path: Path,
-    *,
-    allow_unverified_vera_regeneration: bool,
-    base_shapes: dict[str, tuple[int, int]] | None,
-    allow_full_module_overrides: bool,
-) -> tuple[list[ModuleDelta], dict[str, Any], list[TensorOverride]]:
-    """Read a PEFT LoRA or VeRA directory (the importers load lazily: VeRA may need torch)."""
-    if fmt == "peft-lora":
-        from rslora_deploy.adapters.peft_lora import load_peft_lora
-
-        return load_peft_lora(path, allow_full_module_overrides=allow_full_module_overrides)
-    from rslora_deploy.adapters.peft_vera import load_peft_vera
-
-    return load_peft_vera(
-        path,
-        allow_unverified_regeneration=allow_unverified_vera_regeneration,
+    options = AdapterLoadOptions(
+        allow_unverified_vera_regeneration=allow_unverified_vera_regeneration,
         base_shapes=base_shapes,
         allow_full_module_overrides=allow_full_module_overrides,
     )
+    contents = _format(fmt).load(path, options)
+    meta: dict[str, Any] = {"format": fmt, "path": str(path), **contents.summary}
+    meta["modules"] = len(contents.deltas)
+    if contents.overrides:
+        meta["overrides"] = [{"tensor": o.target, "kind": o.kind} for o in contents.overrides]
+    meta["files"] = file_hashes(path)
+    meta["sha256"] = hashlib.sha256(json.dumps(meta["files"], sort_keys=True).encode()).hexdigest()
+    if contents.base_hashes:
+        meta["base_model"] = contents.base_hashes
+    return LoadedAdapter(
+        format=fmt,
+        deltas=contents.deltas,
+        meta=meta,
+        base_hashes=contents.base_hashes,
+        overrides=contents.overrides,
+    )
+
+
+def base_shapes_needed(path: Path) -> list[str]:
+    """Modules whose base-layer shapes the adapter's loader needs (usually none)."""
+    return _format(detect_format(path)).base_shapes_needed(Path(path))
 
 
 def needs_base_shapes(path: Path) -> bool:
-    """True for a PEFT VeRA directory without saved projections (regeneration needs the base)."""
-    path = Path(path)
-    if detect_format(path) != "peft-vera":
-        return False
-    st_path = path / peft_common.SAFETENSORS_NAME
-    if st_path.is_file():
-        from rslora_deploy.adapters.st_io import SafetensorsFile
-
-        return "base_model.vera_A" not in set(SafetensorsFile(st_path).keys())
-    return False
+    """True when loading the adapter needs the base's layer shapes (VeRA without projections)."""
+    return bool(base_shapes_needed(path))

@@ -29,6 +29,14 @@ BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
+def peft_type(directory: Path, names: frozenset[str]) -> str | None:
+    """The ``peft_type`` of a PEFT adapter directory, or None when it holds no PEFT config."""
+    if CONFIG_NAME not in names:
+        return None
+    value = read_config(directory).get("peft_type")
+    return value if isinstance(value, str) else None
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     """Parse ``adapter_config.json`` (E001 when it is not a JSON object)."""
     path = Path(directory) / CONFIG_NAME

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from rslora_deploy.adapters import peft_common
+from rslora_deploy.adapters.base import AdapterContents, AdapterLoadOptions
 from rslora_deploy.adapters.delta import ModuleDelta, TensorOverride
 from rslora_deploy.adapters.peft_common import (
     pattern_value,
@@ -177,3 +179,25 @@ def _module_delta(
         scale=lora_scale(alpha_m, r_m, use_rslora),
         source={"format": "peft-lora", "r": r_m, "alpha": alpha_m, "use_rslora": use_rslora},
     )
+
+
+class PeftLoraFormat:
+    """PEFT LoRA (``adapter_config.json`` with ``peft_type`` LORA; spec 6.1)."""
+
+    name: ClassVar[str] = "peft-lora"
+
+    def claims(self, directory: Path, names: frozenset[str]) -> bool:
+        """A PEFT config whose ``peft_type`` is LORA."""
+        return peft_common.peft_type(directory, names) == "LORA"
+
+    def load(self, directory: Path, options: AdapterLoadOptions) -> AdapterContents:
+        """Read the LoRA factors (rsLoRA scaling included) into ModuleDeltas."""
+        deltas, summary, overrides = load_peft_lora(
+            directory, allow_full_module_overrides=options.allow_full_module_overrides
+        )
+        summary = {**summary, "checksums": "none recorded by the format"}
+        return AdapterContents(deltas, summary, None, overrides)
+
+    def base_shapes_needed(self, directory: Path) -> list[str]:
+        """LoRA stores both factors: no base shapes needed."""
+        return []

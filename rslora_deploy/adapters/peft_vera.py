@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from rslora_deploy.adapters import peft_common
+from rslora_deploy.adapters.base import AdapterContents, AdapterLoadOptions
 from rslora_deploy.adapters.delta import ModuleDelta, TensorOverride
 from rslora_deploy.adapters.peft_common import (
     PREFIX,
@@ -28,6 +30,7 @@ from rslora_deploy.adapters.peft_common import (
     stored_dtypes,
 )
 from rslora_deploy.adapters.rsg import tensor_sha256
+from rslora_deploy.adapters.st_io import SafetensorsFile
 from rslora_deploy.errors import AdapterFormatError, NonFiniteError, ShapeMismatchError
 
 logger = logging.getLogger(__name__)
@@ -231,3 +234,42 @@ def _regenerate(
         tensor_sha256(vera_b),
     )
     return {"A": vera_a, "B": vera_b}
+
+
+class PeftVeraFormat:
+    """PEFT VeRA (``adapter_config.json`` with ``peft_type`` VERA; spec 6.2)."""
+
+    name: ClassVar[str] = "peft-vera"
+
+    def claims(self, directory: Path, names: frozenset[str]) -> bool:
+        """A PEFT config whose ``peft_type`` is VERA."""
+        return peft_common.peft_type(directory, names) == "VERA"
+
+    def load(self, directory: Path, options: AdapterLoadOptions) -> AdapterContents:
+        """Read the VeRA vectors and shared projections (regenerated only when allowed)."""
+        deltas, summary, overrides = load_peft_vera(
+            directory,
+            allow_unverified_regeneration=options.allow_unverified_vera_regeneration,
+            base_shapes=options.base_shapes,
+            allow_full_module_overrides=options.allow_full_module_overrides,
+        )
+        summary = {**summary, "checksums": "none recorded by the format"}
+        return AdapterContents(deltas, summary, None, overrides)
+
+    def base_shapes_needed(self, directory: Path) -> list[str]:
+        """Without saved projections (``save_projection=False``) regeneration needs every
+        adapted module's base shape; with them, nothing."""
+        st_path = directory / peft_common.SAFETENSORS_NAME
+        if not st_path.is_file():
+            return []
+        keys = set(SafetensorsFile(st_path).keys())
+        if "base_model.vera_A" in keys:
+            return []
+        prefix = peft_common.PREFIX
+        return sorted(
+            {
+                k[len(prefix) :].rpartition(".")[0]
+                for k in keys
+                if k.startswith(prefix) and k.endswith(".vera_lambda_b")
+            }
+        )

@@ -18,11 +18,12 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from rslora_deploy.adapters import rsg
+from rslora_deploy.adapters.base import AdapterContents, AdapterLoadOptions
 from rslora_deploy.adapters.delta import LAYOUTS, ModuleDelta
 from rslora_deploy.adapters.st_io import SafetensorsFile
 from rslora_deploy.errors import (
@@ -489,3 +490,43 @@ def checkpoint_deltas(ckpt: RsloraCheckpoint) -> list[ModuleDelta]:
             )
         )
     return deltas
+
+
+class RsloraV1Format:
+    """RS-LoRA v1 (``rslora_config.json`` + ``rslora_model.safetensors``; spec 4)."""
+
+    name: ClassVar[str] = "rslora-v1"
+
+    def claims(self, directory: Path, names: frozenset[str]) -> bool:
+        """The directory holds ``rslora_config.json``."""
+        return CONFIG_NAME in names
+
+    def load(self, directory: Path, options: AdapterLoadOptions) -> AdapterContents:
+        """Read and verify the checkpoint (checksums, projections) into ModuleDeltas."""
+        ckpt = read_checkpoint(directory)
+        cfg = ckpt.config
+        base_hashes = {k: v for k, v in cfg.raw["base_model"].items() if isinstance(v, str)}
+        summary = {
+            "r": cfg.r,
+            "k": cfg.k,
+            "alpha": cfg.raw["alpha"],
+            "effective_scale": cfg.scale,
+            "task_id": cfg.task_id,
+            "v_sharing": cfg.v_sharing,
+            "v_ab_tied": cfg.v_ab_tied,
+            "projection": {
+                "storage": cfg.storage,
+                "generator": cfg.generator,
+                "seed": cfg.seed,
+                "sharing": cfg.sharing,
+                "normalization": cfg.raw["projection"]["normalization"],
+                "sha256_all": cfg.raw["projection"]["sha256_all"],
+            },
+            "checksums": "verified",
+            "trainable_parameters": cfg.trainable_parameters(),
+        }
+        return AdapterContents(checkpoint_deltas(ckpt), summary, base_hashes)
+
+    def base_shapes_needed(self, directory: Path) -> list[str]:
+        """Projections are generated from the recorded seed and shapes: none needed."""
+        return []

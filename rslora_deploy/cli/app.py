@@ -68,9 +68,11 @@ def build(
     no_adapter: Annotated[
         bool, typer.Option("--no-adapter", help="Deploy the base as it is.")
     ] = False,
-    method: Annotated[str | None, typer.Option(help="gptq, awq or rtn.")] = None,
-    group_size: Annotated[int | None, typer.Option(help="Quantization group size.")] = None,
-    calib: Annotated[Path | None, typer.Option(help="Calibration text (.txt or .jsonl).")] = None,
+    method: Annotated[str | None, typer.Option(help=quantize_cmds.field_help("method"))] = None,
+    group_size: Annotated[
+        int | None, typer.Option(help=quantize_cmds.field_help("group_size"))
+    ] = None,
+    calib: Annotated[Path | None, typer.Option(help=quantize_cmds.field_help("calib_path"))] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (BuildConfig sections).")] = None,
     out: Annotated[Path | None, typer.Option(help="Package directory to write.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing package at --out.")] = False,

@@ -17,7 +17,6 @@ import typer
 
 from rslora_deploy._fsutil import atomic_new_dir, write_json
 from rslora_deploy.cli._output import OutputFormat, emit
-from rslora_deploy.config import QuantMethod
 from rslora_deploy.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +33,20 @@ def _quantize_config(**fields: Any) -> Any:
         raise ConfigError(f"invalid quantize option: {validation_message(exc)}") from None
 
 
+def field_help(name: str) -> str:
+    """A ``[quantize]`` field's description: CLI help comes from the config, written once."""
+    from rslora_deploy.config import QuantizeConfig
+
+    return QuantizeConfig.model_fields[name].description or name
+
+
+def field_default(name: str) -> Any:
+    """A ``[quantize]`` field's default, so a flag and its recipe key cannot drift apart."""
+    from rslora_deploy.config import QuantizeConfig
+
+    return QuantizeConfig.model_fields[name].get_default(call_default_factory=True)
+
+
 def _require_dir(path: Path, flag: str) -> Path:
     if not Path(path).is_dir():
         raise InputError(f"{flag} {path} is not a directory; pass a Hugging Face model directory")
@@ -43,40 +56,36 @@ def _require_dir(path: Path, flag: str) -> Path:
 def quantize(
     model: Annotated[Path, typer.Option(help="Merged full-precision HF model directory.")],
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write (new or empty).")],
-    method: Annotated[QuantMethod, typer.Option(help="gptq, awq or rtn.")] = QuantMethod.GPTQ,
-    bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8.")] = 4,
-    group_size: Annotated[
-        int, typer.Option(help="Columns per scale; must divide every width.")
-    ] = 64,
-    sym: Annotated[bool, typer.Option(help="Symmetric grid (no zero point).")] = True,
-    desc_act: Annotated[bool, typer.Option(help="GPTQ act-order.")] = False,
-    damp_percent: Annotated[float, typer.Option(help="GPTQ Hessian damping.")] = 0.05,
-    calib: Annotated[
-        Path | None,
-        typer.Option(help=".txt (blank-line separated docs) or .jsonl with 'text'; default Brown."),
-    ] = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 32,
-    calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
-    mse: Annotated[
-        float, typer.Option(help="GPTQ clipping search norm (e.g. 2.4; 0 = off, twice the time).")
-    ] = 0.0,
-    compute_dtype: Annotated[
-        str, typer.Option(help="Calibration dtype: bfloat16, float16 or float32 (not for awq).")
-    ] = "bfloat16",
+    method: Annotated[str, typer.Option(help=field_help("method"))] = field_default("method"),
+    bits: Annotated[int, typer.Option(help=field_help("bits"))] = field_default("bits"),
+    group_size: Annotated[int, typer.Option(help=field_help("group_size"))] = field_default(
+        "group_size"
+    ),
+    sym: Annotated[bool, typer.Option(help=field_help("sym"))] = field_default("sym"),
+    desc_act: Annotated[bool, typer.Option(help=field_help("desc_act"))] = field_default(
+        "desc_act"
+    ),
+    damp_percent: Annotated[float, typer.Option(help=field_help("damp_percent"))] = field_default(
+        "damp_percent"
+    ),
+    calib: Annotated[Path | None, typer.Option(help=field_help("calib_path"))] = None,
+    calib_samples: Annotated[int, typer.Option(help=field_help("calib_samples"))] = field_default(
+        "calib_samples"
+    ),
+    calib_seq_len: Annotated[int, typer.Option(help=field_help("calib_seq_len"))] = field_default(
+        "calib_seq_len"
+    ),
+    seed: Annotated[int, typer.Option(help=field_help("seed"))] = field_default("seed"),
+    mse: Annotated[float, typer.Option(help=field_help("mse"))] = field_default("mse"),
+    compute_dtype: Annotated[str, typer.Option(help=field_help("compute_dtype"))] = field_default(
+        "compute_dtype"
+    ),
     protect_adapter: Annotated[
-        bool,
-        typer.Option(
-            help="Keep modules whose adapter delta is small vs the quantization step at 8 bits "
-            "(needs --base)."
-        ),
-    ] = False,
-    protect_ratio: Annotated[
-        float,
-        typer.Option(
-            help="Protect modules with rms(delta)/step below this (1.0: all of the demo's)."
-        ),
-    ] = 0.15,
+        bool, typer.Option(help=field_help("protect_adapter") + " Needs --base.")
+    ] = field_default("protect_adapter"),
+    protect_ratio: Annotated[float, typer.Option(help=field_help("protect_ratio"))] = field_default(
+        "protect_ratio"
+    ),
     base: Annotated[
         Path | None, typer.Option(help="Base model before merging (for --protect-adapter).")
     ] = None,
@@ -93,7 +102,7 @@ def quantize(
     if calib is not None and not calib.is_file():
         raise InputError(f"--calib {calib} does not exist; pass a .txt or .jsonl file")
     cfg = _quantize_config(
-        method=method.value, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
+        method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
         damp_percent=damp_percent, calib_path=calib, calib_samples=calib_samples,
         calib_seq_len=calib_seq_len, seed=seed, mse=mse, compute_dtype=compute_dtype,
     )  # fmt: skip

@@ -47,6 +47,9 @@ class AWQQuantizer:
     name: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
     supported_bits: ClassVar[tuple[int, ...]] = (4,)
+    packs_output_features: ClassVar[bool] = True
+    #: gptqmodel's AWQ scale search runs in half precision only.
+    compute_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16")
     #: Measured on gptqmodel 7.6.0 + transformers 5.24 (docs/benchmarks-quantize.md, Gemma-3):
     #: its AWQ calls Gemma3RotaryEmbedding without ``layer_type`` (TypeError 8 s in), and its
     #: Gemma-3 layout folds MLP scales into the wrong norm, so even a patched call would be wrong.

@@ -52,6 +52,11 @@ class Quantizer(Protocol):
     name: ClassVar[str]
     needs_calibration: ClassVar[bool]
     supported_bits: ClassVar[tuple[int, ...]]
+    packs_output_features: ClassVar[bool]
+    """True when codes are packed along the output dimension (AWQ GEMM), False along the input
+    (GPTQ): the packed width must be a multiple of the values per int32."""
+    compute_dtypes: ClassVar[tuple[str, ...]]
+    """The ``compute_dtype`` values the method runs in."""
 
     def quantize(
         self,

@@ -50,6 +50,8 @@ class GPTQQuantizer:
     name: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
     supported_bits: ClassVar[tuple[int, ...]] = (4, 8)
+    packs_output_features: ClassVar[bool] = False
+    compute_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
 
     def quantize(
         self,

@@ -35,6 +35,8 @@ class RTNQuantizer:
     name: ClassVar[str] = "rtn"
     needs_calibration: ClassVar[bool] = False
     supported_bits: ClassVar[tuple[int, ...]] = rtn_math.SUPPORTED_BITS
+    packs_output_features: ClassVar[bool] = False
+    compute_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
 
     def quantize(
         self,

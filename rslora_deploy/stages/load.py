@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_ADAPTER_FILES = ("rslora_config.json", "adapter_config.json")
-
 
 @dataclass(frozen=True)
 class ResolvedInputs:
@@ -82,11 +80,10 @@ def resolve_adapter(config: BuildConfig, is_default_base: bool) -> Path | None:
             f"adapter path {path} {what}; pass the directory holding rslora_config.json or "
             "adapter_config.json"
         )
-    if not any((path / name).is_file() for name in _ADAPTER_FILES):
-        raise InputError(
-            f"adapter directory {path} has neither rslora_config.json nor adapter_config.json; "
-            "pass an RS-LoRA v1 or PEFT adapter directory"
-        )
+    # Any registered format may claim it; the catalogue's E001 names what was expected.
+    from rslora_deploy.adapters.detect import detect_format
+
+    detect_format(path)
     return path
 
 

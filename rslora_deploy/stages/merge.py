@@ -96,20 +96,6 @@ def _base_shapes(
     return shapes
 
 
-def _vera_module_names(adapter_dir: Path) -> list[str]:
-    from rslora_deploy.adapters.peft_common import PREFIX, SAFETENSORS_NAME
-    from rslora_deploy.adapters.st_io import SafetensorsFile
-
-    keys = SafetensorsFile(adapter_dir / SAFETENSORS_NAME).keys()
-    return sorted(
-        {
-            k[len(PREFIX) :].rpartition(".")[0]
-            for k in keys
-            if k.startswith(PREFIX) and k.endswith(".vera_lambda_b")
-        }
-    )
-
-
 def write_hf_dir(model: Any, base_dir: Path, out_dir: Path) -> None:
     """save_pretrained (safetensors) plus the base's tokenizer and generation files."""
     model.save_pretrained(out_dir)
@@ -148,7 +134,7 @@ def merge_adapter(
     Raises:
         RsloraDeployError: any catalogue error (E001-E080) or a bad path; out_dir is left empty.
     """
-    from rslora_deploy.adapters.detect import load_adapter, needs_base_shapes
+    from rslora_deploy.adapters.detect import base_shapes_needed, load_adapter
     from rslora_deploy.adapters.rename import apply_renames
 
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
@@ -160,9 +146,11 @@ def merge_adapter(
     check_base_dir(base_dir)
     model = None
     rename = dict(adapter_cfg.rename)
-    if needs_base_shapes(adapter_dir) and adapter_cfg.allow_unverified_vera_regeneration:
+    # A format that regenerates from base shapes (VeRA without saved projections) names the
+    # modules; the base is then loaded once, here, and reused for the merge.
+    names = base_shapes_needed(adapter_dir)
+    if names and adapter_cfg.allow_unverified_vera_regeneration:
         model = load_base(base_dir)
-        names = _vera_module_names(adapter_dir)
         adapter = load_adapter(
             adapter_dir,
             allow_unverified_vera_regeneration=True,

@@ -37,7 +37,9 @@ def is_prequantized(model_dir: Path) -> bool:
     return quantization_config(Path(model_dir)) is not None
 
 
-def validate_shapes(linears: list[LinearSpec], cfg: QuantizeConfig, method: str) -> None:
+def validate_shapes(
+    linears: list[LinearSpec], cfg: QuantizeConfig, packs_output_features: bool = False
+) -> None:
     """Check that ``group_size`` and int32 packing fit every quantized layer.
 
     Raises:
@@ -52,7 +54,7 @@ def validate_shapes(linears: list[LinearSpec], cfg: QuantizeConfig, method: str)
                 f"quantize.group_size={cfg.group_size}; set --group-size to a divisor of every "
                 f"layer width (here {divisors[0] if divisors else -1} works for this layer)"
             )
-        packed = spec.out_features if method == "awq" else spec.in_features
+        packed = spec.out_features if packs_output_features else spec.in_features
         if packed % per_word:
             raise ConfigError(
                 f"layer {spec.name!r} width {packed} cannot be packed {per_word} values per "
@@ -100,7 +102,7 @@ def quantize_model(
         return Artifact(
             "hf-quantized", model_dir, {**summary, "prequantized": True, "seconds": 0.0}
         )
-    method = cfg.method.value
+    method = cfg.method
     handler = QUANTIZERS.get(method)()
     if cfg.bits not in handler.supported_bits:
         raise ConfigError(
@@ -110,10 +112,10 @@ def quantize_model(
     model_type = read_config(model_dir).get("model_type")
     refused = getattr(handler, "unsupported_model_types", {})
     if model_type in refused:
-        other = "gptq or rtn" if method == "awq" else "another --method"
+        others = " or ".join(n for n in QUANTIZERS.names() if n != method)
         raise UnsupportedError(
             f"method {method} cannot quantize model_type {model_type!r}: {refused[model_type]}; "
-            f"use --method {other}"
+            f"use --method {others}"
         )
     linears = decoder_linears(model_dir)
     if not linears:
@@ -121,7 +123,7 @@ def quantize_model(
             f"no nn.Linear layers in the decoder blocks of {model_dir} (GPT-2 style Conv1D "
             "layers are not supported); use a Llama, Qwen2 or Gemma-3 style model"
         )
-    validate_shapes(linears, cfg, method)
+    validate_shapes(linears, cfg, handler.packs_output_features)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise QuantizationError(f"output directory {out_dir} is not empty; pass a fresh directory")

@@ -40,7 +40,7 @@ def test_cli_overrides_beat_recipe(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text('profile = "t4-2gb"\n[quantize]\nmethod = "gptq"\n')
     config = load_recipe(recipe, **{"quantize.method": "rtn", "profile": None})
-    assert config.quantize.method.value == "rtn"
+    assert config.quantize.method == "rtn"
     assert config.profile == "t4-2gb"
 
 
