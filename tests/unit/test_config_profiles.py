@@ -95,3 +95,36 @@ def test_build_config_is_frozen() -> None:
     config = BuildConfig(profile="t4-2gb")
     with pytest.raises(Exception, match="frozen"):
         config.profile = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("export_target", "cdua", "'cpu', 'cuda' or 'npu'"),
+        ("exporter", "onnxruntime-genia", "registered: "),
+        ("kv_dtype", "fp8", "'float16', 'bfloat16' or 'float32'"),
+        ("runtime", "tensorrt", "'onnxruntime-genai', 'onnxruntime' or 'acl'"),
+        ("execution_provider", "rocm", "'cpu', 'cuda' or 'cann'"),
+    ],
+)
+def test_profile_typo_in_a_closed_field_exits_1_naming_field_and_choices(
+    tmp_path: Path, field: str, value: str, allowed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rslora_deploy.cli.app import main
+    from rslora_deploy.profiles import profiles_dir
+
+    data = tomllib.loads((profiles_dir() / "t4-2gb.toml").read_text())
+    data[field] = value
+    lines = [f"{key} = {json.dumps(val)}" for key, val in data.items()]
+    path = tmp_path / "typo.toml"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "pkg"
+
+    code = main(["build", "--profile", str(path), "--out", str(out)])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert field in err
+    assert allowed in err
+    assert "Traceback" not in err
+    assert not out.exists()
