@@ -20,6 +20,9 @@ EXPORTERS: Registry[type] = Registry("exporter")
 EXPORTERS.register_lazy(
     "onnxruntime-genai", "rslora_deploy.exporters.genai.exporter:GenaiExporter", extra="onnx"
 )
+EXPORTERS.register_lazy(
+    "ascend-om", "rslora_deploy.exporters.ascend.exporter:AscendExporter", extra="onnx"
+)
 
 
 def get_exporter(name: str) -> Exporter:

@@ -50,10 +50,17 @@ class EvaluateStage:
             if cfg.survival_threshold is not None
             else ctx.profile.survival_threshold
         )
+        runnable = ctx.exporter.cpu_runnable(artifact.path, ctx.profile, ctx.work)
+        if not (runnable / "genai_config.json").is_file():
+            # The ONNX logit evaluation reads onnxruntime-genai folders; other exporters' graphs
+            # (ascend-om: last-position logits only) are checked by their smoke test and tests.
+            logger.info(
+                "evaluate: %s is not an onnxruntime-genai folder; torch models only", runnable
+            )
         quality = evaluate_build(
             merged.path,
             quantized.path,
-            ctx.exporter.cpu_runnable(artifact.path, ctx.profile, ctx.work),
+            runnable if (runnable / "genai_config.json").is_file() else None,
             cfg,
             survival_base,
             survival_genre=genre,

@@ -232,6 +232,7 @@ def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
         f"| adapter | {(manifest['inputs'].get('adapter') or {}).get('format', 'none')} |",
         f"| quantization | {quant.get('method')} {quant.get('bits')}-bit, "
         f"group {quant.get('group_size')}, sym={quant.get('sym')} |",
+        f"| weights shipped | {(manifest.get('export') or {}).get('precision', 'see export')} |",
         f"| runtime | {manifest['profile']['runtime']} ({manifest['profile']['execution_provider']}"
         f" EP) |",
         f"| memory estimate | {budget['estimate_bytes'] / 2**20:.1f} MiB of "

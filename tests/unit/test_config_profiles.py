@@ -75,8 +75,14 @@ def test_every_profile_loads_and_is_sane() -> None:
     for profile in profiles:
         assert profile.memory_bytes == 2 * 1024**3
         assert 0 < profile.reserved_bytes < profile.memory_bytes
-        assert 4 in profile.supported_bits
-        assert profile.export_target in ("cuda", "cpu")
+        if profile.exporter == "ascend-om":
+            # An Ascend package ships fp16 weights (310P/310B run int8 at best, never int4).
+            assert profile.supported_bits == [16]
+            assert profile.export_target == "npu"
+            assert profile.soc_versions
+        else:
+            assert 4 in profile.supported_bits
+            assert profile.export_target in ("cuda", "cpu")
 
 
 def test_unknown_profile_lists_known() -> None:

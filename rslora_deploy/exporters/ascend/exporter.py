@@ -155,10 +155,33 @@ class AscendExporter:
         return Artifact("onnx-ascend", out_dir, meta)
 
     def smoke_test(self, model_dir: Path, profile: Any, work: Path) -> dict[str, Any]:
-        """Greedy generation through the shipped runner on ONNX Runtime CPU, in a child."""
+        """Greedy generation through the shipped runner on ONNX Runtime CPU, in a child.
+
+        Returns the verify stage's smoke-report fields (the KV buffer is the full max_length,
+        allocated by the runner, so the peak RSS covers it).
+        """
         from rslora_deploy.exporters.base import DEFAULT_PROMPT
 
-        return run_shipped_runner(model_dir, prompt=DEFAULT_PROMPT, max_new_tokens=24)
+        run = run_shipped_runner(model_dir, prompt=DEFAULT_PROMPT, max_new_tokens=24)
+        spec = json.loads((model_dir / "io_spec.json").read_text())
+        return {
+            "prompt": DEFAULT_PROMPT,
+            "text": run.get("text") or " ".join(map(str, run["new_ids"])),
+            "new_tokens": len(run["new_ids"]),
+            "prefill_seconds": run["prefill_seconds"],
+            "decode_tokens_per_second": run["decode_tokens_per_second"],
+            "peak_rss_bytes": int(run.get("peak_rss_bytes") or 0),
+            "kv_max_length": int(spec["max_length"]),
+            "runtime": f"shipped ascend_runner.py on {run['backend']}",
+        }
+
+    def cpu_runnable(self, model_dir: Path, profile: Any, work: Path) -> Path:
+        """``decoder.onnx`` runs on ONNX Runtime's CPU EP as shipped."""
+        return model_dir
+
+    def measurement_comparable(self, profile: Any) -> bool:
+        """No: on the CPU EP the fp16 graph runs through fp32 casts; only an NPU measures it."""
+        return False
 
     def io_bytes(self, profile: Any) -> int:
         """Activations are fp16."""

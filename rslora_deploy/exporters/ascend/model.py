@@ -195,6 +195,10 @@ class AscendDecoder(nn.Module):
         self.register_buffer("rope_sin", sin.to(torch.float16), persistent=True)
         self.register_buffer("slot_pos", torch.arange(dims.kv_len).reshape(1, -1), persistent=True)
 
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The registered buffers, typed (``nn.Module.__getattr__`` is untyped)."""
+        return self.get_buffer("rope_cos"), self.get_buffer("rope_sin"), self.get_buffer("slot_pos")
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -205,12 +209,13 @@ class AscendDecoder(nn.Module):
         """Run S new tokens against the buffer; ``past`` is ``k0, v0, k1, v1, ...``."""
         x = self.embed_tokens(input_ids)
         # embedding() exports as Gather; tensor indexing would give GatherND.
-        cos = nn.functional.embedding(position_ids, self.rope_cos).unsqueeze(1)  # [1,1,S,d]
-        sin = nn.functional.embedding(position_ids, self.rope_sin).unsqueeze(1)
+        table_cos, table_sin, slots = self._tables()
+        cos = nn.functional.embedding(position_ids, table_cos).unsqueeze(1)  # [1,1,S,d]
+        sin = nn.functional.embedding(position_ids, table_sin).unsqueeze(1)
         # Causality and padding in one fp32 comparison (CANN's LessOrEqual takes float16/float,
         # and Greater/And are avoided): a masked-out key is moved to position 2^24, beyond
         # any query. fp32 holds every integer up to 2^24 exactly.
-        key_pos = torch.cat((self.slot_pos, position_ids), dim=1).float()  # [1,KV+S]
+        key_pos = torch.cat((slots, position_ids), dim=1).float()  # [1,KV+S]
         key_pos = key_pos + (1.0 - attention_mask.float()) * float(1 << 24)
         allowed = key_pos.unsqueeze(1) <= position_ids.float().unsqueeze(2)  # [1,S,KV+S]
         grp = self.dims.group
