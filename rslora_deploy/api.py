@@ -1,7 +1,7 @@
-"""``build()``: run the pipeline load -> merge -> quantize -> export -> verify -> evaluate ->
-check_budget -> package.
+"""``build()``: run the pipeline, load -> merge -> quantize -> export -> verify -> package.
 
-Every stage follows one contract (:class:`rslora_deploy.stages.base.Stage`): artifact in,
+The full order is load, merge_adapter, quantize, export_onnx, verify, evaluate, check_budget,
+package. Every stage follows one contract (:class:`rslora_deploy.stages.base.Stage`): artifact in,
 artifact out, ``run(artifact, cfg, ctx)``. The package is assembled in a staging folder beside the
 output path and renamed into place at the end (:func:`rslora_deploy.stages.package.staged_output`);
 per-stage wall time and peak RSS go into ``reports/build.json``, which ``benchmarks/bench_build.py``

@@ -257,8 +257,11 @@ class PeftVeraFormat:
         return AdapterContents(deltas, summary, None, overrides)
 
     def base_shapes_needed(self, directory: Path) -> list[str]:
-        """Without saved projections (``save_projection=False``) regeneration needs every
-        adapted module's base shape; with them, nothing."""
+        """Modules whose base shapes regeneration needs: all of them without saved projections.
+
+        With ``save_projection=False`` the shared projections must be regenerated from the base
+        layer shapes; with saved projections nothing is needed.
+        """
         st_path = directory / peft_common.SAFETENSORS_NAME
         if not st_path.is_file():
             return []

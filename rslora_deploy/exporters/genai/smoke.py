@@ -103,4 +103,7 @@ def _child(onnx_dir: str, prompt: str, max_new_tokens: int, max_length: int) -> 
 
 
 if __name__ == "__main__":
-    print(json.dumps(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    # The parent reads the last stdout line as the report (a child process protocol, not a log).
+    sys.stdout.write(
+        json.dumps(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))) + "\n"
+    )
