@@ -57,12 +57,16 @@ def pipeline() -> list[Stage]:
     ]
 
 
-def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> BuildResult:
+def build(
+    config: BuildConfig, *, on_stage: StageCallback | None = None, cache: bool = True
+) -> BuildResult:
     """Build a deployable package from ``config``.
 
     Args:
         config: the resolved build configuration.
         on_stage: optional progress callback.
+        cache: reuse and store stage outputs in the stage cache (docs/reproducibility.md);
+            False (``--no-cache``) runs every stage and touches no cache.
 
     Returns:
         The package location, its manifest and the budget verdict. A package that does not fit
@@ -74,7 +78,9 @@ def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> Buil
     from rslora_deploy._fsutil import staged_output
     from rslora_deploy.exporters import get_exporter
     from rslora_deploy.profiles import load_profile
+    from rslora_deploy.stages.cache import StageCache
     from rslora_deploy.stages.load import LoadStage
+    from rslora_deploy.stages.resume import BuildCache
 
     profile = load_profile(config.profile)
     unset = Path()
@@ -83,6 +89,7 @@ def build(config: BuildConfig, *, on_stage: StageCallback | None = None) -> Buil
     )
     if on_stage is not None:
         ctx.on_stage = on_stage
+    ctx.cache = BuildCache(StageCache(enabled=cache))
     # Load runs before anything is created, so a wrong path fails in a second and leaves nothing.
     artifact = run_stage(LoadStage(), Artifact("request", Path.cwd()), ctx)
     with staged_output(config.out, config.overwrite) as staging:

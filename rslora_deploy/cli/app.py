@@ -83,6 +83,9 @@ def build(
         ),
     ] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip perplexity evaluation.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Run every stage; read and write no stage cache.")
+    ] = False,
     archive: Annotated[
         bool, typer.Option("--archive", help="Also write <out>.tar.gz (reproducible bytes).")
     ] = False,
@@ -110,7 +113,7 @@ def build(
         load_recipe(recipe, **overrides) if recipe else make_config(apply_overrides({}, overrides))
     )
     archive_path = _archive_target(config.out, config.overwrite) if archive else None
-    result = run_build(config, on_stage=_stage_printer(fmt))
+    result = run_build(config, on_stage=_stage_printer(fmt), cache=not no_cache)
     budget = result.budget
     if archive_path is not None:
         from rslora_deploy.archive import write_archive
@@ -415,7 +418,14 @@ def _package_model(
         result = BudgetReport.model_validate(estimate(staging / "model", view, prof))
         result.measured_cpu = measured_cpu(smoke, prof)
         (staging / "reports").mkdir()
-        write_json(staging / "reports" / "budget.json", result.to_json())
+        # As in a build: the measurement goes to build.json (nondeterministic, not hashed).
+        write_json(
+            staging / "reports" / "budget.json",
+            result.model_dump(mode="json", exclude={"measured_cpu"}),
+        )
+        write_json(
+            staging / "reports" / "build.json", {"measured_cpu": result.measured_cpu.to_json()}
+        )
         inputs = {"base": describe_dir(model, model.name), "adapter": None}
         finish_package(staging, manifest_body(prof, result, smoke, inputs))
     emit({"package": str(out), "budget": result.to_json()}, fmt, f"package: {out}")

@@ -23,6 +23,7 @@ from rslora_deploy.reports import BudgetReport, QualityReport, SmokeReport
 if TYPE_CHECKING:
     from rslora_deploy.exporters.base import Exporter
     from rslora_deploy.stages.load import ResolvedInputs
+    from rslora_deploy.stages.resume import BuildCache
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class StageContext:
         smoke: the smoke-test report (stage ``verify``).
         quality: the quality report (stage ``evaluate``; None when skipped).
         budget: the budget report (stage ``check_budget``).
+        cache: the stage cache and the keys of this build (None: every stage runs).
     """
 
     config: BuildConfig
@@ -113,6 +115,7 @@ class StageContext:
     smoke: SmokeReport | None = None
     quality: QualityReport | None = None
     budget: BudgetReport | None = None
+    cache: BuildCache | None = None
 
 
 class Stage(Protocol):
@@ -137,8 +140,11 @@ def run_stage(stage: Stage, artifact: Artifact, ctx: StageContext) -> Artifact:
     """Run one stage, measuring its time and peak RSS and reporting progress."""
     ctx.on_stage(stage.name, "start")
     logger.info("stage %s: start", stage.name)
+    from rslora_deploy.stages.resume import run_cached
+
     with measured(stage.name) as record:
-        result = stage.run(artifact, stage.section(ctx.config), ctx)
+        # A cached stage logs "stage X: cached" and restores its output instead of running.
+        result = run_cached(stage, artifact, ctx)
     ctx.records.append(record)
     ctx.artifacts[stage.name] = result
     logger.info(

@@ -178,6 +178,9 @@ class BudgetStage:
         report = BudgetReport.model_validate(estimate(artifact.path, view, ctx.profile))
         if ctx.smoke is not None:
             report.measured_cpu = measured_cpu(ctx.smoke, ctx.profile)
-        write_json(ctx.reports / "budget.json", report.to_json())
+        # The measured RSS goes to build.json (nondeterministic), not the hashed budget.json.
+        write_json(
+            ctx.reports / "budget.json", report.model_dump(mode="json", exclude={"measured_cpu"})
+        )
         ctx.budget = report
         return artifact

@@ -315,10 +315,21 @@ def manifest_body(
 
 
 def finish_package(staging: Path, body: dict[str, Any]) -> dict[str, Any]:
-    """Model card first (it is one of the files the manifest hashes), then the manifest."""
+    """Model card first (it is one of the files the manifest hashes), then the manifest.
+
+    The run's measurements (:data:`rslora_deploy.provenance.RUN_MEASUREMENTS`) are named in the
+    manifest's ``nondeterministic`` list instead of hashed (docs/reproducibility.md).
+    """
+    from rslora_deploy.provenance import RUN_MEASUREMENTS
+
     header = manifest_header()
     write_model_card(staging, {**header, **body})
-    return write_manifest(staging, body, created_utc=header.get("created_utc"))
+    return write_manifest(
+        staging,
+        body,
+        created_utc=header.get("created_utc"),
+        nondeterministic=list(RUN_MEASUREMENTS),
+    )
 
 
 def quality_summary(quality: QualityReport | None, protected: bool = False) -> dict[str, Any]:
@@ -349,17 +360,31 @@ def quality_summary(quality: QualityReport | None, protected: bool = False) -> d
 
 
 def build_report(
-    records: list[StageRecord], config: BuildConfig, profile: DeviceProfile
+    records: list[StageRecord],
+    config: BuildConfig,
+    profile: DeviceProfile,
+    budget: BudgetReport | None = None,
 ) -> dict[str, Any]:
-    """``reports/build.json``: per-stage wall time and peak RSS, with the config."""
+    """``reports/build.json``: what this run measured (stage times, peak RSS, the verify run).
+
+    Measurements vary from run to run, so they live here, a file the manifest names as
+    nondeterministic, and not in the hashed budget.json.
+    """
     return {
         "profile": profile.name,
         "stages": [
             {"name": r.name, "seconds": r.seconds, "peak_rss_bytes": r.peak_rss_bytes}
             for r in records
         ],
+        "measured_cpu": budget.measured_cpu.to_json() if budget and budget.measured_cpu else None,
         "config": config.to_json_dict(),
     }
+
+
+def content_config(config: BuildConfig) -> dict[str, Any]:
+    """The config as the manifest records it: without ``out`` and ``overwrite``, which say where
+    the package went, not what it is (two builds to different places give the same manifest)."""
+    return {k: v for k, v in config.to_json_dict().items() if k not in ("out", "overwrite")}
 
 
 class PackageStage:
@@ -375,10 +400,15 @@ class PackageStage:
         """Write build.json, drop the work dir, write the model card and the manifest."""
         if ctx.inputs is None or ctx.budget is None or ctx.smoke is None:
             raise ConfigError("package needs the load, verify and check_budget stages first")
-        write_json(ctx.reports / "build.json", build_report(ctx.records, ctx.config, ctx.profile))
+        write_json(
+            ctx.reports / "build.json",
+            build_report(ctx.records, ctx.config, ctx.profile, ctx.budget),
+        )
         quantized = ctx.artifacts["quantize"]
         if cfg.keep_quantized_checkpoint and quantized.path.is_relative_to(ctx.work):
             shutil.move(quantized.path, ctx.staging / "quantized")
+        elif cfg.keep_quantized_checkpoint and not quantized.meta.get("prequantized"):
+            shutil.copytree(quantized.path, ctx.staging / "quantized")  # from the stage cache
         shutil.rmtree(ctx.work)
         finish_package(ctx.staging, self._body(ctx))
         return Artifact("package", ctx.staging)
@@ -403,5 +433,5 @@ class PackageStage:
             quantization={k: v for k, v in quantized.meta.items() if k != "seconds"},
             export=ctx.artifacts["export_onnx"].meta,
             quality=quality_summary(ctx.quality, ctx.config.quantize.protect_adapter),
-            config=ctx.config.to_json_dict(),
+            config=content_config(ctx.config),
         )

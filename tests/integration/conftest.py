@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_stage_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One stage cache for the session, never the user's: builds of the same inputs in several
+    tests reuse each other's stages, and nothing outlives the run."""
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("stage-cache")
+        patch.setenv("RSLORA_DEPLOY_STAGE_CACHE", str(root))
+        yield root
 
 
 @pytest.fixture(scope="session")
