@@ -1,11 +1,13 @@
 """One-file packages: a ``.tar.gz`` whose bytes depend only on the content, and its extraction.
 
 Writing (:func:`write_archive`): the members are ``manifest.json`` and every file the manifest
-lists, in sorted path order, at the archive root (no top-level folder, so the bytes do not depend
-on the package's directory name; extract with ``tar xzf PKG.tar.gz -C DIR``). Every member is a
-regular file with mtime 0, uid/gid 0, no user or group name and mode 0644; the gzip header has
-mtime 0 and no file name. The same content therefore gives the same archive bytes on any machine
-with the same zlib (docs/reproducibility.md).
+hashes, in sorted path order, at the archive root (no top-level folder, so the bytes do not
+depend on the package's directory name; extract with ``tar xzf PKG.tar.gz -C DIR``). Files the
+manifest names as ``nondeterministic`` (the build run's own measurements) stay out, so two builds
+of the same inputs give the same archive. Every member is a regular file with mtime 0, uid/gid 0,
+no user or group name and mode 0644; the gzip header has mtime 0 and no file name. The same
+content therefore gives the same archive bytes on any machine with the same zlib
+(docs/reproducibility.md).
 
 Reading (:func:`extract_archive`) treats the archive as hostile: members are streamed one at a
 time and each is checked before a byte is written. Refused: absolute names, ``..`` components,
