@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rslora_deploy._fsutil import write_json
+
 logger = logging.getLogger(__name__)
 
 ENTRY = "entry.json"
@@ -170,7 +172,7 @@ class StageCache:
                 if p.is_file()
             }
             entry = {"stage": stage, "key": key, "meta": meta, "files": files}
-            (tmp / ENTRY).write_text(json.dumps(entry, indent=2, default=str) + "\n")
+            write_json(tmp / ENTRY, entry)
             if final.exists():  # an entry that failed its size check: replace it
                 shutil.rmtree(final)
             tmp.rename(final)  # the only step that makes an entry visible: atomic

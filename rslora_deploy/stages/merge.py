@@ -7,13 +7,13 @@ base model is loaded into torch, which is the slow part.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from rslora_deploy._fsutil import write_json
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.config import AdapterConfig, BuildConfig, MergeConfig, MergeDtype
 from rslora_deploy.errors import InputError, RsloraDeployError
@@ -216,7 +216,7 @@ def merge_adapter(
             "summary": _summary(stats, merge_cfg.fidelity_warn_threshold),
             "seconds": round(time.perf_counter() - started, 3),
         }
-        (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(out_dir / REPORT_NAME, report)
     except (RsloraDeployError, OSError):
         _clean(out_dir, created)
         raise

@@ -14,7 +14,6 @@ only when complete, so an interrupted or failed build never leaves half a packag
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -92,7 +91,7 @@ def write_manifest(
         "nondeterministic": named,
         "files": files,
     }
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(root / MANIFEST, manifest)
     return manifest
 
 
