@@ -72,9 +72,11 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is registered (lazy entries count; nothing is imported)."""
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
+        """The registered names, sorted (as :meth:`names`)."""
         return iter(self.names())
 
     def get(self, name: str) -> T:

@@ -6,9 +6,14 @@ a missing engine raises :class:`~rslora_deploy.errors.MissingDependencyError` wi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rslora_deploy.registry import Registry
 
-QUANTIZERS: Registry[type] = Registry("quantizer")
+if TYPE_CHECKING:
+    from rslora_deploy.quantizers.base import Quantizer
+
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
 
 QUANTIZERS.register_lazy("rtn", "rslora_deploy.quantizers.rtn:RTNQuantizer", extra="torch")
 QUANTIZERS.register_lazy("gptq", "rslora_deploy.quantizers.gptq:GPTQQuantizer", extra="gptq")

@@ -108,7 +108,7 @@ def protection_dynamic(
     max_ratio: float = DEFAULT_PROTECT_RATIO,
     bits: int = 8,
 ) -> dict[str, dict[str, Any]]:
-    """gptqmodel ``dynamic`` overrides keeping :func:`protected_modules` at ``bits``.
+    """The gptqmodel ``dynamic`` overrides keeping :func:`protected_modules` at ``bits``.
 
     The pattern is the exact module name, anchored, so nothing else matches.
     """

@@ -19,6 +19,8 @@ from rslora_deploy.config import AdapterConfig, BuildConfig, MergeConfig, MergeD
 from rslora_deploy.errors import InputError, RsloraDeployError
 
 if TYPE_CHECKING:
+    from rslora_deploy.adapters.detect import LoadedAdapter
+    from rslora_deploy.adapters.merge_math import ModuleStats
     from rslora_deploy.stages.base import StageContext
 
 logger = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ def merge_adapter(
     Raises:
         RsloraDeployError: any catalogue error (E001-E080) or a bad path; out_dir is left empty.
     """
-    from rslora_deploy.adapters.detect import base_shapes_needed, load_adapter
+    from rslora_deploy.adapters.merge_math import stats_as_dicts, verify_base
     from rslora_deploy.adapters.rename import apply_renames
 
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
@@ -144,36 +146,12 @@ def merge_adapter(
         )
     started = time.perf_counter()
     check_base_dir(base_dir)
-    model = None
     rename = dict(adapter_cfg.rename)
-    # A format that regenerates from base shapes (VeRA without saved projections) names the
-    # modules; the base is then loaded once, here, and reused for the merge.
-    names = base_shapes_needed(adapter_dir)
-    if names and adapter_cfg.allow_unverified_vera_regeneration:
-        model = load_base(base_dir)
-        adapter = load_adapter(
-            adapter_dir,
-            allow_unverified_vera_regeneration=True,
-            base_shapes=_base_shapes(model, names, rename),
-            allow_full_module_overrides=adapter_cfg.allow_full_module_overrides,
-        )
-    else:
-        adapter = load_adapter(
-            adapter_dir,
-            allow_unverified_vera_regeneration=adapter_cfg.allow_unverified_vera_regeneration,
-            allow_full_module_overrides=adapter_cfg.allow_full_module_overrides,
-        )
+    adapter, model = _load_adapter(base_dir, adapter_dir, adapter_cfg, rename)
     logger.info("adapter %s: %s, %d modules", adapter_dir, adapter.format, len(adapter.deltas))
     # Renamed only now: RSG-1 keys and P~ checksums were derived from the recorded names while
     # loading, so P~ does not depend on the map (spec 9, module renames).
     renamed = apply_renames([*adapter.deltas, *adapter.overrides], rename)
-    from rslora_deploy.adapters.merge_math import (
-        apply_overrides,
-        merge_deltas,
-        stats_as_dicts,
-        verify_base,
-    )
-
     recorded = sorted({d.recorded_name or d.name for d in adapter.deltas})
     base_check = verify_base(
         base_dir,
@@ -184,25 +162,12 @@ def merge_adapter(
     )
     if model is None:
         model = load_base(base_dir)
-    target = _torch_dtype(merge_cfg.dtype)
     created = not out_dir.exists()
     try:
-        # Overrides first (all checked before any copy), so an untied lm_head clone made by the
-        # delta merge already holds trainable-token rows written into a tied embedding.
-        copied = apply_overrides(model, adapter.overrides, adapter.deltas, untie=merge_cfg.untie)
-        stats = merge_deltas(
-            model,
-            adapter.deltas,
-            dtype=target,
-            untie=merge_cfg.untie,
-            fidelity_warn_threshold=merge_cfg.fidelity_warn_threshold,
-        )
-        if target is not None:
-            model.to(target)
-        out_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        stats, copied, out_dtype = _merge_into(model, adapter, merge_cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_hf_dir(model, base_dir, out_dir)
-        report = {
+        report: dict[str, Any] = {
             "adapter": adapter.meta,
             "base": str(base_dir),
             "base_check": base_check,
@@ -227,6 +192,13 @@ def merge_adapter(
         out_dtype,
         report["seconds"],
     )
+    return _merged_artifact(out_dir, adapter, out_dtype, report)
+
+
+def _merged_artifact(
+    out_dir: Path, adapter: LoadedAdapter, out_dtype: str, report: dict[str, Any]
+) -> Artifact:
+    """The merge stage's artifact: the HF directory with the adapter's identity and the fidelity."""
     adapter_meta = {
         k: adapter.meta.get(k)
         for k in ("format", "sha256", "modules", "trainable_parameters", "r", "k", "path")
@@ -241,6 +213,63 @@ def merge_adapter(
             "max_relative_merge_error": report["summary"]["max_relative_merge_error"],
         },
     )
+
+
+def _load_adapter(
+    base_dir: Path, adapter_dir: Path, adapter_cfg: AdapterConfig, rename: dict[str, str]
+) -> tuple[LoadedAdapter, Any]:
+    """Load the adapter, and the base model too when the adapter needs its layer shapes.
+
+    A format that regenerates from base shapes (VeRA without saved projections) names the
+    modules; the base is then loaded once, here, and reused for the merge.
+
+    Returns:
+        (the adapter, the loaded base model or None when it was not needed yet).
+    """
+    from rslora_deploy.adapters.detect import base_shapes_needed, load_adapter
+
+    names = base_shapes_needed(adapter_dir)
+    if names and adapter_cfg.allow_unverified_vera_regeneration:
+        model = load_base(base_dir)
+        adapter = load_adapter(
+            adapter_dir,
+            allow_unverified_vera_regeneration=True,
+            base_shapes=_base_shapes(model, names, rename),
+            allow_full_module_overrides=adapter_cfg.allow_full_module_overrides,
+        )
+        return adapter, model
+    adapter = load_adapter(
+        adapter_dir,
+        allow_unverified_vera_regeneration=adapter_cfg.allow_unverified_vera_regeneration,
+        allow_full_module_overrides=adapter_cfg.allow_full_module_overrides,
+    )
+    return adapter, None
+
+
+def _merge_into(
+    model: Any, adapter: LoadedAdapter, merge_cfg: MergeConfig
+) -> tuple[list[ModuleStats], list[dict[str, Any]], str]:
+    """Copy the overrides, merge the deltas and cast the model to the merge dtype.
+
+    Returns:
+        (per-weight merge statistics, the copied overrides' report rows, the model's dtype name).
+    """
+    from rslora_deploy.adapters.merge_math import apply_overrides, merge_deltas
+
+    target = _torch_dtype(merge_cfg.dtype)
+    # Overrides first (all checked before any copy), so an untied lm_head clone made by the
+    # delta merge already holds trainable-token rows written into a tied embedding.
+    copied = apply_overrides(model, adapter.overrides, adapter.deltas, untie=merge_cfg.untie)
+    stats = merge_deltas(
+        model,
+        adapter.deltas,
+        dtype=target,
+        untie=merge_cfg.untie,
+        fidelity_warn_threshold=merge_cfg.fidelity_warn_threshold,
+    )
+    if target is not None:
+        model.to(target)
+    return stats, copied, str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _summary(stats: list[Any], threshold: float) -> dict[str, Any]:
