@@ -380,8 +380,11 @@ def build_report(
 
 
 def content_config(config: BuildConfig) -> dict[str, Any]:
-    """The config as the manifest records it: without ``out`` and ``overwrite``, which say where
-    the package went, not what it is (two builds to different places give the same manifest)."""
+    """The config as the manifest records it, without ``out`` and ``overwrite``.
+
+    Those two say where the package went, not what it is: two builds to different places give the
+    same manifest.
+    """
     return {k: v for k, v in config.to_json_dict().items() if k not in ("out", "overwrite")}
 
 
