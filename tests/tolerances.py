@@ -34,6 +34,9 @@ FP32_STORAGE_ATOL = 1e-7
 #: An RS-LoRA adapter exported to PEFT (float32 A and s*B) and merged again: two float32-rounded
 #: factors multiplied and summed over r terms, relative to dW.
 FP32_EXPORT_RTOL = 1e-5
+#: A difference of float32 constants against its exact value (1.01f - 1 vs 0.01): 1.01 is stored
+#: to 2^-24 relative, and subtracting 1 magnifies that 100x (measured 9.5e-7).
+FP32_DIFFERENCE_RTOL = 1e-5
 #: Logits of a 2-layer tiny model along two fp32 paths (merged weights vs on-the-fly adapter or
 #: PEFT's forward): roundings add up over layers; relative to the logits' scale.
 FP32_LOGITS_RTOL = 1e-5
