@@ -231,3 +231,33 @@ class AscendDecoder(nn.Module):
         else:
             logits = self.lm_head(last)
         return (logits, *new)
+
+
+def greedy_reference(
+    decoder: AscendDecoder, prompt: list[int], steps: int, tie_relative: float = 2.0**-9
+) -> tuple[list[int], list[bool]]:
+    """Greedy tokens of ``decoder`` in PyTorch, recomputing the whole sequence every step.
+
+    The reference the shipped runner is checked against: no buffer append, no padding, no
+    gears. A masked buffer slot contributes exactly nothing (its score is the fp16 minimum), so
+    the decoder may be built with any ``max_length`` that covers the positions.
+
+    Returns:
+        The tokens, and per step whether the best two logits tie within ``tie_relative`` of
+        the best (then the argmax is decided by fp16 rounding, not by the model).
+    """
+    dims = decoder.dims
+    kv = torch.zeros(1, dims.kv_heads, dims.kv_len, dims.head_dim, dtype=torch.float16)
+    ids, out, ties = list(prompt), list[int](), list[bool]()
+    with torch.no_grad():
+        for _ in range(steps):
+            mask = torch.zeros(1, dims.kv_len + len(ids), dtype=torch.long)
+            mask[0, dims.kv_len :] = 1
+            pos = torch.arange(len(ids)).reshape(1, -1)
+            logits = decoder(torch.tensor([ids]), mask, pos, *([kv] * 2 * dims.layers))[0]
+            row = logits[0, 0].float()
+            top = torch.topk(row, 2).values
+            ties.append(bool(top[0] - top[1] <= tie_relative * abs(top[0]) + 1e-4))
+            out.append(int(row.argmax()))
+            ids.append(out[-1])
+    return out, ties

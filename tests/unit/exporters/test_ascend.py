@@ -17,6 +17,7 @@ from rslora_deploy.config import ExportConfig
 from rslora_deploy.errors import ConfigError, UnsupportedError
 from rslora_deploy.exporters.ascend import atc, op_lint
 from rslora_deploy.exporters.ascend.exporter import AscendExporter, run_shipped_runner
+from rslora_deploy.exporters.ascend.model import greedy_reference
 from rslora_deploy.exporters.ascend.weights import build_decoder
 from rslora_deploy.profiles import load_profile
 from rslora_deploy.testing.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_qwen2
@@ -46,28 +47,6 @@ def exported(request, tmp_path_factory):
     profile = load_profile("ascend-310p-2gb")
     art = AscendExporter().export(Artifact("hf", src), root / "model", cfg, profile, root / "x.log")
     return request.param, model, src, art
-
-
-def _torch_greedy(decoder, prompt: list[int], steps: int) -> tuple[list[int], list[bool]]:
-    """Reference: the exported module itself, recomputing the whole sequence every step.
-
-    Returns the tokens and, per step, whether the best two logits tie within two fp16 ulps
-    (then the argmax is decided by rounding, not by the model).
-    """
-    ids, out, ties = list(prompt), [], []
-    dims = decoder.dims
-    kv = [torch.zeros(1, dims.kv_heads, KV, dims.head_dim, dtype=torch.float16)] * (2 * dims.layers)
-    with torch.no_grad():
-        for _ in range(steps):
-            mask = torch.zeros(1, KV + len(ids), dtype=torch.long)
-            mask[0, KV:] = 1
-            pos = torch.arange(len(ids)).reshape(1, -1)
-            logits = decoder(torch.tensor([ids]), mask, pos, *kv)[0][0, 0].float()
-            top = torch.topk(logits, 2).values
-            ties.append(bool(top[0] - top[1] <= tol.ASCEND_TIE_RELATIVE * abs(top[0]) + 1e-4))
-            out.append(int(logits.argmax()))
-            ids.append(out[-1])
-    return out, ties
 
 
 def _runner_module(model_dir: Path):
@@ -112,7 +91,7 @@ def test_runner_greedy_tokens_match_pytorch(exported):
     for prompt in _prompts(decoder.dims.vocab):
         got = run_shipped_runner(art.path, ids=prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         assert len(got["new_ids"]) == NEW_TOKENS
-        want, ties = _torch_greedy(decoder, prompt, NEW_TOKENS)
+        want, ties = greedy_reference(decoder, prompt, NEW_TOKENS, tol.ASCEND_TIE_RELATIVE)
         diff = next(
             (i for i, (a, b) in enumerate(zip(got["new_ids"], want, strict=False)) if a != b), None
         )
@@ -243,3 +222,43 @@ def test_lint_flags_bf16_and_opset_ranges(tmp_path):
     axes = onnx.helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], name="mean")
     errors = _lint(_graph([axes], opset=17), tmp_path).errors
     assert any("opsets 8-16" in e["reason"] for e in errors), errors
+
+
+def test_budget_stage_uses_the_ascend_terms_and_flags_over_budget(exported):
+    _, _, src, art = exported
+    from rslora_deploy.model_view import model_view
+    from rslora_deploy.stages.budget import estimate
+
+    view = model_view(src)
+    profile = load_profile("ascend-310p-2gb")
+    report = estimate(art.path, view, profile)
+    terms = report["terms_bytes"]
+    assert terms["weights"] == (art.path / "decoder.onnx").stat().st_size
+    assert terms == {
+        "weights": terms["weights"],
+        **AscendExporter().budget_terms(view, profile),
+        "reserved": profile.reserved_bytes,
+    }
+    assert report["fits"]
+    tight = profile.model_copy(update={"memory_bytes": report["estimate_bytes"] - 1})
+    assert not estimate(art.path, view, tight)["fits"]
+
+
+def test_cli_build_over_budget_exits_3_with_an_ascend_package(tiny_dir, tmp_path):
+    """The whole build through the ascend-om exporter on the tiny model; 1 MiB cannot fit."""
+    from rslora_deploy.cli.app import main
+
+    text = (Path(load_profile.__code__.co_filename).parent / "device_profiles"
+            / "ascend-310p-2gb.toml").read_text()  # fmt: skip
+    text = text.replace("memory_bytes = 2147483648", "memory_bytes = 1048576")
+    profile = tmp_path / "tiny-ascend.toml"
+    profile.write_text(text.replace("reserved_bytes = 314572800", "reserved_bytes = 0"))
+    out = tmp_path / "pkg"
+    argv = ["build", "--profile", str(profile), "--base", str(tiny_dir), "--no-adapter",
+            "--method", "rtn", "--group-size", "64", "--no-eval", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export"]["exporter"] == "ascend-om"
+    assert not manifest["budget"]["fits"]
+    assert json.loads((out / "reports" / "op_lint.json").read_text())["passed"]
+    assert (out / "model" / "runner" / "ascend_runner.py").is_file()
