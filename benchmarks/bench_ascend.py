@@ -10,6 +10,7 @@ same run, greedy decoding of the same prompt with the same number of new tokens;
 what the docs quote. Each generation runs in its own process.
 
 Usage: python benchmarks/bench_ascend.py [--work /tmp/bench-ascend] [--new-tokens 64]
+       [--profiles ascend-310p-2gb ascend-310b-2gb]
 Results: benchmarks/results/ascend.json and lines on stdout.
 """
 
@@ -104,13 +105,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-ascend"))
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--profiles",
+        nargs="+",
+        default=["ascend-310p-2gb", "ascend-310b-2gb"],
+        help="Ascend profiles",
+    )
     args = parser.parse_args()
     from rslora_deploy.data.assets import default_base_dir
     from rslora_deploy.exporters.ascend.exporter import run_shipped_runner
 
     base = default_base_dir()
     result: dict[str, Any] = {"machine": describe(), "profiles": []}
-    for name in ("ascend-310p-2gb", "ascend-310b-2gb"):
+    for name in args.profiles:
         row = export_profile(base, name, args.work / name)
         model_dir = args.work / name / "model"
         runs = [
