@@ -217,8 +217,15 @@ class ExportConfig(_Section):
     )
     max_length: int | None = Field(
         default=None,
+        gt=0,
         description="Context length written to genai_config.json; None takes the profile's "
         "max_seq_len.",
+    )
+    last_token_logits: bool = Field(
+        default=True,
+        description="Ship a graph whose prefill returns the last position's logits only "
+        "(builder prune_lm_head): the logits buffer is vocab x io_bytes instead of "
+        "max_length x vocab x io_bytes. Evaluation reads full logits from an unshipped view.",
     )
     protected_layout: ProtectedLayout = Field(
         default="auto",

@@ -39,6 +39,7 @@ class ModelView:
     intermediate: int
     tie_word_embeddings: bool
     quantization: dict[str, Any] | None
+    context_length: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -124,4 +125,67 @@ def model_view(model_dir: Path) -> ModelView:
         intermediate=intermediate,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         quantization=config.get("quantization_config"),
+        context_length=_context_length(config),
     )
+
+
+def _context_length(config: dict[str, Any]) -> int | None:
+    """The longest context the model was trained for (None when the config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "context_length"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def view_from_genai(onnx_dir: Path) -> ModelView:
+    """The view of an onnxruntime-genai folder without ``config.json`` (its genai_config.json).
+
+    genai_config has no intermediate size: it is read from the graph's first MLP up projection
+    (``MatMulNBits`` attribute ``N``), else 4 * hidden stands in.
+
+    Raises:
+        InputError: an unreadable genai_config.json, or one missing a size.
+    """
+    from rslora_deploy.untrusted import read_json
+
+    path = Path(onnx_dir) / "genai_config.json"
+    data = read_json(path, "genai config", fix="re-export the model")
+    try:
+        cfg, dec = data["model"], data["model"]["decoder"]
+        sizes = {
+            key: _positive_int(source[key], key, 1 << 24, path.parent)
+            for source, key in (
+                (dec, "hidden_size"), (dec, "num_hidden_layers"), (dec, "num_attention_heads"),
+                (dec, "num_key_value_heads"), (dec, "head_size"), (cfg, "vocab_size"),
+            )
+        }  # fmt: skip
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"{path} lacks {exc}; re-export the model") from None
+    hidden = sizes["hidden_size"]
+    return ModelView(
+        architecture=str(cfg.get("type")), model_type=str(cfg.get("type")), hidden=hidden,
+        layers=sizes["num_hidden_layers"], heads=sizes["num_attention_heads"],
+        kv_heads=sizes["num_key_value_heads"], head_dim=sizes["head_size"],
+        vocab=sizes["vocab_size"], intermediate=_graph_intermediate(onnx_dir) or 4 * hidden,
+        tie_word_embeddings=False, quantization=None, context_length=_context_length(cfg),
+    )  # fmt: skip
+
+
+def _graph_intermediate(onnx_dir: Path) -> int | None:
+    """The MLP width from the exported graph: ``N`` of layer 0's up projection."""
+    path = Path(onnx_dir) / "model.onnx"
+    if not path.is_file():
+        return None
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - an unreadable graph only loses this refinement
+        return None
+    for node in graph.node:
+        if node.name.startswith("/model/layers.0/mlp/") and "up_proj" in node.name:
+            for attr in node.attribute:
+                if attr.name == "N":
+                    return int(attr.i)
+    return None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rslora_deploy.config import validation_message
 from rslora_deploy.errors import ConfigError
@@ -67,6 +68,44 @@ class KvDtype(str, Enum):
 _KV_BYTES = {KvDtype.FLOAT16: 2, KvDtype.BFLOAT16: 2, KvDtype.FLOAT32: 4}
 
 
+class ReservedMeasurement(BaseModel):
+    """One measured runtime context cost: the device, driver and runtime it was read on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = Field(min_length=1, description="Device the reading was taken on.")
+    driver: str = Field(description="Driver / firmware version (empty for a CPU).")
+    runtime: str = Field(min_length=1, description="Runtime and provider versions.")
+    date: str = Field(min_length=1, description="When (YYYY-MM or YYYY-MM-DD).")
+    bytes: int = Field(gt=0, description="Context + provider cost read on that device.")
+    method: str = Field(min_length=1, description="How it was read (NVML, VmHWM, ...).")
+
+
+class ReservedSource(BaseModel):
+    """Where a profile's ``reserved_bytes`` comes from: a measurement, or an allowance that says so.
+
+    ``kind = "measured"`` needs at least one row in ``measurements`` and ``reserved_bytes`` no
+    smaller than the largest row; ``kind = "allowance"`` is a guess and the budget report says so.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["measured", "allowance"] = Field(
+        description="measured (rows below) or allowance (not measured on this device)."
+    )
+    note: str = Field(min_length=1, description="One line: why this number.")
+    measurements: list[ReservedMeasurement] = Field(
+        default_factory=list,
+        description="Readings of the runtime's context-only cost (also on other devices).",
+    )
+
+    @model_validator(mode="after")
+    def _measured_has_rows(self) -> ReservedSource:
+        if self.kind == "measured" and not self.measurements:
+            raise ValueError("kind 'measured' needs at least one [[reserved_source.measurements]]")
+        return self
+
+
 class DeviceProfile(BaseModel):
     """Memory budget and runtime limits of one deployment target.
 
@@ -93,6 +132,37 @@ class DeviceProfile(BaseModel):
     memory_bytes: int = Field(gt=0, description="Memory the deployed model may use, in bytes.")
     reserved_bytes: int = Field(
         ge=0, description="Runtime overhead charged before weights: context, kernels, workspace."
+    )
+    reserved_source: ReservedSource = Field(
+        description="Where reserved_bytes comes from: measured (device, driver, date) or an "
+        "allowance, stated as such."
+    )
+    model_slack: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Extra share charged on the model-dependent terms (weights, kv_cache, "
+        "logits, activations) for what the runtime allocates beyond them (arena rounding, "
+        "workspaces), from a measurement on this runtime (docs/budget.md).",
+    )
+    load_factor: float = Field(
+        default=1.0,
+        ge=1,
+        le=10,
+        description="Peak memory while loading the model, per byte of weights (initializers read, "
+        "then prepacked copies made before the originals are freed), measured on this runtime.",
+    )
+    activation_factor: float = Field(
+        default=1.0,
+        gt=0,
+        le=10,
+        description="Measured prefill activation bytes per token over the formula's "
+        "(4*hidden + 3*intermediate) * io_bytes, on this runtime.",
+    )
+    attention_scores: bool = Field(
+        default=True,
+        description="Charge one layer's fp32 attention scores (heads * max_length^2 * 4); false "
+        "where the runtime was measured not to materialize them (peak linear in max_length).",
     )
     supported_bits: list[int] = Field(description="Weight bit widths the runtime executes.")
     max_seq_len: int = Field(gt=0, description="Context length the KV cache is sized for.")
@@ -132,6 +202,17 @@ class DeviceProfile(BaseModel):
                 f"unknown exporter {value!r}; registered: {', '.join(EXPORTERS.names())}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _reserved_covers_measurement(self) -> DeviceProfile:
+        if self.reserved_source.kind == "measured":
+            worst = max(m.bytes for m in self.reserved_source.measurements)
+            if self.reserved_bytes < worst:
+                raise ValueError(
+                    f"reserved_bytes {self.reserved_bytes} is below the measured context cost "
+                    f"{worst}; raise reserved_bytes to at least the measurement"
+                )
+        return self
 
     @property
     def kv_bytes_per_element(self) -> int:

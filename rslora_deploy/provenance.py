@@ -36,6 +36,15 @@ RUN_MEASUREMENTS: tuple[dict[str, str], ...] = (
         "why": "measurements of this build run: wall time and peak RSS per stage, and the peak "
         "RSS and decode speed of the verify run; they vary with machine load",
     },
+    {
+        "path": "reports/budget.measured.json",
+        "why": "the worst-case memory probe's readings (peak RSS or device memory) and the "
+        "machine they were read on",
+    },
+    {
+        "path": "reports/budget.html",
+        "why": "draws the measured worst-case peak beside the estimate",
+    },
 )
 
 

@@ -56,7 +56,21 @@ class BudgetReport(_Report):
     formula: str
     notes: str = ""
     weights_source: str = ""
-    measured_cpu: MeasuredCpu | None = None
+    reserved_source: dict[str, Any] | None = Field(
+        default=None, description="Where reserved_bytes comes from (measured rows or allowance)."
+    )
+    measured: dict[str, Any] | None = Field(
+        default=None,
+        description="Status of the worst-case measurement and where its readings are "
+        "(reports/budget.measured.json); the readings stay out of budget.json.",
+    )
+    solver: dict[str, Any] | None = Field(
+        default=None, description="When over budget: what fits and the changes that would."
+    )
+    solver_summary: str = ""
+    measured_cpu: MeasuredCpu | None = Field(
+        default=None, description="Older packages: the smoke run's peak RSS (replaced by measured)."
+    )
 
 
 class QualityReport(_Report):

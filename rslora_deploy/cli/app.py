@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from rslora_deploy._fsutil import staged_output, write_json
-from rslora_deploy.cli import adapter_cmds, cache_cmds, quantize_cmds
+from rslora_deploy.cli import adapter_cmds, budget_cmd, cache_cmds, quantize_cmds
 from rslora_deploy.cli._errors import EXIT_OVER_BUDGET, EXIT_USAGE, report
 from rslora_deploy.cli._output import OutputFormat, emit
 
@@ -126,6 +126,8 @@ def build(
         f"{budget.budget_bytes / 2**20:.0f} MiB ({config.profile}): "
         f"{'fits' if result.fits else 'OVER BUDGET'}"
     )
+    if budget.solver_summary:
+        text += f"\n{budget.solver_summary} (reports/budget.json: solver)"
     quality = result.manifest.get("quality") or {}
     warning = quality.get("adapter_survival_warning")
     if warning:
@@ -199,68 +201,6 @@ def export(
         )
         (staging.parent / f".{staging.name}.log").unlink(missing_ok=True)
     print(out)
-
-
-@app.command()
-def budget(
-    path: Annotated[
-        Path, typer.Argument(help="A package, an ONNX folder, or a HF model dir (dry).")
-    ],
-    profile: Annotated[str, typer.Option(help="Profile to check against.")],
-    bits: Annotated[int, typer.Option(help="Dry estimate: weight bits.")] = 4,
-    group_size: Annotated[int, typer.Option(help="Dry estimate: group size.")] = 64,
-    fmt: Annotated[
-        OutputFormat, typer.Option("--format", help="text or json.")
-    ] = OutputFormat.TEXT,
-) -> None:
-    """Memory estimate against a profile: measured for a built package, predicted for a HF model."""
-    from rslora_deploy.errors import InputError
-    from rslora_deploy.model_view import model_view
-    from rslora_deploy.profiles import load_profile
-    from rslora_deploy.stages.budget import estimate, estimate_from_weights, predict_weight_bytes
-
-    prof = load_profile(profile)
-    onnx_dir = path / "model" if (path / "model").is_dir() else path
-    if (onnx_dir / "genai_config.json").is_file():
-        view = (
-            model_view(onnx_dir)
-            if (onnx_dir / "config.json").is_file()
-            else _view_from_genai(onnx_dir)
-        )
-        result = estimate(onnx_dir, view, prof)
-    elif (path / "config.json").is_file():
-        view = model_view(path)
-        predicted = predict_weight_bytes(view, bits, group_size, prof)
-        result = estimate_from_weights(sum(predicted.values()), view, prof)
-        result["weights_source"] = f"predicted for int{bits} g{group_size}: {predicted}"
-    else:
-        raise InputError(
-            f"{path} is neither a package, an onnxruntime-genai folder nor a Hugging "
-            "Face model directory; pass the output of `rslora-deploy build` or a model"
-        )
-    text = "\n".join(
-        [f"{k:12s} {v / 2**20:10.1f} MiB" for k, v in result["terms_bytes"].items()]
-        + [
-            f"{'total':12s} {result['estimate_bytes'] / 2**20:10.1f} MiB of "
-            f"{result['budget_bytes'] / 2**20:.0f} MiB: {'fits' if result['fits'] else 'OVER'}"
-        ]
-    )
-    emit(result, fmt, text)
-    if not result["fits"]:
-        raise typer.Exit(EXIT_OVER_BUDGET)
-
-
-def _view_from_genai(onnx_dir: Path) -> Any:
-    from rslora_deploy.model_view import ModelView
-
-    cfg = json.loads((onnx_dir / "genai_config.json").read_text())["model"]
-    dec = cfg["decoder"]
-    return ModelView(
-        architecture=cfg["type"], model_type=cfg["type"], hidden=dec["hidden_size"],
-        layers=dec["num_hidden_layers"], heads=dec["num_attention_heads"],
-        kv_heads=dec["num_key_value_heads"], head_dim=dec["head_size"], vocab=cfg["vocab_size"],
-        intermediate=4 * dec["hidden_size"], tie_word_embeddings=False, quantization=None,
-    )  # fmt: skip
 
 
 @app.command()
@@ -397,9 +337,12 @@ def _package_model(
 
     from rslora_deploy.errors import InputError
     from rslora_deploy.exporters import get_exporter
+    from rslora_deploy.memory.report import finish_build_report
+    from rslora_deploy.memory.solver import Layout
+    from rslora_deploy.model_view import view_from_genai
     from rslora_deploy.profiles import load_profile
     from rslora_deploy.reports import BudgetReport, SmokeReport
-    from rslora_deploy.stages.budget import estimate, measured_cpu
+    from rslora_deploy.stages.budget import estimate
     from rslora_deploy.stages.package import describe_dir, finish_package, manifest_body
 
     prof = load_profile(profile)
@@ -414,18 +357,13 @@ def _package_model(
             smoke = SmokeReport.model_validate(
                 exporter.smoke_test(staging / "model", prof, Path(tmp))
             )
-        view = _view_from_genai(staging / "model")
-        result = BudgetReport.model_validate(estimate(staging / "model", view, prof))
-        result.measured_cpu = measured_cpu(smoke, prof)
+        view = view_from_genai(staging / "model")
+        budget = estimate(staging / "model", view, prof)
         (staging / "reports").mkdir()
-        # As in a build: the measurement goes to build.json (nondeterministic, not hashed).
-        write_json(
-            staging / "reports" / "budget.json",
-            result.model_dump(mode="json", exclude={"measured_cpu"}),
-        )
-        write_json(
-            staging / "reports" / "build.json", {"measured_cpu": result.measured_cpu.to_json()}
-        )
+        layout = Layout(budget["terms_bytes"]["weights"])
+        finish_build_report(staging / "model", view, prof, budget, staging / "reports", layout)
+        result = BudgetReport.model_validate(budget)
+        write_json(staging / "reports" / "budget.json", result.to_json())
         inputs = {"base": describe_dir(model, model.name), "adapter": None}
         finish_package(staging, manifest_body(prof, result, smoke, inputs))
     emit({"package": str(out), "budget": result.to_json()}, fmt, f"package: {out}")
@@ -472,6 +410,7 @@ def assets_fetch(
 adapter_cmds.register(app)
 quantize_cmds.register(app)
 cache_cmds.register(app)
+budget_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

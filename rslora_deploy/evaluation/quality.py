@@ -192,12 +192,24 @@ def onnx_logits(onnx_dir: Path) -> LogitFn:
     """
     import onnxruntime as ort
 
+    from rslora_deploy.exporters.genai.last_token_logits import (
+        full_logits_graph,
+        session_from_bytes,
+    )
+
     path = Path(onnx_dir) / "model.onnx"
     if not path.is_file():
         raise InputError(f"{path} not found; pass an onnxruntime-genai model folder")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    # A shipped last-token graph returns one position; perplexity reads every position from the
+    # same weights through an in-memory full-logits graph (exporters/genai/last_token_logits.py).
+    full = full_logits_graph(Path(onnx_dir))
+    if full is None:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    else:
+        session = session_from_bytes(full, Path(onnx_dir), options, providers)
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
     past = {}
     for item in session.get_inputs():

@@ -10,6 +10,7 @@ line in :mod:`rslora_deploy.exporters` (docs/DESIGN.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -22,6 +23,28 @@ if TYPE_CHECKING:
 
 #: The prompt every exporter's smoke test generates from (the package's model card shows the text).
 DEFAULT_PROMPT = "The capital of France is"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a package's runtime is sized for: the budget's inputs beyond the model and profile.
+
+    Attributes:
+        max_length: context length the KV cache is allocated for.
+        batch: concurrent sequences.
+        last_token_logits: the graph returns the last position's logits only during prefill.
+        float_lm_head: lm_head is a float MatMul (not int4).
+    """
+
+    max_length: int
+    batch: int
+    last_token_logits: bool = True
+    float_lm_head: bool = True
+
+    @classmethod
+    def of(cls, profile: DeviceProfile, last_token_logits: bool = True) -> Shape:
+        """The profile's own max_seq_len and batch size."""
+        return cls(profile.max_seq_len, profile.batch_size, last_token_logits)
 
 
 class Exporter(Protocol):
@@ -62,11 +85,14 @@ class Exporter(Protocol):
     def io_bytes(self, profile: DeviceProfile) -> int:
         """Bytes per activation element of the exported graph."""
 
-    def budget_terms(self, view: ModelView, profile: DeviceProfile) -> dict[str, int]:
+    def budget_terms(
+        self, view: ModelView, profile: DeviceProfile, *, shape: Shape | None = None
+    ) -> dict[str, int]:
         """Memory the graph allocates at run time besides its weights and the reserved term.
 
-        Keys are term names (``kv_cache``, ``logits``, ``activations``...), values bytes at the
-        profile's ``max_seq_len`` and ``batch_size``; docs/budget.md gives each formula.
+        Keys are term names (``kv_cache``, ``logits``, ``activations``...), values bytes at
+        ``shape`` (the package's max_length, batch and logits layout; default the profile's);
+        docs/budget.md gives each formula.
         """
 
     def measurement_comparable(self, profile: DeviceProfile) -> bool:

@@ -157,6 +157,25 @@ def package_files(root: Path) -> tuple[list[str], list[str]]:
     return sorted(files), problems
 
 
+def record_files(root: Path, paths: list[Path]) -> None:
+    """Add or refresh ``paths`` (files under ``root``) in an existing package's manifest.
+
+    For reports written after the build (``budget --measure``, ``reports/budget.html``): only
+    those entries change, so any other file that differs from the manifest still fails
+    :func:`verify_manifest`.
+    """
+    manifest_path = root / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    unhashed = {e["path"] for e in manifest.get("nondeterministic", [])}
+    fresh = {p.resolve().relative_to(root.resolve()).as_posix(): p for p in paths}
+    fresh = {rel: p for rel, p in fresh.items() if rel not in unhashed}  # named, never hashed
+    entries = [e for e in manifest["files"] if e["path"] not in fresh]
+    for rel, path in fresh.items():
+        entries.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    manifest["files"] = sorted(entries, key=lambda e: e["path"])
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def verify_manifest(root: Path) -> list[str]:
     """Problems found re-hashing a package against its manifest (empty list: intact).
 

@@ -187,9 +187,12 @@ class AscendExporter:
         """Activations are fp16."""
         return 2
 
-    def budget_terms(self, view: Any, profile: Any, cfg: Any = None) -> dict[str, int]:
+    def budget_terms(
+        self, view: Any, profile: Any, cfg: Any = None, *, shape: Any = None
+    ) -> dict[str, int]:
         """kv_cache, logits, activations of this graph (module docstring has the formulas)."""
-        kv = getattr(cfg, "max_length", None) or profile.max_seq_len
+        kv = getattr(cfg, "max_length", None) or getattr(shape, "max_length", None)
+        kv = kv or profile.max_seq_len
         gear = max(getattr(cfg, "gears", None) or DEFAULT_GEARS)
         per_token = view.layers * 2 * view.kv_heads * view.head_dim * 2
         return {

@@ -53,6 +53,8 @@ def builder_command(
 ) -> list[str]:
     """The builder command line for one export (kept separate so tests can inspect it)."""
     extra = [f"accuracy_level={cfg.accuracy_level}"]
+    if cfg.last_token_logits:
+        extra.append("prune_lm_head=true")  # exporters/genai/last_token_logits.py
     if not cfg.lm_head_int4:
         extra.append("nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather")
         if tied_embeddings:
@@ -128,6 +130,7 @@ def export_onnx(
             if cfg.lm_head_int4
             else ("full precision, shared with lm_head" if tied else "full precision"),
             "max_length": max_length,
+            "logits": "last position" if cfg.last_token_logits else "every position",
             "protected_8bit": protected,
         },
     )

@@ -1,17 +1,23 @@
 """The ``onnxruntime-genai`` exporter: int4 ``MatMulNBits`` + ``GroupQueryAttention`` + KV cache.
 
 It wraps the onnxruntime-genai model builder (:mod:`.builder`), its smoke test (:mod:`.smoke`)
-and the memory its graph allocates at run time. The budget terms (docs/budget.md):
+and the memory its graph allocates at run time. The budget terms (docs/budget.md), at the
+package's shape (max_length L, batch B):
 
-    kv_cache    = batch * layers * 2 * kv_heads * head_dim * max_seq_len * kv_bytes
-                  (onnxruntime-genai preallocates the cache to max_length: stack-notes measured
-                   69 MB growth from 512 to 2048 tokens on SmolLM2 against 70.8 MB by this formula)
-    logits      = batch * max_seq_len * vocab * io_bytes     (a full-context prefill's logits)
-    activations = batch * max_seq_len * (4 * hidden + 3 * intermediate) * io_bytes
-                  + batch * heads * max_seq_len**2 * 4       (one layer's fp32 attention scores,
-                                                              upper bound: fused kernels use less)
+    lm_head_prepack = V * H * io           cpu target with a float lm_head: onnxruntime's MLAS
+                                           keeps a prepacked copy of a constant MatMul weight
+    kv_cache    = B * layers * 2 * kv_heads * head_dim * L * io
+                  (the builder writes past/present in the graph's io dtype; onnxruntime-genai
+                   preallocates them to max_length: stack-notes measured 69 MB growth from 512
+                   to 2048 tokens on SmolLM2 against 70.8 MB by this formula)
+    logits      = B * V * io          (last-token graph, builder prune_lm_head: the default)
+                  B * L * V * io      (a graph returning every position)
+    activations = activation_factor * B * L * (4 * H + 3 * intermediate) * io
+                  + B * heads * L**2 * 4   (one layer's fp32 attention scores, unless the
+                                            profile's runtime was measured not to keep them)
 
-io_bytes is 2 for an fp16-activation (cuda) graph and 4 for a cpu one.
+io is 2 for an fp16-activation (cuda) graph and 4 for a cpu one; activation_factor and
+attention_scores are the profile's measured runtime coefficients.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from rslora_deploy.exporters.base import kv_cache_bytes
+from rslora_deploy.exporters.base import Shape
 from rslora_deploy.exporters.genai.fused import FUSED_GROUPS
 from rslora_deploy.profiles import ExportTarget
 
@@ -70,14 +76,21 @@ class GenaiExporter:
         """fp16 activations on CUDA, fp32 on CPU."""
         return 2 if profile.export_target == ExportTarget.CUDA else 4
 
-    def budget_terms(self, view: ModelView, profile: DeviceProfile) -> dict[str, int]:
-        """KV cache, prefill logits and activations at the profile's max_seq_len (module doc)."""
-        seq, batch, io = profile.max_seq_len, profile.batch_size, self.io_bytes(profile)
+    def budget_terms(
+        self, view: ModelView, profile: DeviceProfile, *, shape: Shape | None = None
+    ) -> dict[str, int]:
+        """lm_head prepack, KV cache, prefill logits and activations at ``shape`` (module doc)."""
+        shape = shape or Shape.of(profile)
+        seq, batch, io = shape.max_length, shape.batch, self.io_bytes(profile)
+        kv = batch * view.layers * 2 * view.kv_heads * view.head_dim * seq
+        prepack = profile.export_target == ExportTarget.CPU and shape.float_lm_head
+        linear = batch * seq * (4 * view.hidden + 3 * view.intermediate) * io
+        scores = batch * view.heads * seq * seq * 4 if profile.attention_scores else 0
         return {
-            "kv_cache": kv_cache_bytes(view, profile),
-            "logits": batch * seq * view.vocab * io,
-            "activations": batch * seq * (4 * view.hidden + 3 * view.intermediate) * io
-            + batch * view.heads * seq * seq * 4,
+            "lm_head_prepack": view.vocab * view.hidden * io if prepack else 0,
+            "kv_cache": kv * io,
+            "logits": batch * (1 if shape.last_token_logits else seq) * view.vocab * io,
+            "activations": round(profile.activation_factor * linear) + scores,
         }
 
     def measurement_comparable(self, profile: DeviceProfile) -> bool:

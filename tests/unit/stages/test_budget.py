@@ -36,9 +36,9 @@ def test_kv_cache_matches_stack_notes_measurement() -> None:
 
 
 def test_estimate_terms_by_hand(tmp_path: Path) -> None:
-    (tmp_path / "model.onnx").write_bytes(b"\0" * 1000)
+    (tmp_path / "model.onnx").write_bytes(b"\0" * 1000)  # unreadable graph: every position
     (tmp_path / "model.onnx.data").write_bytes(b"\0" * 24)
-    (tmp_path / "genai_config.json").write_text("{}")
+    (tmp_path / "genai_config.json").write_text('{"search": {"max_length": 2048}}')
     profile = load_profile("t4-2gb")
     report = estimate(tmp_path, SMOL, profile)
     terms = report["terms_bytes"]
@@ -46,9 +46,20 @@ def test_estimate_terms_by_hand(tmp_path: Path) -> None:
     assert terms["kv_cache"] == 1 * 30 * 2 * 3 * 64 * 2048 * 2
     assert terms["logits"] == 2048 * 49152 * 2
     assert terms["activations"] == 2048 * (4 * 576 + 3 * 1536) * 2 + 9 * 2048 * 2048 * 4
+    model = terms["weights"] + terms["kv_cache"] + terms["logits"] + terms["activations"]
+    assert terms["slack"] == round(profile.model_slack * model)
     assert terms["reserved"] == profile.reserved_bytes
     assert report["estimate_bytes"] == sum(terms.values())
     assert report["fits"] is (report["estimate_bytes"] <= 2 * 1024**3)
+    assert report["reserved_source"]["kind"] == "allowance"
+
+
+def test_estimate_follows_the_package_max_length(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx.data").write_bytes(b"\0" * 24)
+    (tmp_path / "genai_config.json").write_text('{"search": {"max_length": 512}}')
+    report = estimate(tmp_path, SMOL, load_profile("cpu-2gb"))
+    assert report["inputs"]["max_seq_len"] == 512
+    assert report["terms_bytes"]["kv_cache"] == 30 * 2 * 3 * 64 * 512 * 4  # fp32 KV on cpu
 
 
 @settings(max_examples=50, deadline=None)

@@ -1,0 +1,164 @@
+"""The memory estimate: does an exported model fit a device profile's memory?
+
+Used by stage ``check_budget``, ``rslora-deploy budget`` and the solver. The estimate is a sum of
+documented terms (docs/budget.md), each computed from the artifact or the model config:
+
+    weights     = bytes of model.onnx + its external data file(s)          (measured on disk)
+    runtime     = what the profile's exporter says its graph allocates at the package's shape
+                  (``Exporter.budget_terms``: kv_cache, logits, activations...; the
+                   onnxruntime-genai formulas are in rslora_deploy/exporters/genai/exporter.py)
+    slack       = profile.model_slack * (weights + runtime terms)
+                  (what the runtime allocates beyond the terms, measured per runtime)
+    load_transient = max(0, profile.load_factor * weights - (all of the above))
+                  (loading peaks above the run: initializers read, then prepacked copies made
+                   before the originals are freed; measured per runtime)
+    reserved    = the profile's runtime context (measured, or an allowance that says so)
+
+    total = sum of the terms = reserved + max(load peak, run peak);  fits = total <= memory
+
+This is the same arithmetic as nanoGPT's ``estimate_mfu``: a formula with its inputs printed, so a
+reader can check every term. The stage asks the exporter, never the target string, so a second
+exporter brings its own terms.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rslora_deploy.exporters.base import Shape
+from rslora_deploy.model_view import ModelView
+from rslora_deploy.profiles import DeviceProfile
+
+if TYPE_CHECKING:
+    from rslora_deploy.exporters.base import Exporter
+
+MODEL_FILE_SUFFIXES = (".onnx", ".data", ".onnx_data")
+
+
+def weight_bytes(onnx_dir: Path) -> int:
+    """Bytes of the ONNX graph and its external weight files."""
+    return sum(
+        p.stat().st_size for p in Path(onnx_dir).iterdir()
+        if p.is_file() and p.name.endswith(MODEL_FILE_SUFFIXES)
+    )  # fmt: skip
+
+
+def exporter_of(profile: DeviceProfile) -> Exporter:
+    """The profile's registered exporter."""
+    from rslora_deploy.exporters import get_exporter
+
+    return get_exporter(profile.exporter)
+
+
+def io_bytes(profile: DeviceProfile) -> int:
+    """Bytes per activation element of the graph the profile's exporter writes."""
+    return exporter_of(profile).io_bytes(profile)
+
+
+def package_shape(onnx_dir: Path, profile: DeviceProfile) -> Shape:
+    """What an exported folder is sized for: its genai_config max_length, its graph's logits."""
+    from rslora_deploy.exporters.genai.last_token_logits import lm_head_is_float, logits_positions
+
+    config_path = Path(onnx_dir) / "genai_config.json"
+    max_length = profile.max_seq_len
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        max_length = int(config.get("search", {}).get("max_length") or max_length)
+    graph = (Path(onnx_dir) / "model.onnx").is_file()
+    last = graph and logits_positions(onnx_dir) == "last"
+    return Shape(max_length, profile.batch_size, last, not graph or lm_head_is_float(onnx_dir))
+
+
+def estimate(onnx_dir: Path, view: ModelView, profile: DeviceProfile) -> dict[str, Any]:
+    """The budget report of an exported model (weights measured on disk, shape read from it)."""
+    report = estimate_from_weights(
+        weight_bytes(onnx_dir), view, profile, package_shape(onnx_dir, profile)
+    )
+    report["weights_source"] = "measured: bytes of the exported ONNX files"
+    return report
+
+
+def estimate_from_weights(
+    weights: int, view: ModelView, profile: DeviceProfile, shape: Shape | None = None
+) -> dict[str, Any]:
+    """The budget report: every term, the total, the budget and the verdict."""
+    shape = shape or Shape.of(profile)
+    exporter = exporter_of(profile)
+    terms = {"weights": weights, **exporter.budget_terms(view, profile, shape=shape)}
+    terms["slack"] = round(profile.model_slack * sum(terms.values()))
+    run_peak = sum(terms.values())
+    # Loading can peak above the run (initializers read, then prepacked copies made before the
+    # originals are freed): the model part is max(load peak, run peak), written as an excess.
+    terms["load_transient"] = max(0, round(profile.load_factor * weights) - run_peak)
+    terms["reserved"] = profile.reserved_bytes
+    total = sum(terms.values())
+    return {
+        "profile": profile.name,
+        "fits": total <= profile.memory_bytes,
+        "budget_bytes": profile.memory_bytes,
+        "estimate_bytes": total,
+        "headroom_bytes": profile.memory_bytes - total,
+        "terms_bytes": terms,
+        "inputs": {
+            "batch_size": shape.batch,
+            "max_seq_len": shape.max_length,
+            "logits_positions": "last" if shape.last_token_logits else "all",
+            "kv_dtype": profile.kv_dtype.value,
+            "io_bytes": exporter.io_bytes(profile),
+            "model_slack": profile.model_slack,
+            "load_factor": profile.load_factor,
+            "activation_factor": profile.activation_factor,
+            "attention_scores": profile.attention_scores,
+            "float_lm_head": shape.float_lm_head,
+            **{k: v for k, v in view.to_dict().items() if type(v) is int},
+        },
+        "reserved_source": profile.reserved_source.model_dump(mode="json"),
+        "formula": "reserved + max(load_factor * weights, (1 + model_slack) * (weights + "
+        "kv_cache + logits + activations)) <= memory_bytes (docs/budget.md)",
+        "notes": profile.notes,
+    }
+
+
+def decoder_linear_params(view: ModelView) -> int:
+    """Weights of the quantized decoder projections (Llama family: q, k, v, o, gate, up, down)."""
+    attn = view.hidden * view.head_dim * (2 * view.heads + 2 * view.kv_heads)
+    mlp = 3 * view.hidden * view.intermediate
+    return view.layers * (attn + mlp)
+
+
+def predict_weight_bytes(
+    view: ModelView,
+    bits: int,
+    group_size: int,
+    profile: DeviceProfile,
+    lm_head_int4: bool = False,
+    context_length: int = 8192,
+) -> dict[str, int]:
+    """Predict the exported ONNX weight bytes before quantizing (``rslora-deploy budget --model``).
+
+    Mirrors what the onnxruntime-genai builder writes for a GPTQ/AWQ checkpoint:
+
+        projections  = P * bits/8 + P/g * (scale_bytes + bits/8)         (MatMulNBits, zero points)
+        lm_head      = V*H * io_bytes, or V*H/2 + V*H/32 * scale_bytes (int4, block 32)
+        embedding    = 0 when tied (the builder shares lm_head's table), else as lm_head
+        rope_cache   = 2 * context_length * head_dim/2 * io_bytes          (cos and sin tables)
+        norms        = (2*layers + 1) * H * io_bytes
+
+    with P = decoder projection weights, g = group size, V = vocab, H = hidden, and scales stored
+    in the activation dtype (fp16 for a cuda target, fp32 for cpu).
+    """
+    io = io_bytes(profile)
+    params = decoder_linear_params(view)
+    group = group_size if group_size > 0 else view.hidden
+    vocab_hidden = view.vocab * view.hidden
+    int4_table = vocab_hidden // 2 + vocab_hidden // 32 * io
+    lm_head = int4_table if lm_head_int4 else vocab_hidden * io
+    return {
+        "projections": params * bits // 8 + params // group * io + params // group * bits // 8,
+        "embedding": 0 if view.tie_word_embeddings else lm_head,
+        "lm_head": lm_head,
+        "rope_cache": 2 * context_length * (view.head_dim // 2) * io,
+        "norms": (2 * view.layers + 1) * view.hidden * io,
+    }
