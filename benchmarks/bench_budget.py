@@ -81,22 +81,19 @@ def time_profile_all() -> dict[str, float]:
 
 def logits_terms() -> dict[str, int]:
     """Qwen2.5-0.5B at max_length 2048 on cpu-2gb: logits term with every position vs last."""
-    from dataclasses import replace
-
+    from rslora_deploy.exporters.base import Shape
+    from rslora_deploy.memory.estimate import exporter_of
     from rslora_deploy.model_view import model_view
     from rslora_deploy.profiles import load_profile
-    from rslora_deploy.stages.budget import Shape, runtime_terms
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(QWEN_05B))
         view = model_view(Path(tmp))
     profile = load_profile("cpu-2gb")
-    shape = Shape(2048, 1, last_token_logits=False)
+    terms = exporter_of(profile).budget_terms
     return {
-        "every_position": runtime_terms(view, profile, shape)["logits"],
-        "last_position": runtime_terms(view, profile, replace(shape, last_token_logits=True))[
-            "logits"
-        ],
+        "every_position": terms(view, profile, shape=Shape(2048, 1, False))["logits"],
+        "last_position": terms(view, profile, shape=Shape(2048, 1, True))["logits"],
     }
 
 
@@ -141,8 +138,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/budget.json"))
     args = parser.parse_args()
     package = args.package or build_demo(Path(tempfile.mkdtemp()) / "demo-cpu-2gb")
+    timing, logits = time_profile_all(), logits_terms()  # cheap ones first
     rows = measure_lengths(package, args.lengths)
-    timing, logits = time_profile_all(), logits_terms()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "profile_all_timing": timing,
                                     "qwen05b_logits": logits}, indent=2) + "\n")  # fmt: skip

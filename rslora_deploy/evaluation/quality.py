@@ -192,7 +192,7 @@ def onnx_logits(onnx_dir: Path) -> LogitFn:
     """
     import onnxruntime as ort
 
-    from rslora_deploy.exporters.genai.last_token_logits import (
+    from rslora_deploy.last_token_logits import (
         full_logits_graph,
         session_from_bytes,
     )
@@ -204,7 +204,7 @@ def onnx_logits(onnx_dir: Path) -> LogitFn:
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     # A shipped last-token graph returns one position; perplexity reads every position from the
-    # same weights through an in-memory full-logits graph (exporters/genai/last_token_logits.py).
+    # same weights through an in-memory full-logits graph (rslora_deploy/last_token_logits.py).
     full = full_logits_graph(Path(onnx_dir))
     if full is None:
         session = ort.InferenceSession(str(path), options, providers=providers)

@@ -59,7 +59,7 @@ def io_bytes(profile: DeviceProfile) -> int:
 
 def package_shape(onnx_dir: Path, profile: DeviceProfile) -> Shape:
     """What an exported folder is sized for: its genai_config max_length, its graph's logits."""
-    from rslora_deploy.exporters.genai.last_token_logits import lm_head_is_float, logits_positions
+    from rslora_deploy.last_token_logits import lm_head_is_float, logits_positions
 
     config_path = Path(onnx_dir) / "genai_config.json"
     max_length = profile.max_seq_len

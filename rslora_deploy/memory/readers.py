@@ -155,7 +155,7 @@ def _import_torch_npu() -> Any:
         import torch_npu  # noqa: F401  (registers torch.npu)
     except (ImportError, RuntimeError) as exc:
         raise MissingDependencyError(f"torch_npu is installed but does not load: {exc}") from None
-    return torch.npu
+    return torch.npu  # type: ignore[attr-defined]  # registered by torch_npu
 
 
 def device_present(kind: str) -> bool:

@@ -54,7 +54,7 @@ def builder_command(
     """The builder command line for one export (kept separate so tests can inspect it)."""
     extra = [f"accuracy_level={cfg.accuracy_level}"]
     if cfg.last_token_logits:
-        extra.append("prune_lm_head=true")  # exporters/genai/last_token_logits.py
+        extra.append("prune_lm_head=true")  # rslora_deploy/last_token_logits.py
     if not cfg.lm_head_int4:
         extra.append("nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather")
         if tied_embeddings:

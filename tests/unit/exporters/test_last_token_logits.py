@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rslora_deploy.exporters.genai.last_token_logits import full_logits_graph, logits_positions
+from rslora_deploy.last_token_logits import full_logits_graph, logits_positions
 
 PROMPTS = (
     "The capital of France is",
@@ -63,6 +63,12 @@ def llama_exports(tmp_path_factory: pytest.TempPathFactory, rtn_dir: Path) -> tu
     return _export(rtn_dir, root / "last", True), _export(rtn_dir, root / "full", False)
 
 
+def _vocab(onnx_dir: Path) -> int:
+    import json
+
+    return int(json.loads((onnx_dir / "genai_config.json").read_text())["model"]["vocab_size"])
+
+
 def _prefill_logits_shape_and_greedy(onnx_dir: Path, prompt: str) -> tuple[tuple[int, ...], list]:
     import onnxruntime_genai as og
 
@@ -87,7 +93,7 @@ def test_llama_prefill_returns_one_position_and_greedy_is_identical(
     for prompt in PROMPTS:
         shape_last, tokens_last = _prefill_logits_shape_and_greedy(last, prompt)
         shape_full, tokens_full = _prefill_logits_shape_and_greedy(full, prompt)
-        assert shape_last == (1, 1, 49152)
+        assert shape_last == (1, 1, _vocab(last))
         assert shape_full[1] > 1
         assert tokens_last == tokens_full, prompt
 
@@ -105,7 +111,7 @@ def test_full_logits_graph_matches_the_full_export(
     assert full_logits_graph(last) is not None
     ids = np.arange(3, 40, dtype=np.int64)
     from_last, from_full = onnx_logits(last)(ids), onnx_logits(full)(ids)
-    assert from_last.shape == (len(ids), 49152)
+    assert from_last.shape == (len(ids), _vocab(last))
     np.testing.assert_allclose(from_last, from_full, rtol=0, atol=1e-5)
     # Through a cpu_view's symlinks too (how the build evaluates a CUDA-target package).
     view = cpu_view(last, tmp_path / "view")
@@ -130,11 +136,11 @@ def test_estimate_logits_term_is_vocab_io_batch(
     else:
         onnx_dir, quantized = _export(qwen2_rtn, tmp_path / "qwen2", True), qwen2_rtn
     shape, _ = _prefill_logits_shape_and_greedy(onnx_dir, PROMPTS[0])
-    assert shape == (1, 1, 49152)
     view = model_view(quantized)
+    assert shape == (1, 1, view.vocab)
     assert view.model_type == arch
     profile = load_profile("cpu-2gb")
     for batch in (1, 4):
         report = estimate(onnx_dir, view, profile.model_copy(update={"batch_size": batch}))
         assert report["inputs"]["logits_positions"] == "last"
-        assert report["terms_bytes"]["logits"] == 49152 * 4 * batch  # vocab x io_bytes x batch
+        assert report["terms_bytes"]["logits"] == view.vocab * 4 * batch  # vocab x io x batch
