@@ -116,14 +116,17 @@ def test_build_config_is_frozen() -> None:
 def test_profile_typo_in_a_closed_field_exits_1_naming_field_and_choices(
     tmp_path: Path, field: str, value: str, allowed: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import re
+
     from rslora_deploy.cli.app import main
     from rslora_deploy.profiles import profiles_dir
 
-    data = tomllib.loads((profiles_dir() / "t4-2gb.toml").read_text())
-    data[field] = value
-    lines = [f"{key} = {json.dumps(val)}" for key, val in data.items()]
+    text = (profiles_dir() / "t4-2gb.toml").read_text()
+    # Replace the one top-level line, keeping the file's tables ([reserved_source]) intact.
+    typo = re.sub(rf"^{field} = .*$", f"{field} = {json.dumps(value)}", text, flags=re.M)
+    assert tomllib.loads(typo)[field] == value
     path = tmp_path / "typo.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(typo)
     out = tmp_path / "pkg"
 
     code = main(["build", "--profile", str(path), "--out", str(out)])
