@@ -72,12 +72,12 @@ def lm_head_is_float(onnx_dir: Path) -> bool:
 
 
 def full_logits_graph(onnx_dir: Path) -> bytes | None:
-    """The folder's graph rewritten to return logits for every position, serialized; None when
-    its graph already does.
+    """The folder's graph rewritten to return logits for every position (None: it already does).
 
-    The prune ``Gather``/``Unsqueeze`` are bypassed (``lm_head`` reads the final norm's output) and
-    the logits shape restored. The bytes reference the folder's external weights by their
-    relative names: open them with :func:`session_from_bytes`, never write them into the folder.
+    Serialized bytes. The prune ``Gather``/``Unsqueeze`` are bypassed (``lm_head`` reads the final
+    norm's output) and the logits shape restored. The bytes reference the folder's external weights
+    by their relative names: open them with :func:`session_from_bytes`, never write them into the
+    folder.
     """
     if logits_positions(onnx_dir) == "all":
         return None

@@ -134,8 +134,11 @@ class DeviceProfile(BaseModel):
         ge=0, description="Runtime overhead charged before weights: context, kernels, workspace."
     )
     reserved_source: ReservedSource = Field(
+        default_factory=lambda: ReservedSource(
+            kind="allowance", note="source not stated in the profile: treat it as a guess"
+        ),
         description="Where reserved_bytes comes from: measured (device, driver, date) or an "
-        "allowance, stated as such."
+        "allowance, stated as such. A profile that says nothing is reported as an allowance.",
     )
     model_slack: float = Field(
         default=0.0,

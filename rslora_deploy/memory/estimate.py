@@ -80,18 +80,32 @@ def estimate(onnx_dir: Path, view: ModelView, profile: DeviceProfile) -> dict[st
     return report
 
 
+def _runtime_terms(
+    exporter: Exporter, view: ModelView, profile: DeviceProfile, shape: Shape
+) -> dict[str, int]:
+    """The exporter's terms at ``shape`` (an exporter without ``shape`` gets the profile's)."""
+    import inspect
+
+    if "shape" in inspect.signature(exporter.budget_terms).parameters:
+        return exporter.budget_terms(view, profile, shape=shape)
+    return exporter.budget_terms(view, profile)
+
+
 def estimate_from_weights(
     weights: int, view: ModelView, profile: DeviceProfile, shape: Shape | None = None
 ) -> dict[str, Any]:
     """The budget report: every term, the total, the budget and the verdict."""
     shape = shape or Shape.of(profile)
     exporter = exporter_of(profile)
-    terms = {"weights": weights, **exporter.budget_terms(view, profile, shape=shape)}
-    terms["slack"] = round(profile.model_slack * sum(terms.values()))
+    terms = {"weights": weights, **_runtime_terms(exporter, view, profile, shape)}
+    if profile.model_slack:
+        terms["slack"] = round(profile.model_slack * sum(terms.values()))
     run_peak = sum(terms.values())
     # Loading can peak above the run (initializers read, then prepacked copies made before the
     # originals are freed): the model part is max(load peak, run peak), written as an excess.
-    terms["load_transient"] = max(0, round(profile.load_factor * weights) - run_peak)
+    load_excess = round(profile.load_factor * weights) - run_peak
+    if load_excess > 0:
+        terms["load_transient"] = load_excess
     terms["reserved"] = profile.reserved_bytes
     total = sum(terms.values())
     return {

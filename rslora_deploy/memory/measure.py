@@ -33,6 +33,7 @@ from rslora_deploy.profiles import DeviceProfile
 logger = logging.getLogger(__name__)
 
 MEASURED_REPORT = "budget.measured.json"
+GENAI_EXPORTER = "onnxruntime-genai"
 DEVICE_WORDS = {"cpu": "a CPU", "cuda": "an NVIDIA GPU (NVML)", "npu": "an Ascend NPU (torch_npu)"}
 
 ProbeFn = Callable[[dict[str, Any]], dict[str, Any]]
@@ -158,6 +159,11 @@ def compare(measured: dict[str, Any], estimate: dict[str, Any]) -> dict[str, Any
 def measure_or_explain(onnx_dir: Path, profile: DeviceProfile) -> dict[str, Any]:
     """The build's measurement: measured when the profile's device is here, else why not."""
     kind = profile.device.value
+    if profile.exporter != GENAI_EXPORTER or not (onnx_dir / "genai_config.json").is_file():
+        return not_measured(
+            profile, f"the worst-case probe runs onnxruntime-genai packages; exporter "
+            f"{profile.exporter!r} ships another runtime's folder"
+        )  # fmt: skip
     if not device_present(kind):
         return not_measured(
             profile, f"no {kind} device on the build machine; run `rslora-deploy budget PACKAGE "

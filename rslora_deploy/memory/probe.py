@@ -152,4 +152,4 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1:])))
+    sys.stdout.write(json.dumps(main(sys.argv[1:])) + "\n")

@@ -1,5 +1,4 @@
-"""What fits: the largest max_length and batch under a profile's budget, and the smallest changes
-that make an over-budget model fit.
+"""What fits: the largest max_length and batch under a budget, and changes that would fit.
 
 Every term of the estimate (``memory/estimate.py``) grows monotonically with max_length and batch,
 so "the largest that fits" is a binary search over the same arithmetic the budget report prints;

@@ -14,6 +14,7 @@ only when complete, so an interrupted or failed build never leaves half a packag
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
