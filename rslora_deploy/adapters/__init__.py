@@ -9,10 +9,14 @@ format test table (docs/DESIGN.md).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rslora_deploy.registry import Registry
 
-ADAPTER_FORMATS: Registry[type] = Registry("adapter format")
+if TYPE_CHECKING:
+    from rslora_deploy.adapters.base import AdapterFormat
+
+ADAPTER_FORMATS: Registry[type[AdapterFormat]] = Registry("adapter format")
 
 ADAPTER_FORMATS.register_lazy("rslora-v1", "rslora_deploy.adapters.rslora_v1:RsloraV1Format")
 ADAPTER_FORMATS.register_lazy("peft-lora", "rslora_deploy.adapters.peft_lora:PeftLoraFormat")

@@ -53,8 +53,7 @@ def file_hashes(directory: Path) -> dict[str, str]:
 
 
 def _format(name: str) -> AdapterFormat:
-    handler: AdapterFormat = ADAPTER_FORMATS.get(name)()
-    return handler
+    return ADAPTER_FORMATS.get(name)()
 
 
 def detect_format(directory: Path) -> str:

@@ -15,7 +15,7 @@ from rslora_deploy.registry import Registry
 if TYPE_CHECKING:
     from rslora_deploy.exporters.base import Exporter
 
-EXPORTERS: Registry[type] = Registry("exporter")
+EXPORTERS: Registry[type[Exporter]] = Registry("exporter")
 
 EXPORTERS.register_lazy(
     "onnxruntime-genai", "rslora_deploy.exporters.genai.exporter:GenaiExporter", extra="onnx"
@@ -32,8 +32,7 @@ def get_exporter(name: str) -> Exporter:
         UnsupportedError: unknown name (the message lists the registered ones).
         MissingDependencyError: its backend is not installed.
     """
-    exporter: Exporter = EXPORTERS.get(name)()
-    return exporter
+    return EXPORTERS.get(name)()
 
 
 __all__ = ["EXPORTERS", "get_exporter"]
