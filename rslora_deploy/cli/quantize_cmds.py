@@ -139,7 +139,10 @@ def _protection(base: Path, model: Path, cfg: Any, ratio: float) -> tuple[Any, d
 def eval_cmd(
     model: Annotated[Path, typer.Option(help="Full-precision (merged) HF model: the reference.")],
     quantized: Annotated[Path | None, typer.Option(help="Quantized HF checkpoint.")] = None,
-    onnx: Annotated[Path | None, typer.Option(help="onnxruntime-genai model folder.")] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(help="onnxruntime-genai model folder (alone or with --quantized)."),
+    ] = None,
     base: Annotated[
         Path | None, typer.Option(help="Base model before merging: adds adapter survival.")
     ] = None,
@@ -157,7 +160,11 @@ def eval_cmd(
         OutputFormat, typer.Option("--format", help="text or json.")
     ] = OutputFormat.TEXT,
 ) -> None:
-    """Perplexity, greedy agreement, ONNX-vs-PyTorch logit error and adapter survival."""
+    """Perplexity, greedy agreement, ONNX-vs-PyTorch logit error and adapter survival.
+
+    Any of --quantized and --onnx may be given; each is compared with --model. The models are
+    evaluated one at a time, so memory holds one model plus one window's logits.
+    """
     from rslora_deploy.config import EvalConfig
     from rslora_deploy.evaluation.quality import evaluate_build, evaluate_models
 
@@ -165,13 +172,16 @@ def eval_cmd(
     for path, flag in ((quantized, "--quantized"), (onnx, "--onnx"), (base, "--base")):
         if path is not None and not Path(path).is_dir():
             raise InputError(f"{flag} {path} is not a directory")
-    if onnx is not None and quantized is None:
-        raise ConfigError("--onnx needs --quantized (the ONNX model is compared with it)")
+    if base is not None and quantized is None and onnx is None:
+        raise ConfigError(
+            "--base adds adapter survival, which is measured on a quantized model; "
+            "pass --quantized or --onnx too"
+        )
     try:
         eval_cfg = EvalConfig(windows=windows, window_len=window_len)
     except ValueError as exc:
         raise ConfigError(f"invalid eval option: {exc}") from None
-    if quantized is None:
+    if quantized is None and onnx is None:
         report = evaluate_models({"merged": model}, "merged", windows, window_len)
     else:
         report = evaluate_build(

@@ -20,25 +20,23 @@ All models run in lockstep over the same windows, one window at a time, so memor
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rslora_deploy.errors import InputError, RsloraDeployError
-from rslora_deploy.evaluation.metrics import log_softmax, target_nll
+from rslora_deploy.evaluation.sequence import LogitFn, SurvivalSpec, evaluate_sequence
 
 logger = logging.getLogger(__name__)
 
 #: The build's gate between the ONNX int4 model and the PyTorch quantized model it came from
 #: (stack-notes measured 0.006-0.014 for the onnxruntime-genai builder on SmolLM2).
 ONNX_LOGIT_ERROR_LIMIT = 0.02
-
-LogitFn = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -148,39 +146,71 @@ def dequantized_gptq_model(model_dir: Path) -> Any:
 
     Each layer's bits follow from its tensors (``32 * qweight.shape[0] / len(g_idx)``), so
     per-module ``dynamic`` overrides (``--protect-adapter``) are honoured. Kernel-independent:
-    no bf16 rounding of activations, unlike gptqmodel's CPU kernels.
+    no bf16 rounding of activations, unlike gptqmodel's CPU kernels. Tensors are read and
+    dequantized one layer at a time straight into the model's parameters (built without random
+    initialisation), so loading costs the fp32 model and one layer, not two copies of it.
+
+    Raises:
+        InputError: the checkpoint's tensors do not fit the model its config describes.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from rslora_deploy.quantizers import rtn_math
-    from rslora_deploy.quantizers.checkpoint import load_tensors
+    from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_tensors(model_dir)
-    state: dict[str, Any] = {}
-    for key, value in tensors.items():
-        if key.endswith(".qweight"):
-            layer = key[: -len(".qweight")]
-            g_idx = tensors[f"{layer}.g_idx"]
-            bits = 32 * value.shape[0] // len(g_idx)
-            packed = rtn_math.PackedGPTQ(
-                value, tensors[f"{layer}.qzeros"], tensors[f"{layer}.scales"], g_idx
-            )
-            state[f"{layer}.weight"] = torch.from_numpy(rtn_math.dequantize_gptq(packed, bits))
-        elif not key.endswith((".qzeros", ".scales", ".g_idx")):
-            state[key] = torch.from_numpy(np.ascontiguousarray(value)).float()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    params = model.state_dict()
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    for name, value in _gptq_state(Path(model_dir)):
+        if name not in params:
+            unexpected.append(name)
+            continue
+        with torch.no_grad():
+            params[name].copy_(torch.from_numpy(value))
+        filled.add(name)
+    missing = [k for k in params if k not in filled and not k.endswith("lm_head.weight")]
+    if unexpected or missing:
         raise InputError(
             f"{model_dir}: checkpoint tensors do not fit the model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]})"
         )
     model.tie_weights()
     return model.eval()
+
+
+def _gptq_state(model_dir: Path) -> Any:
+    """Yield ``(state-dict name, float32 array)``: GPTQ layers dequantized, the rest as stored."""
+    import contextlib
+
+    import torch
+    from safetensors import safe_open
+
+    from rslora_deploy.quantizers import rtn_math
+    from rslora_deploy.quantizers.checkpoint import weight_files
+
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(p, framework="pt")) for p in weight_files(model_dir)]
+        where = {key: handle for handle in files for key in handle.keys()}  # noqa: SIM118
+
+        def get(key: str) -> np.ndarray:
+            tensor = where[key].get_tensor(key)
+            return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+        for key in where:
+            if key.endswith(".qweight"):
+                layer = key[: -len(".qweight")]
+                g_idx = get(f"{layer}.g_idx")
+                packed = rtn_math.PackedGPTQ(
+                    get(key), get(f"{layer}.qzeros"), get(f"{layer}.scales"), g_idx
+                )
+                bits = 32 * packed.qweight.shape[0] // len(g_idx)
+                yield f"{layer}.weight", rtn_math.dequantize_gptq(packed, bits)
+            elif not key.endswith((".qzeros", ".scales", ".g_idx")):
+                yield key, np.ascontiguousarray(get(key), dtype=np.float32)
 
 
 def onnx_logits(onnx_dir: Path) -> LogitFn:
@@ -239,65 +269,20 @@ def _genai_head_size(onnx_dir: Path) -> int:
     return int(data["model"]["decoder"]["head_size"])
 
 
-@dataclass
-class _Acc:
-    nll: float = 0.0
-    count: int = 0
-    agree: int = 0
-
-
 def run_lockstep(
     models: dict[str, LogitFn],
     text: EvalText,
     reference: str | None,
     pairs: list[tuple[str, str]],
-    on_window: Callable[[dict[str, np.ndarray], np.ndarray], None] | None = None,
+    survival: Sequence[SurvivalSpec] = (),
 ) -> dict[str, Any]:
-    """Run every model on every window; accumulate NLL, agreement and pairwise logit error.
+    """Evaluate logit functions that are already in memory (see :func:`evaluate_sequence`).
 
-    Args:
-        models: name -> logit function.
-        text: the windows.
-        reference: the model greedy agreement is measured against (None: no agreement).
-        pairs: ``(a, b)`` pairs for ``relative_logit_error(a vs b)``.
-        on_window: called with each window's logits and token ids (survival statistics hook).
+    For models that should not all sit in memory at once, pass loaders to
+    :func:`~rslora_deploy.evaluation.sequence.evaluate_sequence` instead.
     """
-    accs = {name: _Acc() for name in models}
-    diff2 = dict.fromkeys(pairs, 0.0)
-    ref2 = dict.fromkeys(pairs, 0.0)
-    seconds = dict.fromkeys(models, 0.0)
-    for ids in text.input_ids:
-        logits: dict[str, np.ndarray] = {}
-        for name, fn in models.items():
-            start = time.perf_counter()
-            logits[name] = fn(ids)
-            seconds[name] += time.perf_counter() - start
-            logp = log_softmax(logits[name][:-1])
-            accs[name].nll += target_nll(logp, ids[1:])
-            accs[name].count += len(ids) - 1
-        if reference is not None:
-            ref_arg = logits[reference][:-1].argmax(-1)
-            for name in models:
-                accs[name].agree += int((logits[name][:-1].argmax(-1) == ref_arg).sum())
-        for a, b in pairs:
-            diff2[(a, b)] += float(np.square(logits[a] - logits[b], dtype=np.float64).sum())
-            ref2[(a, b)] += float(np.square(logits[b], dtype=np.float64).sum())
-        if on_window is not None:
-            on_window(logits, ids)
-    result: dict[str, Any] = {"models": {}}
-    for name, acc in accs.items():
-        entry = {
-            "perplexity": math.exp(acc.nll / acc.count),
-            "mean_nll": acc.nll / acc.count,
-            "seconds": round(seconds[name], 2),
-        }
-        if reference is not None:
-            entry["greedy_agreement"] = acc.agree / acc.count
-        result["models"][name] = entry
-    result["relative_logit_error"] = {
-        f"{a}_vs_{b}": math.sqrt(diff2[(a, b)] / ref2[(a, b)]) for a, b in pairs
-    }
-    return result
+    loaders = {name: (lambda fn=fn: fn) for name, fn in models.items()}
+    return evaluate_sequence(loaders, text, reference, pairs, survival)
 
 
 def relative_logit_error(
@@ -309,8 +294,11 @@ def relative_logit_error(
     """
     tokenizer = _tokenizer(torch_quantized_dir)
     text = eval_windows(tokenizer, windows, window_len)
-    models = {"onnx": onnx_logits(onnx_dir), "torch": torch_logits(torch_quantized_dir)}
-    result = run_lockstep(models, text, None, [("onnx", "torch")])
+    loaders = {
+        "torch": partial(torch_logits, torch_quantized_dir),
+        "onnx": partial(onnx_logits, onnx_dir),
+    }
+    result = evaluate_sequence(loaders, text, None, [("onnx", "torch")])
     return float(result["relative_logit_error"]["onnx_vs_torch"])
 
 
@@ -322,7 +310,7 @@ def _tokenizer(model_dir: Path) -> Any:
 
 def evaluate_build(
     merged_dir: Path,
-    quantized_dir: Path,
+    quantized_dir: Path | None,
     onnx_dir: Path | None,
     eval_cfg: Any,
     base_dir: Path | None = None,
@@ -332,9 +320,13 @@ def evaluate_build(
 ) -> dict[str, Any]:
     """Evaluate a build: perplexity of merged / quantized / ONNX, agreement, logit error, survival.
 
+    The models are evaluated one at a time (:func:`evaluate_sequence`): merged, quantized, base,
+    then ONNX; each is loaded once and released before the next.
+
     Args:
         merged_dir: merged full-precision HF directory (the reference).
-        quantized_dir: GPTQ/AWQ checkpoint of the quantize stage.
+        quantized_dir: GPTQ/AWQ checkpoint of the quantize stage (None: compare only the ONNX
+            model with the reference, e.g. any ONNX folder against its source model).
         onnx_dir: onnxruntime-genai folder of the export stage (None skips the ONNX model).
         eval_cfg: :class:`rslora_deploy.config.EvalConfig` (windows, window_len).
         base_dir: the base model before merging; when given, adapter survival is reported.
@@ -344,37 +336,40 @@ def evaluate_build(
 
     Returns:
         JSON-able dict: protocol, per-model perplexity / agreement, relative logit errors,
-        ``onnx_vs_torch_ok`` and (with ``base_dir``) ``survival``.
-    """
-    from rslora_deploy.evaluation import survival
+        ``onnx_vs_torch_ok`` (with both a quantized and an ONNX model) and (with ``base_dir``)
+        ``survival``.
 
+    Raises:
+        InputError: neither a quantized nor an ONNX model was given.
+    """
+    if quantized_dir is None and onnx_dir is None:
+        raise InputError("nothing to compare with the reference; pass a quantized or ONNX model")
     start = time.perf_counter()
     tokenizer = _tokenizer(merged_dir)
     text = eval_windows(tokenizer, eval_cfg.windows, eval_cfg.window_len)
-    models: dict[str, LogitFn] = {
-        "merged": torch_logits(merged_dir),
-        "quantized": torch_logits(quantized_dir),
-    }
-    pairs = [("quantized", "merged")]
-    if onnx_dir is not None:
-        models["onnx"] = onnx_logits(onnx_dir)
-        pairs += [("onnx", "quantized"), ("onnx", "merged")]
-    stats = None
+    loaders = {"merged": partial(torch_logits, merged_dir)}
+    pairs: list[tuple[str, str]] = []
+    if quantized_dir is not None:
+        loaders["quantized"] = partial(torch_logits, quantized_dir)
+        pairs.append(("quantized", "merged"))
     if base_dir is not None:
-        models["base"] = torch_logits(base_dir)
-        stats = survival.SurvivalStats()
-
+        loaders["base"] = partial(torch_logits, base_dir)
+    if onnx_dir is not None:
+        loaders["onnx"] = partial(onnx_logits, onnx_dir)
+        if quantized_dir is not None:
+            pairs.append(("onnx", "quantized"))
+        pairs.append(("onnx", "merged"))
     # Survival is measured on the shipped model when there is one: the ONNX graph is what the
     # device runs, and on CPU it is 3-4x faster per window than gptqmodel's PyTorch kernel.
     survivor = "onnx" if onnx_dir is not None else "quantized"
-
-    def hook_for(acc: Any) -> Callable[[dict[str, np.ndarray], np.ndarray], None]:
-        return lambda lg, ids: acc.add(
-            lg["base"], lg["merged"], lg[survivor], ignore_last=True, targets=ids[1:]
-        )
-
-    main_hook = hook_for(stats) if stats is not None and survival_genre is None else None
-    result = run_lockstep(models, text, "merged", pairs, main_hook)
+    specs: list[SurvivalSpec] = []
+    if base_dir is not None:
+        domain = None
+        if survival_genre is not None:
+            # The adapter's own domain: B, M, Q again on windows of that genre only.
+            domain = eval_windows(tokenizer, eval_cfg.windows, eval_cfg.window_len, survival_genre)
+        specs.append(SurvivalSpec("base", "merged", survivor, domain))
+    result = evaluate_sequence(loaders, text, "merged", pairs, specs)
     report: dict[str, Any] = {
         "protocol": {
             **text.meta,
@@ -383,30 +378,35 @@ def evaluate_build(
         },
         **result,
     }
-    if onnx_dir is not None:
-        err = result["relative_logit_error"]["onnx_vs_quantized"]
-        report["onnx_vs_torch_ok"] = err < ONNX_LOGIT_ERROR_LIMIT
-        report["onnx_vs_torch_limit"] = ONNX_LOGIT_ERROR_LIMIT
-        if err >= ONNX_LOGIT_ERROR_LIMIT:
-            logger.warning(
-                "ONNX logits differ from the PyTorch quantized model by %.4f (limit %.2f)",
-                err,
-                ONNX_LOGIT_ERROR_LIMIT,
-            )
-    if stats is not None and survival_genre is not None:
-        # The adapter's own domain: B, M, Q again on windows of that genre only.
-        stats = survival.SurvivalStats()
-        domain = eval_windows(tokenizer, eval_cfg.windows, eval_cfg.window_len, survival_genre)
-        trio = {k: models[k] for k in ("base", "merged", survivor)}
-        run_lockstep(trio, domain, None, [], hook_for(stats))
-        report["survival_protocol"] = {**domain.meta, "scored_tokens": domain.scored_tokens}
-    if stats is not None:
+    if onnx_dir is not None and quantized_dir is not None:
+        report.update(_onnx_gate(result["relative_logit_error"]["onnx_vs_quantized"]))
+    if specs:
+        if specs[0].text is not None:
+            domain_text = specs[0].text
+            report["survival_protocol"] = {
+                **domain_text.meta,
+                "scored_tokens": domain_text.scored_tokens,
+            }
         report["survival"] = {
-            **stats.summary(threshold=survival_threshold),
+            **specs[0].stats.summary(threshold=survival_threshold),
             "quantized_model": survivor,
         }
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
+
+
+def _onnx_gate(error: float) -> dict[str, Any]:
+    """The export's parity check: ONNX int4 logits against the PyTorch quantized model's."""
+    if error >= ONNX_LOGIT_ERROR_LIMIT:
+        logger.warning(
+            "ONNX logits differ from the PyTorch quantized model by %.4f (limit %.2f)",
+            error,
+            ONNX_LOGIT_ERROR_LIMIT,
+        )
+    return {
+        "onnx_vs_torch_ok": error < ONNX_LOGIT_ERROR_LIMIT,
+        "onnx_vs_torch_limit": ONNX_LOGIT_ERROR_LIMIT,
+    }
 
 
 def evaluate_models(
@@ -416,12 +416,15 @@ def evaluate_models(
     window_len: int,
     onnx_dirs: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Perplexity and agreement of several HF (and ONNX) models on the same windows."""
+    """Perplexity and agreement of several HF (and ONNX) models on the same windows.
+
+    The models are loaded one at a time (:func:`evaluate_sequence`).
+    """
     if reference not in model_dirs:
         raise RsloraDeployError(f"reference model {reference!r} is not among {list(model_dirs)}")
     text = eval_windows(_tokenizer(model_dirs[reference]), windows, window_len)
-    models = {name: torch_logits(path) for name, path in model_dirs.items()}
+    loaders: dict[str, Any] = {n: partial(torch_logits, path) for n, path in model_dirs.items()}
     for name, path in (onnx_dirs or {}).items():
-        models[name] = onnx_logits(path)
-    result = run_lockstep(models, text, reference, [])
+        loaders[name] = partial(onnx_logits, path)
+    result = evaluate_sequence(loaders, text, reference, [])
     return {"protocol": {**text.meta, "scored_tokens": text.scored_tokens}, **result}

@@ -88,13 +88,33 @@ class SurvivalStats:
         if ignore_last:
             base, merged, quant = base[:-1], merged[:-1], quant[:-1]
         lb, lm, lq = (log_softmax(x) for x in (base, merged, quant))
+        self.add_logprobs(lb, lm, lq, targets=targets)
+
+    def add_logprobs(
+        self,
+        lb: np.ndarray,
+        lm: np.ndarray,
+        lq: np.ndarray,
+        *,
+        targets: np.ndarray | None = None,
+    ) -> None:
+        """Add log-probabilities ``[positions, vocab]`` of B, M and Q (float32 or float64).
+
+        Products are taken in the inputs' precision and summed in float64.
+
+        Args:
+            lb: base-model log-probabilities.
+            lm: merged-model log-probabilities.
+            lq: quantized-model log-probabilities.
+            targets: next-token ids per position, for the loss view.
+        """
         pm = np.exp(lm)
-        self.kl_mb += float((pm * (lm - lb)).sum())
-        self.kl_mq += float((pm * (lm - lq)).sum())
+        self.kl_mb += float((pm * (lm - lb)).sum(dtype=np.float64))
+        self.kl_mq += float((pm * (lm - lq)).sum(dtype=np.float64))
         cb, cm, cq = centred(lb), centred(lm), centred(lq)
         shift = cm - cb
-        self.proj_num += float(((cq - cb) * shift).sum())
-        self.proj_den += float((shift * shift).sum())
+        self.proj_num += float(((cq - cb) * shift).sum(dtype=np.float64))
+        self.proj_den += float((shift * shift).sum(dtype=np.float64))
         if targets is not None:
             for name, lp in (("base", lb), ("merged", lm), ("quantized", lq)):
                 self.nll[name] += target_nll(lp, targets)
