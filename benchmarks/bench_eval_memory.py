@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -54,17 +53,31 @@ QWEN2_05B = {
 
 def prepare(root: Path) -> None:
     """Write base/, merged/, quantized/ and onnx/ under ``root`` (see the module docstring)."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import ExportConfig, QuantizeConfig
-    from rslora_deploy.data.assets import default_base_dir
     from rslora_deploy.exporters.genai.builder import export_onnx
     from rslora_deploy.profiles import load_profile
     from rslora_deploy.stages.quantize import quantize_model
 
     root.mkdir(parents=True, exist_ok=True)
+    if not (root / "merged" / "config.json").is_file():  # steps already done are kept
+        _write_models(root)
+    quantized = Artifact("hf-quantized", root / "quantized")
+    if not (root / "quantized" / "config.json").is_file():
+        quantized = quantize_model(
+            Artifact("hf", root / "merged"), root / "quantized", QuantizeConfig(method="rtn")
+        )
+    profile = load_profile("ascend-310p-2gb")
+    export_onnx(quantized, root / "onnx", ExportConfig(), profile, root / "export.log")
+
+
+def _write_models(root: Path) -> None:
+    """base/ (random Qwen2-0.5B shape) and merged/ (its q/v projections perturbed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from rslora_deploy.data.assets import default_base_dir
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN2_05B), dtype=torch.float32)
     tokenizer_dir = default_base_dir()
@@ -76,15 +89,9 @@ def prepare(root: Path) -> None:
         model.save_pretrained(root / name)
         for item in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy2(tokenizer_dir / item, root / name / item)
-    del model
-    quantized = quantize_model(
-        Artifact("hf", root / "merged"), root / "quantized", QuantizeConfig(method="rtn")
-    )
-    profile = load_profile("ascend-310p-2gb")
-    export_onnx(quantized, root / "onnx", ExportConfig(), profile, root / "export.log")
 
 
-def run(root: Path, label: str, windows: int) -> dict[str, object]:
+def run(root: Path, label: str, windows: int, note: str) -> dict[str, object]:
     """Evaluate the prepared models as the build does; return the measurement."""
     from rslora_deploy.config import EvalConfig
     from rslora_deploy.evaluation.quality import evaluate_build
@@ -106,7 +113,7 @@ def run(root: Path, label: str, windows: int) -> dict[str, object]:
     return {
         "label": label,
         "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
-        "model": "Qwen2-0.5B shape, random weights (time and memory only)",
+        "model": note,
         "windows": f"{windows} x 512 (+ {windows} x 512 survival domain windows)",
         "wall_s": round(record.seconds, 1),
         "cpu_s": round(cpu, 1),
@@ -125,11 +132,12 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("out/bench-eval-0.5b"))
     parser.add_argument("--label", default="current")
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--note", default="Qwen2-0.5B shape, random weights (time and memory only)")
     args = parser.parse_args()
     if args.action == "prepare":
         prepare(args.dir)
         return
-    result = run(args.dir, args.label, args.windows)
+    result = run(args.dir, args.label, args.windows, args.note)
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     rows.append(result)
     RESULTS.write_text(json.dumps(rows, indent=2) + "\n")

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,8 @@ def main() -> None:
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import QuantizeConfig
     from rslora_deploy.data.assets import default_base_dir
-    from rslora_deploy.evaluation import survival
-    from rslora_deploy.evaluation.quality import (
-        _tokenizer,
-        eval_windows,
-        run_lockstep,
-        torch_logits,
-    )
+    from rslora_deploy.evaluation.quality import _tokenizer, eval_windows, torch_logits
+    from rslora_deploy.evaluation.sequence import SurvivalSpec, evaluate_sequence
     from rslora_deploy.exporters.genai.fused import FUSED_GROUPS
     from rslora_deploy.quantizers import protection
     from rslora_deploy.quantizers.base import QuantizeExtras
@@ -85,15 +81,12 @@ def main() -> None:
             "path": out,
         }
     text = eval_windows(_tokenizer(base), args.windows, 512, args.genre)
-    models = {"base": torch_logits(base), "merged": torch_logits(args.merged)}
-    models.update({n: torch_logits(v["path"]) for n, v in variants.items()})
-    stats = {n: survival.SurvivalStats() for n in variants}
-
-    def hook(logits: dict[str, Any], ids: Any) -> None:
-        for n, acc in stats.items():
-            acc.add(logits["base"], logits["merged"], logits[n], ignore_last=True, targets=ids[1:])
-
-    result = run_lockstep(models, text, "merged", [], hook)
+    # One model in memory at a time; the survival statistics read base and merged from the spill.
+    loaders = {"base": partial(torch_logits, base), "merged": partial(torch_logits, args.merged)}
+    loaders.update({n: partial(torch_logits, v["path"]) for n, v in variants.items()})
+    specs = {n: SurvivalSpec("base", "merged", n) for n in variants}
+    stats = {n: spec.stats for n, spec in specs.items()}
+    result = evaluate_sequence(loaders, text, "merged", [], list(specs.values()))
     plain = variants[args.method]["quantized_weight_bytes"]
     report = {
         "protocol": {**text.meta, "scored_tokens": text.scored_tokens},

@@ -197,7 +197,8 @@ class _Sequence:
                 if name in (a, b) and (b if name == a else a) in self.done:
                     self._pair(a, b, name, window, logits)
         for spec, spec_wset in zip(self.survival, self.spec_set, strict=True):
-            if spec_wset == wset and self.done.issuperset(set(spec.names) - {name}):
+            last = name in spec.names and self.done.issuperset(set(spec.names) - {name})
+            if spec_wset == wset and last:
                 self._survive(spec, wset, window, ids, name, logits)
         if (name, wset) in self.spilled:
             self.spill.write(self.rank[name], wset, window, logits)

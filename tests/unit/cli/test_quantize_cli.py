@@ -144,3 +144,58 @@ def test_eval_quantized_vs_merged(capsys, tiny_dir, rtn_dir, tmp_path):
     assert 0 < data["models"]["quantized"]["greedy_agreement"] <= 1
     # base == merged here: no adapter effect, so nothing to retain.
     assert data["survival"]["effect_kl_merged_vs_base"] == pytest.approx(0, abs=tol.F64_IDENTITY)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory, rtn_dir):
+    """The tiny RTN checkpoint exported for a CPU-target profile (an onnxruntime-genai folder)."""
+    from rslora_deploy.artifact import Artifact
+    from rslora_deploy.config import ExportConfig
+    from rslora_deploy.exporters.genai.builder import export_onnx
+    from rslora_deploy.profiles import load_profile
+
+    root = tmp_path_factory.mktemp("onnx")
+    art = export_onnx(
+        Artifact("hf-quantized", rtn_dir),
+        root / "model",
+        ExportConfig(),
+        load_profile("ascend-310p-2gb"),
+        root / "export.log",
+    )
+    return art.path
+
+
+def test_eval_onnx_against_source_without_quantized(capsys, tiny_dir, tiny_onnx, tmp_path):
+    """Any ONNX folder against its source model: no --quantized needed (issue 12)."""
+    report = tmp_path / "quality.json"
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--onnx",
+        str(tiny_onnx),
+        "--base",
+        str(tiny_dir),
+        "--windows",
+        "2",
+        "--window-len",
+        "32",
+        "--out",
+        str(report),
+    )
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert set(data["models"]) == {"merged", "base", "onnx"}
+    assert 0 < data["models"]["onnx"]["greedy_agreement"] <= 1
+    # int4 weights: the ONNX model differs from its fp32 source, but not wildly.
+    assert 0 < data["relative_logit_error"]["onnx_vs_merged"] < 0.5
+    assert "onnx_vs_torch_ok" not in data  # no PyTorch quantized model to gate against
+    assert data["survival"]["quantized_model"] == "onnx"
+    assert "relative logit error onnx_vs_merged" in out
+
+
+def test_eval_base_alone_is_refused(capsys, tiny_dir, tmp_path):
+    code, _, err = run(capsys, "eval", "--model", str(tiny_dir), "--base", str(tiny_dir))
+    assert code == 1
+    assert "--base adds adapter survival" in err
