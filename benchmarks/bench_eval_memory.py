@@ -3,15 +3,16 @@
 Usage:
   python benchmarks/bench_eval_memory.py prepare [--dir out/bench-eval-0.5b]
   python benchmarks/bench_eval_memory.py run --label after [--dir ...] [--windows 8]
+  python benchmarks/bench_eval_memory.py per-window --dir DIR   (CPU s of one window per runner)
 
 No 0.5B model with real weights is available offline, so ``prepare`` builds one from Qwen2-0.5B's
 shape (hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate 4864, vocab 151936, tied
 embeddings) with transformers' default random initialisation, and writes what a build's evaluate
 stage receives: ``base/`` (that model), ``merged/`` (q/v projections perturbed, standing in for
 a merged adapter), ``quantized/`` (RTN int4 g64 of ``merged``, GPTQ format) and ``onnx/`` (the
-onnxruntime-genai export of ``quantized`` for a CPU target). Text comes from SmolLM2's tokenizer
-(its ids are all below Qwen2's vocabulary size). Perplexities of random weights mean nothing:
-only time and memory are measured.
+onnxruntime-genai export of ``quantized`` for t4-2gb, viewed for the CPU). Text comes from
+SmolLM2's tokenizer (its ids are all below Qwen2's vocabulary size). Perplexities of random
+weights mean nothing: only time and memory are measured.
 
 ``run`` calls ``evaluate_build`` exactly as the build does (8 x 512 windows, adapter survival on
 the government genre) in this process, samples the RSS of the process tree every 0.1 s
@@ -27,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,7 +57,7 @@ def prepare(root: Path) -> None:
     """Write base/, merged/, quantized/ and onnx/ under ``root`` (see the module docstring)."""
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import ExportConfig, QuantizeConfig
-    from rslora_deploy.exporters.genai.builder import export_onnx
+    from rslora_deploy.exporters.genai.builder import cpu_view, export_onnx
     from rslora_deploy.profiles import load_profile
     from rslora_deploy.stages.quantize import quantize_model
 
@@ -67,8 +69,10 @@ def prepare(root: Path) -> None:
         quantized = quantize_model(
             Artifact("hf", root / "merged"), root / "quantized", QuantizeConfig(method="rtn")
         )
-    profile = load_profile("ascend-310p-2gb")
-    export_onnx(quantized, root / "onnx", ExportConfig(), profile, root / "export.log")
+    exported = export_onnx(
+        quantized, root / "model", ExportConfig(), load_profile("t4-2gb"), root / "export.log"
+    )
+    cpu_view(exported.path, root / "onnx")
 
 
 def _write_models(root: Path) -> None:
@@ -125,10 +129,52 @@ def run(root: Path, label: str, windows: int, note: str) -> dict[str, object]:
     }
 
 
+def per_window(root: Path) -> dict[str, object]:
+    """Load time and CPU seconds of one 512-token window for each way a model is run."""
+    import numpy as np
+
+    from rslora_deploy.evaluation import quality
+
+    ids = np.random.default_rng(0).integers(3, 49152, 512)
+    ways = {
+        "merged fp32 (transformers)": lambda: quality.torch_logits(root / "merged"),
+        "GPTQ exact fp32 dequantization": lambda: quality.torch_logits(root / "quantized"),
+        "GPTQ via transformers (gptqmodel kernel)": lambda: _transformers_logits(
+            root / "quantized"
+        ),
+        "ONNX (onnxruntime)": lambda: quality.onnx_logits(root / "onnx"),
+    }
+    out: dict[str, object] = {"load_average": [round(x, 1) for x in os.getloadavg()]}
+    for name, make in ways.items():
+        start = time.process_time()
+        fn = make()
+        loaded = time.process_time()
+        fn(ids)
+        out[name] = {
+            "load_cpu_s": round(loaded - start, 2),
+            "window_cpu_s": round(time.process_time() - loaded, 2),
+        }
+        del fn
+    return out
+
+
+def _transformers_logits(model_dir: Path) -> object:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def run(ids: object) -> object:
+        with torch.inference_mode():
+            return model(torch.as_tensor(ids)[None]).logits[0].numpy()
+
+    return run
+
+
 def main() -> None:
     """CLI entry: ``prepare`` or ``run``."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=("prepare", "run"))
+    parser.add_argument("action", choices=("prepare", "run", "per-window"))
     parser.add_argument("--dir", type=Path, default=Path("out/bench-eval-0.5b"))
     parser.add_argument("--label", default="current")
     parser.add_argument("--windows", type=int, default=8)
@@ -136,6 +182,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.action == "prepare":
         prepare(args.dir)
+        return
+    if args.action == "per-window":
+        print(json.dumps(per_window(args.dir), indent=2))
         return
     result = run(args.dir, args.label, args.windows, args.note)
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []

@@ -148,10 +148,10 @@ def test_eval_quantized_vs_merged(capsys, tiny_dir, rtn_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory, rtn_dir):
-    """The tiny RTN checkpoint exported for a CPU-target profile (an onnxruntime-genai folder)."""
+    """The tiny RTN checkpoint exported for t4-2gb, viewed for the CPU (a genai folder)."""
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import ExportConfig
-    from rslora_deploy.exporters.genai.builder import export_onnx
+    from rslora_deploy.exporters.genai.builder import cpu_view, export_onnx
     from rslora_deploy.profiles import load_profile
 
     root = tmp_path_factory.mktemp("onnx")
@@ -159,10 +159,10 @@ def tiny_onnx(tmp_path_factory, rtn_dir):
         Artifact("hf-quantized", rtn_dir),
         root / "model",
         ExportConfig(),
-        load_profile("ascend-310p-2gb"),
+        load_profile("t4-2gb"),
         root / "export.log",
     )
-    return art.path
+    return cpu_view(art.path, root / "cpu")
 
 
 def test_eval_onnx_against_source_without_quantized(capsys, tiny_dir, tiny_onnx, tmp_path):
