@@ -67,6 +67,26 @@ def export_profile(base: Path, profile_name: str, out: Path) -> dict[str, Any]:
     }
 
 
+def from_package(package: Path) -> dict[str, Any]:
+    """Export time and size, lint facts from a built package's reports."""
+    build = json.loads((package / "reports" / "build.json").read_text())
+    lint = json.loads((package / "reports" / "op_lint.json").read_text())
+    stages = {s["name"]: s for s in build["stages"]}
+    return {
+        "profile": build["profile"],
+        "export_seconds": round(stages["export_onnx"]["seconds"], 1),
+        "export_peak_rss_bytes": stages["export_onnx"]["peak_rss_bytes"],
+        "onnx_bytes": (package / "model" / "decoder.onnx").stat().st_size,
+        "lint_seconds": lint["seconds"],
+        "lint_passed": lint["passed"],
+        "unsupported_nodes": lint["unsupported_nodes"],
+        "lint_warnings": len(lint["warnings"]),
+        "nodes": lint["nodes"],
+        "gears_static": {g: v["static"] for g, v in lint["gears"].items()},
+        "source": f"reports of {package}",
+    }
+
+
 def greedy_agreement(base: Path, model_dir: Path, new_tokens: int) -> dict[str, Any]:
     """Runner (ORT CPU) vs the exported module in PyTorch, 5 prompts, ``new_tokens`` each."""
     from transformers import AutoTokenizer
@@ -111,6 +131,14 @@ def main() -> None:
         default=["ascend-310p-2gb", "ascend-310b-2gb"],
         help="Ascend profiles",
     )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="a package built with `rslora-deploy build --profile P`: take export time and size "
+        "from its reports instead of exporting again (one profile)",
+    )
+    parser.add_argument("--no-greedy", action="store_true", help="skip the PyTorch comparison")
     args = parser.parse_args()
     from rslora_deploy.data.assets import default_base_dir
     from rslora_deploy.exporters.ascend.exporter import run_shipped_runner
@@ -118,8 +146,13 @@ def main() -> None:
     base = default_base_dir()
     result: dict[str, Any] = {"machine": describe(), "profiles": []}
     for name in args.profiles:
-        row = export_profile(base, name, args.work / name)
-        model_dir = args.work / name / "model"
+        if args.reuse is not None:
+            row, model_dir = from_package(args.reuse), args.reuse / "model"
+        else:
+            row, model_dir = (
+                export_profile(base, name, args.work / name),
+                args.work / name / "model",
+            )
         runs = [
             run_shipped_runner(model_dir, prompt=PROMPTS[0], max_new_tokens=args.new_tokens,
                                ignore_eos=True)
@@ -127,7 +160,9 @@ def main() -> None:
         ]  # fmt: skip
         row["ort_cpu_decode_tok_s"] = sorted(r["decode_tokens_per_second"] for r in runs)[1]
         row["ort_cpu_peak_rss_bytes"] = runs[-1]["peak_rss_bytes"]
-        if name == "ascend-310p-2gb":  # same weights in both profiles; only KV length differs
+        if (
+            name == "ascend-310p-2gb" and not args.no_greedy
+        ):  # same weights in both profiles; only KV length differs
             row["greedy"] = greedy_agreement(base, model_dir, 32)
         result["profiles"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "greedy"}), flush=True)
