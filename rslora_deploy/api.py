@@ -83,6 +83,11 @@ def build(
     from rslora_deploy.stages.resume import BuildCache
 
     profile = load_profile(config.profile)
+    if profile.exporter == "onnxruntime-genai":
+        from rslora_deploy.exporters.genai import layout
+
+        # Refuse a layout the target cannot run before minutes of merging and quantizing.
+        layout.resolve(config.export, profile.export_target, profile.name)
     unset = Path()
     ctx = StageContext(
         config, profile, get_exporter(profile.exporter), work=unset, reports=unset, staging=unset

@@ -72,6 +72,12 @@ def build(
     group_size: Annotated[
         int | None, typer.Option(help=quantize_cmds.field_help("group_size"))
     ] = None,
+    lm_head: Annotated[
+        str | None,
+        typer.Option(
+            help="lm_head/embedding precision: auto, int4, int8, fp32 (cpu), fp16 (cuda)."
+        ),
+    ] = None,
     calib: Annotated[Path | None, typer.Option(help=quantize_cmds.field_help("calib_path"))] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe TOML (BuildConfig sections).")] = None,
     out: Annotated[Path | None, typer.Option(help="Package directory to write.")] = None,
@@ -104,6 +110,7 @@ def build(
         "profile": profile, "base": base, "out": out, "overwrite": overwrite or None,
         "adapter.path": adapter, "adapter.use_demo_adapter": False if no_adapter else None,
         "quantize.method": method, "quantize.group_size": group_size, "quantize.calib_path": calib,
+        "export.lm_head": lm_head,
         "quantize.protect_adapter": True if protect_adapter else None,
         "eval.enabled": False if no_eval else None,
         "adapter.rename": parse_rename_args(rename) if rename else None,

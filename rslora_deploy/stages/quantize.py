@@ -46,13 +46,14 @@ def validate_shapes(
         ConfigError: naming the first layer that does not fit and the fix.
     """
     per_word = 32 // cfg.bits
+    widths = {spec.in_features for spec in linears}
     for spec in linears:
         if cfg.group_size != -1 and spec.in_features % cfg.group_size:
-            divisors = [g for g in (256, 128, 64, 32, 16) if spec.in_features % g == 0]
+            working = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
             raise ConfigError(
-                f"layer {spec.name!r} in_features={spec.in_features} is not divisible by "
-                f"quantize.group_size={cfg.group_size}; set --group-size to a divisor of every "
-                f"layer width (here {divisors[0] if divisors else -1} works for this layer)"
+                f"quantize.group_size={cfg.group_size} does not divide the input width of layer "
+                f"{spec.name!r} ({spec.in_features}); group sizes that divide every quantized "
+                f"layer's width: {', '.join(map(str, working)) or 'none of 32-256 (use -1)'}"
             )
         packed = spec.out_features if packs_output_features else spec.in_features
         if packed % per_word:

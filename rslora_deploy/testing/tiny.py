@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    Qwen2Config,
+)
 
 
 def _build(config: Any, seed: int) -> Any:
@@ -68,6 +74,36 @@ def tiny_qwen2(
 ) -> Any:
     """Qwen2ForCausalLM: GQA plus biases on q/k/v_proj."""
     return _build(_decoder_config(Qwen2Config, hidden, layers, kv_heads, tie, vocab), seed)
+
+
+def tiny_gemma3(hidden: int = 64, layers: int = 2, seed: int = 0, vocab: int = 128) -> Any:
+    """Gemma3ForCausalLM (text): q/k norms, sliding and full attention layers with their own
+    RoPE bases (transformers 5 stores them per layer type in ``rope_parameters``), tied lm_head.
+
+    ``layers`` alternate sliding/full so both RoPE tables are exercised; the sliding window (4)
+    is shorter than a test sequence so the window matters too.
+    """
+    config = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=hidden // 4,
+        max_position_embeddings=128,
+        sliding_window=4,
+        layer_types=[
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+        ],
+        query_pre_attn_scalar=hidden // 4,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    return _build(config, seed)
 
 
 def tiny_gpt2(hidden: int = 64, layers: int = 2, seed: int = 0, vocab: int = 128) -> Any:

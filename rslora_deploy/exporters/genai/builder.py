@@ -36,6 +36,7 @@ from pathlib import Path
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.config import ExportConfig
 from rslora_deploy.errors import ExportError
+from rslora_deploy.exporters.genai import layout
 from rslora_deploy.profiles import DeviceProfile
 
 logger = logging.getLogger(__name__)
@@ -47,21 +48,21 @@ def builder_command(
     source: Path,
     out_dir: Path,
     cache_dir: Path,
-    cfg: ExportConfig,
-    target: str,
+    lay: layout.Layout,
     tied_embeddings: bool = False,
+    last_token_logits: bool = False,
 ) -> list[str]:
-    """The builder command line for one export (kept separate so tests can inspect it)."""
-    extra = [f"accuracy_level={cfg.accuracy_level}"]
-    if cfg.last_token_logits:
+    """The builder command line for one export (kept separate so tests can inspect it).
+
+    The builder runs through :mod:`rslora_deploy.exporters.genai.run_builder`, its own entry
+    point with a config view for fields transformers 5 moved (Gemma-3's RoPE bases).
+    """
+    extra = layout.builder_options(lay, tied_embeddings)
+    if last_token_logits:
         extra.append("prune_lm_head=true")  # rslora_deploy/last_token_logits.py
-    if not cfg.lm_head_int4:
-        extra.append("nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather")
-        if tied_embeddings:
-            extra.append("shared_embeddings=true")
     return [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
-        "-i", str(source), "-o", str(out_dir), "-p", "int4", "-e", target,
+        sys.executable, "-m", "rslora_deploy.exporters.genai.run_builder",
+        "-i", str(source), "-o", str(out_dir), "-p", "int4", "-e", lay.target,
         "-c", str(cache_dir), "--extra_options", *extra,
     ]  # fmt: skip
 
@@ -78,6 +79,7 @@ def export_onnx(
     from rslora_deploy.exporters.genai import mixed_bits
     from rslora_deploy.model_view import model_view
 
+    lay = layout.resolve(cfg, profile.export_target, profile.name)
     tied = model_view(quantized.path).tie_word_embeddings
     mixed = mixed_bits.mixed_bits(quantized.path)
     source = quantized.path
@@ -87,7 +89,7 @@ def export_onnx(
         source = mixed_bits.builder_view(
             quantized.path, out_dir.parent / f".{out_dir.name}.builder-view", mixed
         )
-    command = builder_command(source, out_dir, cache_dir, cfg, profile.export_target, tied)
+    command = builder_command(source, out_dir, cache_dir, lay, tied, cfg.last_token_logits)
     logger.info("export_onnx: %s", " ".join(command))
     # The builder stamps producer_version with `git rev-parse HEAD` run five levels above its own
     # file: with a virtualenv inside a git checkout that is the *checkout's* commit, so model.onnx
@@ -114,9 +116,9 @@ def export_onnx(
     protected = None
     if mixed is not None:
         _remove_tree(source)
-        layout = protected_layout(cfg, profile.export_target)
-        protected = mixed_bits.rewrite_protected_nodes(out_dir, quantized.path, mixed, layout)
-        logger.info("export_onnx: %d protected nodes written as %s", protected["nodes"], layout)
+        kind = protected_layout(cfg, lay)
+        protected = mixed_bits.rewrite_protected_nodes(out_dir, quantized.path, mixed, kind)
+        logger.info("export_onnx: %d protected nodes written as %s", protected["nodes"], kind)
     return Artifact(
         "onnx-genai",
         out_dir,
@@ -124,11 +126,11 @@ def export_onnx(
             "builder": "onnxruntime_genai.models.builder",
             "target": profile.export_target,
             "precision": "int4",
-            "accuracy_level": cfg.accuracy_level,
-            "lm_head": "int4" if cfg.lm_head_int4 else "full precision",
-            "embedding": "int4"
-            if cfg.lm_head_int4
-            else ("full precision, shared with lm_head" if tied else "full precision"),
+            "accuracy_level": lay.accuracy_level,
+            "lm_head": lay.lm_head,
+            "lm_head_block_size": lay.lm_head_block_size if lay.lm_head_quantized else None,
+            "embedding": _embedding_layout(lay, tied),
+            "parity_tolerance": layout.parity_tolerance(lay),
             "max_length": max_length,
             "logits": "last position" if cfg.last_token_logits else "every position",
             "protected_8bit": protected,
@@ -136,7 +138,15 @@ def export_onnx(
     )
 
 
-def protected_layout(cfg: ExportConfig, target: str) -> str:
+def _embedding_layout(lay: layout.Layout, tied: bool) -> str:
+    if lay.lm_head == "int4":
+        return "int4, shared with lm_head" if tied else "int4"
+    if lay.lm_head == "int8" or not tied:
+        return "full precision"
+    return "full precision, shared with lm_head"
+
+
+def protected_layout(cfg: ExportConfig, lay: layout.Layout) -> str:
     """``export.protected_layout``, with ``auto`` resolved for the builder target.
 
     On a CPU-target graph below accuracy level 4, onnxruntime 1.32 runs 8-bit ``MatMulNBits``
@@ -146,7 +156,7 @@ def protected_layout(cfg: ExportConfig, target: str) -> str:
     """
     if cfg.protected_layout != "auto":
         return cfg.protected_layout
-    return "float" if target == "cpu" and cfg.accuracy_level < 4 else "nbits8"
+    return "float" if lay.target == "cpu" and lay.accuracy_level < 4 else "nbits8"
 
 
 def cpu_view(onnx_dir: Path, view_dir: Path) -> Path:

@@ -148,3 +148,29 @@ def test_verify_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, err = _run(["verify", str(tmp_path)], capsys)
     assert code == 1
     assert "manifest.json" in err
+
+
+@pytest.mark.parametrize(
+    ("profile", "precision"), [("t4-2gb", "fp32"), ("ascend-310b-2gb", "fp16")]
+)
+def test_lm_head_precision_the_target_cannot_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], profile: str, precision: str
+) -> None:
+    out = tmp_path / "pkg"
+    code, err = _run(
+        ["build", "--profile", profile, "--lm-head", precision, "--out", str(out)], capsys
+    )
+    _assert_clean_failure(code, err, out, f"export.lm_head={precision}", profile, "int4")
+
+
+def test_group_size_that_divides_no_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SmolLM2's 576-wide layers: 128 does not divide them, 32 and 64 do (checked before GPTQ)."""
+    out = tmp_path / "pkg"
+    code, err = _run(
+        ["build", "--profile", "t4-2gb", "--method", "rtn", "--group-size", "128", "--no-eval",
+         "--out", str(out)],
+        capsys,
+    )  # fmt: skip
+    _assert_clean_failure(code, err, out, "group_size=128", "(576)", "32, 64")

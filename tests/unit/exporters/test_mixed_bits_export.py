@@ -50,7 +50,7 @@ def mixed_onnx(
     art = export_onnx(
         Artifact("hf-quantized", mixed_dir),
         root / "onnx",
-        ExportConfig(protected_layout=request.param),
+        ExportConfig(protected_layout=request.param, accuracy_level=1, lm_head="fp32"),
         load_profile("ascend-310b-2gb"),
         root / "export.log",
     )
@@ -60,12 +60,17 @@ def mixed_onnx(
 
 def test_auto_layout_follows_target_and_accuracy_level() -> None:
     from rslora_deploy.config import ExportConfig
+    from rslora_deploy.exporters.genai import layout
     from rslora_deploy.exporters.genai.builder import protected_layout
 
-    assert protected_layout(ExportConfig(), "cpu") == "float"
-    assert protected_layout(ExportConfig(accuracy_level=4), "cpu") == "nbits8"
-    assert protected_layout(ExportConfig(), "cuda") == "nbits8"
-    assert protected_layout(ExportConfig(protected_layout="nbits8"), "cpu") == "nbits8"
+    def resolved(cfg: ExportConfig, target: str) -> str:
+        return protected_layout(cfg, layout.resolve(cfg, target))
+
+    assert resolved(ExportConfig(accuracy_level=1), "cpu") == "float"
+    assert resolved(ExportConfig(), "cpu") == "nbits8"  # the CPU default is level 4
+    assert resolved(ExportConfig(accuracy_level=4), "cpu") == "nbits8"
+    assert resolved(ExportConfig(), "cuda") == "nbits8"
+    assert resolved(ExportConfig(protected_layout="nbits8", accuracy_level=1), "cpu") == "nbits8"
 
 
 def test_mixed_bits_reads_the_overrides(mixed_dir: Path, rtn_dir: Path) -> None:
