@@ -59,7 +59,6 @@ def profile_folder(folder: Path, steps: int, past: int) -> dict[str, Any]:
     """Run in the child: load, profile ``steps`` decode steps, aggregate per op type."""
     import onnx
     import onnxruntime as ort
-
     from bench_vs_builder import bytes_per_token
 
     rss_before = _rss_bytes()
@@ -80,9 +79,9 @@ def profile_folder(folder: Path, steps: int, past: int) -> dict[str, Any]:
     first_end = runs[0]["ts"] + runs[0]["dur"] if runs else 0
     per_op: dict[str, float] = defaultdict(float)
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            if event["ts"] >= first_end:
-                per_op[event["args"]["op_name"]] += event["dur"] / 1e3 / steps
+        kernel = event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+        if kernel and event["ts"] >= first_end:
+            per_op[event["args"]["op_name"]] += event["dur"] / 1e3 / steps
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     inits = {i.name for i in graph.initializer}
     transposed = [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits]
