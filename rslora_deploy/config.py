@@ -119,11 +119,12 @@ class QuantizeConfig(_Section):
         description="Columns sharing one scale. Must divide every quantized layer's input width "
         "(SmolLM2: 576 and 1536, so 64, not 128).",
     )
-    sym: bool = Field(
-        default=False,
-        description="Symmetric grid (zero point fixed at the middle code). False (default) fits "
-        "a zero point per group: the GPTQ format and the exported MatMulNBits store zero points "
-        "either way, so it costs no bytes and no speed (docs/export.md).",
+    sym: bool | None = Field(
+        default=None,
+        description="Symmetric grid (zero point fixed at the middle code). None: False for gptq "
+        "(a zero point per group: the GPTQ format and the exported MatMulNBits store zero points "
+        "either way, so it costs no bytes and no speed; docs/export.md), True for rtn and awq "
+        "(gptqmodel loads an asymmetric GPTQ checkpoint only if gptqmodel wrote it).",
     )
     desc_act: bool = Field(
         default=False,
@@ -190,6 +191,12 @@ class QuantizeConfig(_Section):
         if value not in QUANTIZERS:
             raise ValueError(f"unknown method {value!r}; registered: {', '.join(QUANTIZERS)}")
         return value
+
+    @model_validator(mode="after")
+    def _resolve_sym(self) -> QuantizeConfig:
+        if self.sym is None:
+            object.__setattr__(self, "sym", self.method != "gptq")
+        return self
 
     @model_validator(mode="after")
     def _check_compute_dtype(self) -> QuantizeConfig:

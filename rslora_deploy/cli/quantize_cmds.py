@@ -61,7 +61,9 @@ def quantize(
     group_size: Annotated[int, typer.Option(help=field_help("group_size"))] = field_default(
         "group_size"
     ),
-    sym: Annotated[bool, typer.Option(help=field_help("sym"))] = field_default("sym"),
+    sym: Annotated[
+        bool | None, typer.Option("--sym/--no-sym", help=field_help("sym"))
+    ] = field_default("sym"),
     desc_act: Annotated[bool, typer.Option(help=field_help("desc_act"))] = field_default(
         "desc_act"
     ),

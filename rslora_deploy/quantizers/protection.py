@@ -45,7 +45,7 @@ def plan_protection(
     from rslora_deploy.quantizers.base import QuantizeExtras
     from rslora_deploy.quantizers.checkpoint import decoder_linears
 
-    ratios = delta_to_step_ratios(base_dir, merged_dir, cfg.bits, cfg.group_size, cfg.sym)
+    ratios = delta_to_step_ratios(base_dir, merged_dir, cfg.bits, cfg.group_size, bool(cfg.sym))
     modules = protected_modules(ratios, fused_groups, ratio)
     cost = protection_cost_bytes(decoder_linears(merged_dir), modules, cfg.bits, cfg.group_size)
     logger.info("protect-adapter: %d modules kept at 8 bits (+%.1f MB)", len(modules), cost / 1e6)

@@ -64,7 +64,7 @@ class RTNQuantizer:
                     f"weight of {spec.name} contains NaN/Inf; fix the merged model (re-run the "
                     "merge, check the adapter) before quantizing"
                 )
-            gq = rtn_math.quantize_rtn(weight, bits, group, cfg.sym)
+            gq = rtn_math.quantize_rtn(weight, bits, group, bool(cfg.sym))
             packed = rtn_math.pack_gptq(gq)
             tensors[f"{spec.name}.qweight"] = packed.qweight
             tensors[f"{spec.name}.qzeros"] = packed.qzeros

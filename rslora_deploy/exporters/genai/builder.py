@@ -7,17 +7,15 @@ GPTQ/AWQ checkpoint and repacks its int4 weights into ``MatMulNBits`` nodes, fus
 It runs in a subprocess: the builder prints thousands of progress lines and holds the whole model
 in memory; a child process keeps both out of ours (its log goes to ``export.log``).
 
-Choices (docs/export.md):
-* ``lm_head`` and the token embedding stay in full precision unless ``export.lm_head_int4``: with
-  tied embeddings on a small vocabulary-heavy model, RTN int4 on lm_head costs far more perplexity
-  than it saves bytes (stack-notes: 65.4 -> 82.5 on SmolLM2). The builder would otherwise still
-  RTN-quantize the embedding table to int4 (GatherBlockQuantized), which alone moved the ONNX
-  logits 0.08 (relative L2) away from the PyTorch GPTQ model on SmolLM2; excluded and shared with
-  lm_head (``shared_embeddings``) the table is stored once, and the package is smaller too.
-* ``accuracy_level`` defaults to 1 (fp32 activations in MatMulNBits on CPU). Level 4 quantizes
-  activations to int8 on CPU: faster there, but measured 0.045 vs 0.011 relative logit error
-  against PyTorch on SmolLM2 (docs/export.md). The CUDA kernel ignores the level, so the CPU
-  verification at level 1 is the faithful proxy of a T4 run.
+Choices (docs/export.md; the layout per target is :mod:`rslora_deploy.exporters.genai.layout`):
+* lm_head and a tied embedding: int4 per block of 32, one table shared by lm_head
+  (``MatMulNBits``) and the embedding (``GatherBlockQuantized``), on CPU targets; fp16 on CUDA.
+  An fp32 tied table is read in full by lm_head on every decoded token (113 MB on SmolLM2, 65% of
+  that package's bytes per token) and reaches the embedding ``Gather`` through a ``Transpose``
+  that onnxruntime folds into a second copy at load (measured: benchmarks/profile_decode.py).
+* ``accuracy_level``: 4 on CPU targets (int8 activations inside ``MatMulNBits``, the fast CPU
+  kernel), 1 on CUDA targets, whose kernel ignores it, so that verifying a CUDA package on CPU
+  computes what the GPU computes.
 * The builder target comes from the profile: ``cuda`` gives fp16 activations for the T4; ``cpu``
   gives fp32 activations (Ascend, where CANN runs the standard ops and MatMulNBits falls back).
 * ``search.max_length`` is set to the profile's ``max_seq_len`` because onnxruntime-genai

@@ -164,13 +164,13 @@ def test_lm_head_precision_the_target_cannot_run(
 
 
 def test_group_size_that_divides_no_layer(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_dir: Path
 ) -> None:
-    """SmolLM2's 576-wide layers: 128 does not divide them, 32 and 64 do (checked before GPTQ)."""
+    """The tiny model's 128-wide layers: 256 does not divide them; 32, 64 and 128 divide all."""
     out = tmp_path / "pkg"
     code, err = _run(
-        ["build", "--profile", "t4-2gb", "--method", "rtn", "--group-size", "128", "--no-eval",
-         "--out", str(out)],
+        ["build", "--profile", "t4-2gb", "--base", str(tiny_dir), "--no-adapter", "--method",
+         "rtn", "--group-size", "256", "--no-eval", "--out", str(out)],
         capsys,
     )  # fmt: skip
-    _assert_clean_failure(code, err, out, "group_size=128", "(576)", "32, 64")
+    _assert_clean_failure(code, err, out, "group_size=256", "(128)", "32, 64, 128")

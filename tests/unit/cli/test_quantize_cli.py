@@ -43,7 +43,7 @@ def test_quantize_rtn_ok(capsys, tiny_dir, tmp_path):
     ("args", "needle"),
     [
         (["--bits", "3"], "bits must be 4 or 8"),
-        (["--group-size", "256"], "not divisible by quantize.group_size=256"),
+        (["--group-size", "256"], "group_size=256 does not divide the input width of layer"),
         (["--group-size", "48"], "group_size must be -1 or a power of two"),
         (["--method", "awq", "--bits", "8"], "not supported by method awq"),
         (["--method", "awq", "--compute-dtype", "float32"], "not supported by method awq"),

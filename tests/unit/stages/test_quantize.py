@@ -78,7 +78,7 @@ def test_rtn_checkpoint_is_gptq_v1(rtn_dir, tiny_dir):
     cfg = json.loads((rtn_dir / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq"
     assert cfg["checkpoint_format"] == "gptq"
-    assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"]) == (4, 64, False, False)
+    assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"]) == (4, 64, True, False)
     assert json.loads((rtn_dir / "quantize_config.json").read_text())["bits"] == 4
     tensors = load_file(str(rtn_dir / "model.safetensors"))
     assert f"{LAYER}.weight" not in tensors
