@@ -34,12 +34,15 @@ LM_HEAD_CHOICES: dict[str, tuple[str, ...]] = {
 LM_HEAD_DEFAULT = {"cpu": "int4", "cuda": "fp16"}
 #: ``accuracy_level`` when the recipe leaves it unset.
 ACCURACY_LEVEL_DEFAULT = {"cpu": 4, "cuda": 1}
-#: ONNX-vs-PyTorch relative logit error allowed per (accuracy level, lm_head quantized), from the
-#: measured errors of correct exports (docs/export.md) with about 2x headroom. The PyTorch side
-#: keeps lm_head in full precision, so a quantized lm_head is part of the measured difference.
+#: ONNX-vs-PyTorch relative logit error allowed per (accuracy level, lm_head quantized). The
+#: PyTorch side keeps lm_head in full precision and fp32 activations, so what the export changes
+#: on purpose is inside the measured difference. Measured on SmolLM2 + demo adapter (8 x 512
+#: Brown tokens, docs/export.md section 4): level 1, fp32 head 0.0103 (demo build); level 4, fp32
+#: head 0.045; level 4, int4 head 0.081. Limits are about 2x those; (1, True) was not measured
+#: separately and takes the (4, True) limit, which bounds it (level 4 only adds error).
 PARITY_TOLERANCE = {
-    (1, False): 0.03,
-    (1, True): 0.12,
+    (1, False): 0.02,
+    (1, True): 0.15,
     (4, False): 0.08,
     (4, True): 0.15,
 }

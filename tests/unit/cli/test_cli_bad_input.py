@@ -160,7 +160,7 @@ def test_lm_head_precision_the_target_cannot_run(
     code, err = _run(
         ["build", "--profile", profile, "--lm-head", precision, "--out", str(out)], capsys
     )
-    _assert_clean_failure(code, err, out, f"export.lm_head={precision}", profile, "int4")
+    assert_failed_cleanly(code, err, out, f"export.lm_head={precision}", profile, "int4")
 
 
 def test_group_size_that_divides_no_layer(
@@ -173,4 +173,4 @@ def test_group_size_that_divides_no_layer(
          "rtn", "--group-size", "256", "--no-eval", "--out", str(out)],
         capsys,
     )  # fmt: skip
-    _assert_clean_failure(code, err, out, "group_size=256", "(128)", "32, 64, 128")
+    assert_failed_cleanly(code, err, out, "group_size=256", "(128)", "32, 64, 128")
