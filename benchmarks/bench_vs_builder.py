@@ -58,34 +58,31 @@ class Variant:
     protect: bool = False
 
 
-def variants(model: str, gemma_rtn: bool = False) -> list[Variant]:
+def variants(model: str, rtn: bool = False) -> list[Variant]:
     """The variants of one run; ``ours_default`` uses every default of the current code.
 
-    Each alternative changes one layout choice against ``ours_default``; the quantizer and
-    grid choices (method, group size, symmetry) are compared without export by
-    ``benchmarks/bench_grid.py`` (the export is the slow part on a shared 2-core machine).
+    With ``rtn`` our packages are quantized with RTN (asymmetric, the default GPTQ grid) instead
+    of GPTQ: on the shared machine GPTQ ran at 3 hours for SmolLM2 (12 min for its first layer
+    at a load average of 32), and each export took 6-25 min. The layout (what this benchmark
+    compares) does not depend on how the codes were chosen; GPTQ's quality gain over RTN is
+    measured in docs/benchmarks-quantize.md.
     """
-    runs = [
-        Variant("peer_default", builder=()),
-        Variant("peer_kquant", builder=("algo_config=k_quant",)),
-    ]
-    if gemma_rtn and model == "gemma3":
-        # GPTQ on Gemma-3 takes 145 s on an idle machine and far longer on a loaded one: the
-        # layout is compared with RTN (asymmetric, as the GPTQ default); GPTQ's gain on top is
-        # measured in docs/benchmarks-quantize.md.
-        # On the loaded machine each Gemma-3 export took ~25 min: the peer's default and our
-        # default layout only.
-        return [
-            runs[0],
-            Variant("ours_default_layout_rtn", quantize={"method": "rtn", "sym": False}),
-        ]
-    runs += [
+    peers = [Variant("peer_default", builder=()), Variant("peer_kquant", builder=("algo_config=k_quant",))]
+    if rtn:
+        q = {"method": "rtn", "sym": False}
+        ours = [
+            Variant("ours_default_layout_rtn", quantize=q),
+            Variant("ours_fp32_head_level1_rtn", quantize=q,
+                    export={"accuracy_level": 1, "lm_head": "fp32"}),
+        ]  # fmt: skip
+        return [*peers, *ours] if model == "smollm2" else [peers[0], ours[0]]
+    ours = [
         Variant("ours_default"),
         Variant("ours_fp32_head_level1", export={"accuracy_level": 1, "lm_head": "fp32"}),
     ]
     if model == "smollm2":
-        runs.append(Variant("ours_rtn_protect_adapter", quantize={"method": "rtn"}, protect=True))
-    return runs
+        ours.append(Variant("ours_rtn_protect_adapter", quantize={"method": "rtn"}, protect=True))
+    return [*peers, *ours]
 
 
 def source_model(model: str, work: Path) -> Path:
@@ -190,7 +187,7 @@ def memory_bandwidth(mib: int = 256, repeats: int = 5) -> float:
 
 def measure_speed(folder: Path, prompt: str, runs: int) -> dict[str, Any]:
     """Decode and prefill medians, peak RSS and package size (each run in its own process)."""
-    from rslora_deploy.stages.verify import smoke_generate
+    from rslora_deploy.exporters.genai.smoke import smoke_generate
 
     samples = [smoke_generate(folder, prompt, NEW_TOKENS, MAX_LENGTH) for _ in range(runs)]
     return {
@@ -224,7 +221,7 @@ def measure_quality(source: Path, folders: dict[str, Path], windows: int) -> dic
 
 
 def run(
-    model: str, work: Path, runs: int, windows: int, prompt_tokens: int, gemma_rtn: bool = False
+    model: str, work: Path, runs: int, windows: int, prompt_tokens: int, rtn: bool = False
 ) -> dict[str, Any]:
     """Build, time and score every variant of ``model``; return the report."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -233,7 +230,7 @@ def run(
     load = [os.getloadavg()]
     bandwidth = memory_bandwidth()
     builds: dict[str, Any] = {}
-    for variant in variants(model, gemma_rtn):
+    for variant in variants(model, rtn):
         folder = work / variant.name
         if (folder / "genai_config.json").is_file():
             builds[variant.name] = json.loads((work / f"{variant.name}.build.json").read_text())
@@ -333,10 +330,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--windows", type=int, default=64, help="quality windows of 512 tokens")
     parser.add_argument("--prompt-tokens", type=int, default=200)
-    parser.add_argument("--gemma-rtn", action="store_true", help="Gemma-3: RTN instead of GPTQ")
+    parser.add_argument("--rtn", action="store_true", help="our packages with RTN instead of GPTQ")
     args = parser.parse_args()
     work = args.work or Path(f"/tmp/bench-vs-builder-{args.model}")
-    report = run(args.model, work, args.runs, args.windows, args.prompt_tokens, args.gemma_rtn)
+    report = run(args.model, work, args.runs, args.windows, args.prompt_tokens, args.rtn)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"vs_builder_{args.model}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))  # noqa: T201

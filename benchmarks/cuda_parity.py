@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     report = parity(args.package, args.window)
     if args.peer is not None:
-        from rslora_deploy.stages.verify import smoke_generate
+        from rslora_deploy.exporters.genai.smoke import smoke_generate
 
         onnx_dir = args.package / "model" if (args.package / "model").is_dir() else args.package
         for name, folder in (("ours", onnx_dir), ("peer_builder_cuda", args.peer)):

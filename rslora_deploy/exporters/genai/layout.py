@@ -71,6 +71,7 @@ def resolve(cfg: ExportConfig, target: str, profile_name: str = "") -> Layout:
         ConfigError: the lm_head precision is one the target cannot run (naming the profile and
             the options it accepts).
     """
+    target = str(getattr(target, "value", target))  # a profile's ExportTarget member
     choices = LM_HEAD_CHOICES.get(target)
     if choices is None:
         raise ConfigError(

@@ -127,7 +127,7 @@ def test_asymmetric_codes_round_trip_bit_exact(tmp_path: Path, asym_dir: Path) -
 
 
 def test_lm_head_variants_export_and_load(lm_head_export) -> None:
-    from rslora_deploy.stages.verify import smoke_generate
+    from rslora_deploy.exporters.genai.smoke import smoke_generate
 
     precision, art = lm_head_export
     nodes = _nodes(art.path)
