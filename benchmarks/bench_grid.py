@@ -36,7 +36,7 @@ from bench_vs_builder import RESULTS, source_model  # noqa: E402
 
 
 def grid_variants(widths: set[int]) -> dict[str, tuple[str, int, int, bool]]:
-    """name -> (part, bits, group, sym) for every variant of the run."""
+    """Name -> (part, bits, group, sym) for every variant of the run."""
     out: dict[str, tuple[str, int, int, bool]] = {}
     for group in (32, 64, 128):
         if all(w % group == 0 for w in widths):

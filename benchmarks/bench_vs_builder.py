@@ -67,7 +67,10 @@ def variants(model: str, rtn: bool = False) -> list[Variant]:
     compares) does not depend on how the codes were chosen; GPTQ's quality gain over RTN is
     measured in docs/benchmarks-quantize.md.
     """
-    peers = [Variant("peer_default", builder=()), Variant("peer_kquant", builder=("algo_config=k_quant",))]
+    peers = [
+        Variant("peer_default", builder=()),
+        Variant("peer_kquant", builder=("algo_config=k_quant",)),
+    ]
     if rtn:
         q = {"method": "rtn", "sym": False}
         ours = [
@@ -155,8 +158,11 @@ def build_ours(source: Path, variant: Variant, work: Path) -> dict[str, Any]:
 
 
 def bytes_per_token(folder: Path) -> int:
-    """Weight bytes a decode step reads: every initializer of a MatMul / MatMulNBits node in full
-    (a Gather reads one row: counted as zero), each initializer once."""
+    """Weight bytes a decode step reads.
+
+    Every initializer of a MatMul / MatMulNBits node counts in full, each once; a Gather reads
+    one row (counted as zero).
+    """
     import onnx
 
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph

@@ -77,9 +77,10 @@ def tiny_qwen2(
 
 
 def tiny_gemma3(hidden: int = 64, layers: int = 2, seed: int = 0, vocab: int = 128) -> Any:
-    """Gemma3ForCausalLM (text): q/k norms, sliding and full attention layers with their own
-    RoPE bases (transformers 5 stores them per layer type in ``rope_parameters``), tied lm_head.
+    """Gemma3ForCausalLM (text): q/k norms, sliding and full layers, tied lm_head.
 
+    Sliding and full layers have their own RoPE bases (transformers 5 stores them per layer type
+    in ``rope_parameters``).
     ``layers`` alternate sliding/full so both RoPE tables are exercised; the sliding window (4)
     is shorter than a test sequence so the window matters too.
     """
