@@ -44,7 +44,6 @@ from _machine import describe  # noqa: E402
 from bench_decode import MAX_LENGTH, NEW_TOKENS, _prompt  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CPU_PROFILE = "ascend-310b-2gb"
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,8 @@ def build_ours(source: Path, variant: Variant, work: Path) -> dict[str, Any]:
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import ExportConfig, QuantizeConfig
     from rslora_deploy.exporters.genai.builder import export_onnx
-    from rslora_deploy.profiles import load_profile
     from rslora_deploy.stages.quantize import quantize_model
+    from rslora_deploy.testing.profiles import genai_cpu_profile
 
     cfg = QuantizeConfig(**variant.quantize)
     key = "_".join(f"{k}-{v}" for k, v in sorted(variant.quantize.items())) or "defaults"
@@ -149,7 +148,7 @@ def build_ours(source: Path, variant: Variant, work: Path) -> dict[str, Any]:
     quantize_s = time.perf_counter() - started
     art = export_onnx(
         Artifact("hf-quantized", checkpoint), work / variant.name,
-        ExportConfig(max_length=MAX_LENGTH, **variant.export), load_profile(CPU_PROFILE),
+        ExportConfig(max_length=MAX_LENGTH, **variant.export), genai_cpu_profile(),
         work / f"{variant.name}.log",
     )  # fmt: skip
     meta = {k: v for k, v in art.meta.items() if k not in ("builder", "max_length")}

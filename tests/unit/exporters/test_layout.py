@@ -15,14 +15,15 @@ from rslora_deploy.errors import ConfigError
 from rslora_deploy.exporters.genai import layout
 
 
-def _export(checkpoint: Path, root: Path, cfg: ExportConfig, profile: str = "ascend-310b-2gb"):
+def _export(checkpoint: Path, root: Path, cfg: ExportConfig):
+    """Export for an onnxruntime-genai CPU target (fp32 activations)."""
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.exporters.genai.builder import export_onnx
-    from rslora_deploy.profiles import load_profile
+    from rslora_deploy.testing.profiles import genai_cpu_profile
 
     root.mkdir(parents=True, exist_ok=True)
     return export_onnx(
-        Artifact("hf-quantized", checkpoint), root / "onnx", cfg, load_profile(profile),
+        Artifact("hf-quantized", checkpoint), root / "onnx", cfg, genai_cpu_profile(),
         root / "export.log",
     )  # fmt: skip
 

@@ -39,19 +39,19 @@ def mixed_dir(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
 def mixed_onnx(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, mixed_dir: Path
 ) -> tuple[str, Path]:
-    """The mixed checkpoint exported for the Ascend profile (CPU target, accuracy level 1) in
+    """The mixed checkpoint exported for a genai CPU target (accuracy level 1) in
     both layouts: ``float`` is what ``auto`` picks there, ``nbits8`` what it picks for CUDA."""
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.config import ExportConfig
     from rslora_deploy.exporters.genai.builder import export_onnx
-    from rslora_deploy.profiles import load_profile
+    from rslora_deploy.testing.profiles import genai_cpu_profile
 
     root = tmp_path_factory.mktemp(f"mixed-onnx-{request.param}")
     art = export_onnx(
         Artifact("hf-quantized", mixed_dir),
         root / "onnx",
         ExportConfig(protected_layout=request.param, accuracy_level=1, lm_head="fp32"),
-        load_profile("ascend-310b-2gb"),
+        genai_cpu_profile(),
         root / "export.log",
     )
     assert art.meta["protected_8bit"]["layout"] == request.param
