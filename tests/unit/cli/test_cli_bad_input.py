@@ -150,12 +150,11 @@ def test_verify_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "manifest.json" in err
 
 
-@pytest.mark.parametrize(
-    ("profile", "precision"), [("t4-2gb", "fp32"), ("ascend-310b-2gb", "fp16")]
-)
 def test_lm_head_precision_the_target_cannot_run(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], profile: str, precision: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """t4-2gb's graph has fp16 activations: an fp32 lm_head is refused before anything runs."""
+    profile, precision = "t4-2gb", "fp32"
     out = tmp_path / "pkg"
     code, err = _run(
         ["build", "--profile", profile, "--lm-head", precision, "--out", str(out)], capsys
