@@ -65,7 +65,7 @@ def main() -> None:
     """The builder's ``__main__`` (0.18.0), with the config view in place."""
     from onnxruntime_genai.models import builder
 
-    builder.AutoConfig = _ConfigLoader(builder.AutoConfig)  # type: ignore[attr-defined]
+    builder.AutoConfig = _ConfigLoader(builder.AutoConfig)
     args = builder.get_args()
     extra_options = builder.parse_extra_options(
         args.model_name, args.input, args.output, args.precision, args.execution_provider,
@@ -81,4 +81,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    sys.exit(0)
