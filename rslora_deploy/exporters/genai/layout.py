@@ -30,10 +30,15 @@ LM_HEAD_CHOICES: dict[str, tuple[str, ...]] = {
     "cpu": ("fp32", "int8", "int4"),
     "cuda": ("fp16", "int8", "int4"),
 }
-#: ``auto`` per target (docs/export.md, "Layout table").
-LM_HEAD_DEFAULT = {"cpu": "int4", "cuda": "fp16"}
+#: ``auto`` per target (docs/export.md, "Layout table"). The CPU default stays the full-precision
+#: head at level 1 for now: the faster int4-head / level-4 layout is selectable (``--lm-head int4``,
+#: ``export.accuracy_level = 4``) but its side-by-side quality run did not finish, and the cpu-2gb
+#: memory formula was calibrated on the fp32-head graph: with the int4 head at level 4 the
+#: estimate came out 0.93x the measured worst case at max_length 2048 (below it), so making it the
+#: default needs the budget terms re-measured first (issue #12 note).
+LM_HEAD_DEFAULT = {"cpu": "fp32", "cuda": "fp16"}
 #: ``accuracy_level`` when the recipe leaves it unset.
-ACCURACY_LEVEL_DEFAULT = {"cpu": 4, "cuda": 1}
+ACCURACY_LEVEL_DEFAULT = {"cpu": 1, "cuda": 1}
 #: ONNX-vs-PyTorch relative logit error allowed per (accuracy level, lm_head quantized). The
 #: PyTorch side keeps lm_head in full precision and fp32 activations, so what the export changes
 #: on purpose is inside the measured difference. Measured on SmolLM2 + demo adapter (8 x 512
