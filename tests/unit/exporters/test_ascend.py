@@ -252,10 +252,15 @@ def test_cli_build_over_budget_exits_3_with_an_ascend_package(tiny_dir, tmp_path
             / "ascend-310p-2gb.toml").read_text()  # fmt: skip
     text = text.replace("memory_bytes = 2147483648", "memory_bytes = 1048576")
     profile = tmp_path / "tiny-ascend.toml"
-    profile.write_text(text.replace("reserved_bytes = 314572800", "reserved_bytes = 0"))
+    text = text.replace("reserved_bytes = 314572800", "reserved_bytes = 0")
+    # The tiny model's context is 128 tokens: the profile's KV buffer and the gears must fit it.
+    profile.write_text(text.replace("max_seq_len = 2048", f"max_seq_len = {KV}"))
+    recipe = tmp_path / "gears.toml"
+    recipe.write_text(f"[export]\ngears = {list(GEARS)}\n")
     out = tmp_path / "pkg"
     argv = ["build", "--profile", str(profile), "--base", str(tiny_dir), "--no-adapter",
-            "--method", "rtn", "--group-size", "64", "--no-eval", "--out", str(out)]  # fmt: skip
+            "--method", "rtn", "--group-size", "64", "--no-eval", "--recipe", str(recipe),
+            "--out", str(out)]  # fmt: skip
     assert main(argv) == 3
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["export"]["exporter"] == "ascend-om"
