@@ -65,6 +65,11 @@ def test_same_greedy_tokens_as_pytorch(package: Path) -> None:
     from rslora_deploy.exporters.ascend.weights import build_decoder
 
     model_dir = package / "model"
+    if json.loads((package / "manifest.json").read_text())["profile"]["name"] != "ascend-310p-2gb":
+        # The 310B decoder is the same export code with a shorter KV buffer (1024 vs 2048; the
+        # tiny-model tests cover other lengths), and the fp16 PyTorch reference recomputes the
+        # whole sequence every step (minutes per prompt on a 2-core CI box): run it once.
+        pytest.skip("greedy check runs on ascend-310p-2gb only (same exporter, KV 2048 vs 1024)")
     # The reference's buffer only needs to cover the positions (masked slots add nothing).
     decoder, _ = build_decoder(package / "quantized", 128)
     tok = AutoTokenizer.from_pretrained(model_dir)
