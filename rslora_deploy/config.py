@@ -221,17 +221,18 @@ class ExportConfig(_Section):
 
     accuracy_level: int | None = Field(
         default=None,
-        description="MatMulNBits accuracy level. None: 4 on CPU targets (int8 activations, the "
-        "fast CPU kernel; 1.4-1.6x the decode speed of level 1 at the same perplexity, "
-        "docs/export.md), 1 on CUDA targets (the CUDA kernel ignores it; level 1 keeps the "
-        "CPU verification run of a CUDA package faithful to the GPU).",
+        description="MatMulNBits accuracy level. None: 1 (fp32 activations). 4 quantizes "
+        "activations to int8 inside MatMulNBits on CPU (the fast kernel, 1.4-1.6x decode "
+        "speed; not the default until its side-by-side run and the cpu-2gb memory terms are "
+        "re-measured, docs/export.md). The CUDA kernel ignores it.",
     )
     lm_head: LmHeadPrecision = Field(
         default="auto",
         description="lm_head (and a tied embedding) precision: int4 (RTN per block of "
         "lm_head_block_size, one table shared with the embedding when tied), int8 (RTN per "
         "block; the embedding stays full precision), fp32 (CPU targets) or fp16 (CUDA "
-        "targets). auto: int4 on CPU targets, fp16 on CUDA targets (docs/export.md).",
+        "targets). auto: fp32 on CPU targets, fp16 on CUDA targets; int4 is the faster CPU "
+        "layout, not the default yet (docs/export.md).",
     )
     lm_head_block_size: int = Field(
         default=32,

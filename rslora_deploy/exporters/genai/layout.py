@@ -1,6 +1,8 @@
 """The export layout: lm_head / embedding precision and ``accuracy_level`` per builder target.
 
-Every default here comes from a measured table (docs/export.md, ``benchmarks/bench_vs_builder.py``):
+The layouts and their measured costs (docs/export.md, ``benchmarks/bench_vs_builder.py``). The CPU
+default is the fp32 head at level 1 for now; the int4-head level-4 layout below is selectable and
+becomes the default once its side-by-side run and the cpu-2gb memory terms are re-measured:
 
 * ``lm_head``: on the CPU target (fp32 activations) the tied lm_head is the largest single read
   of every decoded token: 49152 x 576 fp32 = 113 MB on SmolLM2, 8.5x the int4 decoder layers'
