@@ -36,6 +36,8 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     write_tiny_corpus(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RSLORA_DEPLOY_CACHE", str(root))
+        # One pytest run may hold the integration suite's session-wide stage-cache override.
+        patch.delenv("RSLORA_DEPLOY_STAGE_CACHE", raising=False)
         patch.setattr(assets, "fetch_smollm2", no_smollm2)
         yield root
 
