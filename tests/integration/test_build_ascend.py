@@ -16,6 +16,7 @@ import pytest
 
 from rslora_deploy.exporters.ascend.exporter import run_shipped_runner
 from rslora_deploy.exporters.ascend.op_lint import lint_package
+from tests import tolerances as tol
 
 pytestmark = pytest.mark.slow
 
@@ -58,23 +59,81 @@ def test_manifest_says_fp16_not_int4(package: Path) -> None:
     assert "int4" not in json.dumps(manifest["export"]).replace("no int4", "")
 
 
+def _is_310p(package: Path) -> bool:
+    manifest = json.loads((package / "manifest.json").read_text())
+    return manifest["profile"]["name"] == "ascend-310p-2gb"
+
+
 def test_same_greedy_tokens_as_pytorch(package: Path) -> None:
+    """The shipped runner (ORT CPU) against the fp16 PyTorch module it was exported from.
+
+    Greedy decoding is only defined where the best logit is unique. At a step where PyTorch's
+    own fp16 top-2 logits tie within ``ASCEND_TIE_RELATIVE`` (measured on SmolLM2: 3 of the 5
+    prompts reach one, margins 0, 0 and 1 ulp), the two backends may pick different tokens; the
+    runner is then restarted from the reference's token, so every one of the 32 steps of every
+    prompt is compared and each difference must sit on such a tie.
+    """
     from transformers import AutoTokenizer
 
     from rslora_deploy.exporters.ascend.model import greedy_reference
     from rslora_deploy.exporters.ascend.weights import build_decoder
 
-    model_dir = package / "model"
-    if json.loads((package / "manifest.json").read_text())["profile"]["name"] != "ascend-310p-2gb":
+    if not _is_310p(package):
         # The 310B decoder is the same export code with a shorter KV buffer (1024 vs 2048; the
-        # tiny-model tests cover other lengths), and the fp16 PyTorch reference recomputes the
-        # whole sequence every step (minutes per prompt on a 2-core CI box): run it once.
+        # tiny-model tests cover other lengths): one SmolLM2 comparison is enough.
         pytest.skip("greedy check runs on ascend-310p-2gb only (same exporter, KV 2048 vs 1024)")
+    model_dir = package / "model"
     # The reference's buffer only needs to cover the positions (masked slots add nothing).
     decoder, _ = build_decoder(package / "quantized", 128)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    ties_taken = 0
     for text in PROMPTS:
         prompt = tok(text)["input_ids"]
-        got = run_shipped_runner(model_dir, ids=prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-        want, _ = greedy_reference(decoder, prompt, NEW_TOKENS)
-        assert got["new_ids"] == want, (text, tok.decode(got["new_ids"]), tok.decode(want))
+        want, ties = greedy_reference(decoder, prompt, NEW_TOKENS, tol.ASCEND_TIE_RELATIVE)
+        done = 0
+        while done < NEW_TOKENS:
+            got = run_shipped_runner(
+                model_dir, ids=prompt + want[:done], max_new_tokens=NEW_TOKENS - done,
+                ignore_eos=True,
+            )["new_ids"]  # fmt: skip
+            assert len(got) == NEW_TOKENS - done
+            pairs = enumerate(zip(got, want[done:], strict=True))
+            diff = next((i for i, (a, b) in pairs if a != b), None)
+            if diff is None:
+                break
+            step = done + diff
+            assert ties[step], (text, step, tok.decode(want[: step + 1]), tok.decode(got[diff]))
+            ties_taken += 1
+            done = step + 1
+    assert ties_taken <= len(PROMPTS), f"{ties_taken} fp16 ties in {len(PROMPTS)} prompts"
+
+
+def test_prompt_logits_within_fp16_tolerance(package: Path) -> None:
+    """Every prompt position's logits against the fp32 transformers model of the same weights."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from rslora_deploy.evaluation.quality import dequantized_gptq_model
+
+    model_dir = package / "model"
+    spec_file = importlib.util.spec_from_file_location(
+        "ascend_runner", model_dir / "runner" / "ascend_runner.py"
+    )
+    runner_mod = importlib.util.module_from_spec(spec_file)
+    spec_file.loader.exec_module(runner_mod)
+    spec = json.loads((model_dir / "io_spec.json").read_text())
+    runner = runner_mod.KVRunner(spec, runner_mod.OrtBackend(model_dir, spec))
+    reference = dequantized_gptq_model(package / "quantized").float().eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        got = runner.score(ids)
+        with torch.no_grad():
+            want = reference(torch.tensor([ids])).logits[0].numpy()
+        rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        # Measured on SmolLM2 (310P, RTN): 6e-4 to 1.3e-3; argmax agreed at every position.
+        assert rel < tol.ASCEND_FP16_LOGITS, (text, rel)
+        assert (got.argmax(-1) == want.argmax(-1)).all(), text
