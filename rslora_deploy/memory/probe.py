@@ -96,10 +96,6 @@ def worst_probe(
         return cpu.peak_bytes() if kind == "cpu" else sampler.added_bytes
 
     with PeakSampler(reader) as sampler:
-        # The context probe's imports, so that worst - context is the model alone and not the
-        # onnxruntime Python bindings that only the context probe would otherwise load.
-        import numpy  # noqa: F401
-        import onnxruntime  # noqa: F401
         import onnxruntime_genai as og
 
         model = og.Model(onnx_dir)

@@ -58,11 +58,18 @@ def test_absent_device_is_an_error_naming_it(tmp_path: Path, profile: str, devic
 
 
 def test_real_cpu_measurement(tiny_onnx_cpu: Path) -> None:
-    """Both probes in real child processes on the tiny export: the numbers are RSS, and ordered."""
+    """Both probes in real child processes on the tiny export: the numbers are RSS, and ordered.
+
+    Not ``context < worst``: the context probe also holds the onnxruntime Python binding (an upper
+    bound of the runtime, docs/budget.md), which on this 1 MB model outweighs the model itself
+    (CI: 91.4 vs 88.2 MiB). The arithmetic between the two is checked instead.
+    """
     report = measure_package(tiny_onnx_cpu, load_profile("cpu-2gb"), max_length=64)
     probes = report["probes_bytes"]
     assert report["final_length"] == 64
-    assert 50 * 2**20 < probes["context"] < probes["worst_case_peak"] < 2**31
+    assert 50 * 2**20 < probes["context"] < 2**31
+    assert 50 * 2**20 < probes["worst_case_peak"] < 2**31
+    assert report["model_dependent_bytes"] == probes["worst_case_peak"] - probes["context"]
     assert probes["after_prefill"] <= probes["run_peak"] <= probes["worst_case_peak"]
     assert max(probes["load_peak"], probes["run_peak"]) == probes["worst_case_peak"]
     assert report["runtime"]["onnxruntime-genai"]
