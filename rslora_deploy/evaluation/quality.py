@@ -34,8 +34,11 @@ from rslora_deploy.evaluation.sequence import LogitFn, SurvivalSpec, evaluate_se
 
 logger = logging.getLogger(__name__)
 
-#: The build's gate between the ONNX int4 model and the PyTorch quantized model it came from
-#: (stack-notes measured 0.006-0.014 for the onnxruntime-genai builder on SmolLM2).
+#: The build's gate between the ONNX int4 model and the PyTorch quantized model it came from,
+#: when the export does not state its own (stack-notes measured 0.006-0.014 for the
+#: onnxruntime-genai builder at accuracy level 1 with a float lm_head on SmolLM2). An export
+#: states its layout's limit as ``parity_tolerance`` (exporters/genai/layout.py: level 4 and
+#: an int4 lm_head are correct exports with larger differences).
 ONNX_LOGIT_ERROR_LIMIT = 0.02
 
 
@@ -321,6 +324,7 @@ def evaluate_build(
     *,
     survival_threshold: float = 0.5,
     survival_genre: str | None = None,
+    onnx_tolerance: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a build: perplexity of merged / quantized / ONNX, agreement, logit error, survival.
 
@@ -337,6 +341,8 @@ def evaluate_build(
         survival_threshold: warn when the retained fraction of the adapter effect is lower.
         survival_genre: Brown genre of the adapter's own domain (e.g. ``government``); the
             survival statistics then use a second set of windows from that genre only.
+        onnx_tolerance: the export's own ONNX-vs-PyTorch parity limit (its layout's
+            ``parity_tolerance``); None uses :data:`ONNX_LOGIT_ERROR_LIMIT`.
 
     Returns:
         JSON-able dict: protocol, per-model perplexity / agreement, relative logit errors,
@@ -383,7 +389,8 @@ def evaluate_build(
         **result,
     }
     if onnx_dir is not None and quantized_dir is not None:
-        report.update(_onnx_gate(result["relative_logit_error"]["onnx_vs_quantized"]))
+        limit = ONNX_LOGIT_ERROR_LIMIT if onnx_tolerance is None else onnx_tolerance
+        report.update(_onnx_gate(result["relative_logit_error"]["onnx_vs_quantized"], limit))
     if specs:
         if specs[0].text is not None:
             domain_text = specs[0].text
@@ -399,18 +406,13 @@ def evaluate_build(
     return report
 
 
-def _onnx_gate(error: float) -> dict[str, Any]:
+def _onnx_gate(error: float, limit: float) -> dict[str, Any]:
     """The export's parity check: ONNX int4 logits against the PyTorch quantized model's."""
-    if error >= ONNX_LOGIT_ERROR_LIMIT:
+    if error >= limit:
         logger.warning(
-            "ONNX logits differ from the PyTorch quantized model by %.4f (limit %.2f)",
-            error,
-            ONNX_LOGIT_ERROR_LIMIT,
+            "ONNX logits differ from the PyTorch quantized model by %.4f (limit %.2f)", error, limit
         )
-    return {
-        "onnx_vs_torch_ok": error < ONNX_LOGIT_ERROR_LIMIT,
-        "onnx_vs_torch_limit": ONNX_LOGIT_ERROR_LIMIT,
-    }
+    return {"onnx_vs_torch_ok": error < limit, "onnx_vs_torch_limit": limit}
 
 
 def evaluate_models(

@@ -65,6 +65,7 @@ class EvaluateStage:
             survival_base,
             survival_genre=genre,
             survival_threshold=threshold,
+            onnx_tolerance=artifact.meta.get("parity_tolerance"),
         )
         # The evaluation's wall time stays out of the hashed quality.json (two builds of the same
         # inputs give the same bytes); the stage's time is in reports/build.json.

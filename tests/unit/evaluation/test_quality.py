@@ -118,3 +118,15 @@ def test_protected_checkpoint_loads_with_8bit_module(tmp_path, tiny_dir):
     err8 = ((w8 - ref8).norm() / ref8.norm()).item()
     err4 = ((w4 - ref4).norm() / ref4.norm()).item()
     assert err8 < err4 / 8  # 8-bit: 16x finer steps than 4-bit
+
+
+def test_onnx_gate_uses_the_exports_own_tolerance(caplog: pytest.LogCaptureFixture) -> None:
+    """A level-4 / int4-head export states a larger parity limit; the gate reads it, not 0.02."""
+    from rslora_deploy.evaluation.quality import ONNX_LOGIT_ERROR_LIMIT, _onnx_gate
+    from rslora_deploy.exporters.genai.layout import PARITY_TOLERANCE
+
+    level4 = PARITY_TOLERANCE[(4, True)]
+    assert _onnx_gate(0.05, level4) == {"onnx_vs_torch_ok": True, "onnx_vs_torch_limit": level4}
+    assert not caplog.records
+    assert not _onnx_gate(0.05, ONNX_LOGIT_ERROR_LIMIT)["onnx_vs_torch_ok"]
+    assert "limit 0.02" in caplog.text
