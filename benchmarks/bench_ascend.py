@@ -101,14 +101,19 @@ def greedy_agreement(base: Path, model_dir: Path, new_tokens: int) -> dict[str, 
     for text in PROMPTS:
         prompt = tok(text)["input_ids"]
         got = run_shipped_runner(model_dir, ids=prompt, max_new_tokens=new_tokens, ignore_eos=True)
-        want, _ = greedy_reference(decoder, prompt, new_tokens)
-        rows.append({"prompt": text, "same": got["new_ids"] == want, "text": tok.decode(want)})
+        want, ties = greedy_reference(decoder, prompt, new_tokens, 2.0**-9)
+        pairs = enumerate(zip(got["new_ids"], want, strict=True))
+        diff = next((i for i, (a, b) in pairs if a != b), None)
+        rows.append({
+            "prompt": text, "same": diff is None, "first_difference": diff,
+            "at_fp16_tie": None if diff is None else ties[diff], "text": tok.decode(want),
+        })  # fmt: skip
     return {"prompts": len(rows), "identical": sum(r["same"] for r in rows), "rows": rows}
 
 
 def genai_cpu_speed(base: Path, work: Path, prompt: str, new_tokens: int) -> dict[str, Any]:
     """onnxruntime-genai fp32 CPU export of the same weights, decoded in a child process."""
-    from rslora_deploy.stages.verify import smoke_generate
+    from rslora_deploy.exporters.genai.smoke import smoke_generate
 
     out = work / "genai-fp32"
     if not (out / "genai_config.json").is_file():

@@ -6,8 +6,9 @@ the embedding included, ``accuracy_level`` 4). Ours is the export stage on a 4-b
 tied embedding kept in full precision and shared with lm_head, ``accuracy_level`` 1, and the
 same with ``--protect-adapter``'s 8-bit modules; and ``ours_fast``, our export with the speed
 knobs (``export.accuracy_level = 4``, ``export.lm_head_int4 = true``). All graphs are CPU-target
-(fp32 activations), the graph the Ascend profiles ship; this machine has no GPU, so the T4
-graph's speed is not measured here.
+(fp32 activations, the ``cpu-2gb`` profile); this machine has no GPU, so the T4 graph's speed is
+not measured here. The layouts are also compared side by side with the builder's best options,
+with GPTQ and perplexity on 64 windows, in ``benchmarks/bench_vs_builder.py``.
 
 Every model is built from the same merged weights (SmolLM2-135M + the demo adapter), quantized
 with RTN: the speed of a ``MatMulNBits`` graph depends on its layout, not on how the codes were
@@ -57,10 +58,10 @@ def _prepare(work: Path) -> dict[str, Path]:
     from rslora_deploy.data.assets import default_base_dir
     from rslora_deploy.exporters.genai.builder import export_onnx
     from rslora_deploy.exporters.genai.exporter import GenaiExporter
-    from rslora_deploy.profiles import load_profile
     from rslora_deploy.quantizers.protection import plan_protection
     from rslora_deploy.stages.merge import merge_adapter
     from rslora_deploy.stages.quantize import quantize_model
+    from rslora_deploy.testing.profiles import genai_cpu_profile
 
     base = default_base_dir()
     merged = work / "merged"
@@ -75,7 +76,7 @@ def _prepare(work: Path) -> dict[str, Path]:
             base, merged, cfg, cfg.protect_ratio, GenaiExporter.fused_groups
         )
         quantize_model(Artifact("hf", merged), checkpoints["protected"], cfg, extras=extras)
-    profile = load_profile("ascend-310b-2gb")  # cpu target
+    profile = genai_cpu_profile()  # cpu-2gb: the genai CPU target
     variants = {
         "ours": (checkpoints["plain"], ExportConfig(max_length=MAX_LENGTH)),
         "ours_accuracy_level_4": (
