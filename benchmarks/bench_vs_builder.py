@@ -9,7 +9,9 @@ adapter, or Gemma-3-270M base):
   best builder option found here;
 * ``ours_default``: what ``rslora-deploy build`` ships for a CPU target with its defaults;
 * alternatives that change one layout choice at a time (method, group size, symmetry,
-  ``accuracy_level``, lm_head precision, ``--protect-adapter``).
+  ``accuracy_level``, lm_head precision, ``--protect-adapter``). ``ours_default`` is whatever
+  the checkout's defaults resolve to; its ``export`` facts in the results say which explicit
+  variant it equals.
 
 For each: decode tok/s (``--prompt-tokens`` prompt, 128 greedy tokens, median of ``--runs``,
 each run in its own process), prefill seconds, package MiB, peak RSS, bytes of weights read per
@@ -80,6 +82,7 @@ def variants(model: str, rtn: bool = False) -> list[Variant]:
         return [*peers, *ours] if model == "smollm2" else [peers[0], ours[0]]
     ours = [
         Variant("ours_default"),
+        Variant("ours_int4_head_level4", export={"accuracy_level": 4, "lm_head": "int4"}),
         Variant("ours_fp32_head_level1", export={"accuracy_level": 1, "lm_head": "fp32"}),
     ]
     if model == "smollm2":
