@@ -144,9 +144,12 @@ def build_ours(source: Path, variant: Variant, work: Path) -> dict[str, Any]:
         extras = None
         if variant.protect:
             from rslora_deploy.data.assets import default_base_dir
+            from rslora_deploy.exporters.genai.exporter import GenaiExporter
             from rslora_deploy.quantizers.protection import plan_protection
 
-            extras, _ = plan_protection(default_base_dir(), source, cfg, cfg.protect_ratio)
+            extras, _ = plan_protection(
+                default_base_dir(), source, cfg, cfg.protect_ratio, GenaiExporter.fused_groups
+            )
         quantize_model(Artifact("hf", source), checkpoint, cfg, extras=extras)
     quantize_s = time.perf_counter() - started
     art = export_onnx(
