@@ -162,6 +162,14 @@ class DeviceProfile(BaseModel):
         description="Measured prefill activation bytes per token over the formula's "
         "(4*hidden + 3*intermediate) * io_bytes, on this runtime.",
     )
+    nbits_prepack_factor: float = Field(
+        default=0.0,
+        ge=0,
+        le=10,
+        description="Resident bytes the CPU kernel adds per byte of MatMulNBits weights run at "
+        "accuracy_level 4 (its int8-activation packed copy, beyond what it frees), measured on "
+        "this runtime; 0 where not measured or not applicable.",
+    )
     attention_scores: bool = Field(
         default=True,
         description="Charge one layer's fp32 attention scores (heads * max_length^2 * 4); false "

@@ -113,14 +113,16 @@ def _table(rows: list[dict[str, Any]]) -> Any:
     from rslora_deploy.memory.html import TERMS
 
     table = Table(title="memory estimate (MiB)")
-    for column in ("profile", *TERMS, "total", "budget", "measured", "fits"):
+    # Only the terms some row charges: a column of zeros (a prepack no profile has) is noise.
+    terms = [t for t in TERMS if any(r["estimate"]["terms_bytes"].get(t) for r in rows)]
+    for column in ("profile", *terms, "total", "budget", "measured", "fits"):
         table.add_column(column, justify="left" if column == "profile" else "right")
     for row in rows:
         report, measured = row["estimate"], row.get("measured") or {}
         peak = (measured.get("probes_bytes") or {}).get("worst_case_peak")
         table.add_row(
             report["profile"],
-            *(f"{report['terms_bytes'].get(t, 0) / 2**20:.1f}" for t in TERMS),
+            *(f"{report['terms_bytes'].get(t, 0) / 2**20:.1f}" for t in terms),
             f"{report['estimate_bytes'] / 2**20:.1f}",
             f"{report['budget_bytes'] / 2**20:.0f}",
             f"{peak / 2**20:.1f}" if peak else measured.get("status", "-"),

@@ -34,12 +34,15 @@ class Shape:
         batch: concurrent sequences.
         last_token_logits: the graph returns the last position's logits only during prefill.
         float_lm_head: lm_head is a float MatMul (not int4).
+        level4_nbits_bytes: weight bytes of the graph's ``MatMulNBits`` nodes at
+            ``accuracy_level`` 4 (int8 activations on CPU), each initializer once.
     """
 
     max_length: int
     batch: int
     last_token_logits: bool = True
     float_lm_head: bool = True
+    level4_nbits_bytes: int = 0
 
     @classmethod
     def of(cls, profile: DeviceProfile, last_token_logits: bool = True) -> Shape:

@@ -68,7 +68,36 @@ def package_shape(onnx_dir: Path, profile: DeviceProfile) -> Shape:
         max_length = int(config.get("search", {}).get("max_length") or max_length)
     graph = (Path(onnx_dir) / "model.onnx").is_file()
     last = graph and logits_positions(onnx_dir) == "last"
-    return Shape(max_length, profile.batch_size, last, not graph or lm_head_is_float(onnx_dir))
+    float_head = not graph or lm_head_is_float(onnx_dir)
+    level4 = level4_nbits_bytes(onnx_dir) if graph else 0
+    return Shape(max_length, profile.batch_size, last, float_head, level4)
+
+
+def level4_nbits_bytes(onnx_dir: Path) -> int:
+    """Weight bytes of ``model.onnx``'s ``MatMulNBits`` nodes at ``accuracy_level`` 4.
+
+    Codes, scales and zero points, each initializer counted once (a tied int4 table shared with
+    the embedding's ``GatherBlockQuantized`` counts with lm_head). Read from the graph only (the
+    external data is never loaded); an unreadable graph gives 0, like a level-1 graph.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        graph = onnx.load(str(Path(onnx_dir) / "model.onnx"), load_external_data=False).graph
+    except (DecodeError, OSError):
+        return 0
+    sizes = {
+        init.name: next((int(e.value) for e in init.external_data if e.key == "length"), 0)
+        or len(init.raw_data)
+        for init in graph.initializer
+    }
+    counted: set[str] = set()
+    for node in graph.node:
+        level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+        if node.op_type == "MatMulNBits" and level == 4:
+            counted.update(name for name in node.input[1:] if name in sizes)
+    return sum(sizes[name] for name in counted)
 
 
 def estimate(onnx_dir: Path, view: ModelView, profile: DeviceProfile) -> dict[str, Any]:

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 TERMS = (
-    "weights", "lm_head_prepack", "kv_cache", "logits", "activations", "slack", "load_transient",
-    "reserved",
+    "weights", "lm_head_prepack", "nbits_prepack", "kv_cache", "logits", "activations", "slack",
+    "load_transient", "reserved",
 )  # fmt: skip
 COLOURS = {
     "weights": "#4e79a7",
     "lm_head_prepack": "#a0cbe8",
+    "nbits_prepack": "#86bcb6",
     "kv_cache": "#f28e2b",
     "logits": "#e15759",
     "activations": "#76b7b2",

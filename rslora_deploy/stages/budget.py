@@ -49,8 +49,10 @@ class BudgetStage:
         view = model_view(ctx.artifacts["merge_adapter"].path)
         budget = estimate(artifact.path, view, ctx.profile)
         quant = ctx.config.quantize
-        layout = Layout(budget["terms_bytes"]["weights"], quant.bits, quant.group_size,
-                        cfg.lm_head_int4)  # fmt: skip
+        # Whether lm_head is int4 is read from the exported graph (the layout's "auto" resolves
+        # per target; the legacy cfg.lm_head_int4 flag alone would miss lm_head = "int4").
+        int4_head = not budget["inputs"]["float_lm_head"]
+        layout = Layout(budget["terms_bytes"]["weights"], quant.bits, quant.group_size, int4_head)
         finish_build_report(artifact.path, view, ctx.profile, budget, ctx.reports, layout)
         report = BudgetReport.model_validate(budget)
         write_json(ctx.reports / "budget.json", report.to_json())

@@ -6,6 +6,9 @@ package's shape (max_length L, batch B):
 
     lm_head_prepack = V * H * io           cpu target with a float lm_head: onnxruntime's MLAS
                                            keeps a prepacked copy of a constant MatMul weight
+    nbits_prepack = nbits_prepack_factor * (bytes of MatMulNBits weights at accuracy_level 4)
+                                           cpu target: the int8-activation kernel's packed copy
+                                           (measured per runtime, docs/budget.md)
     kv_cache    = B * layers * 2 * kv_heads * head_dim * L * io
                   (the builder writes past/present in the graph's io dtype; onnxruntime-genai
                    preallocates them to max_length: stack-notes measured 69 MB growth from 512
@@ -83,11 +86,15 @@ class GenaiExporter:
         shape = shape or Shape.of(profile)
         seq, batch, io = shape.max_length, shape.batch, self.io_bytes(profile)
         kv = batch * view.layers * 2 * view.kv_heads * view.head_dim * seq
-        prepack = profile.export_target == ExportTarget.CPU and shape.float_lm_head
+        cpu = profile.export_target == ExportTarget.CPU
+        prepack = cpu and shape.float_lm_head
         linear = batch * seq * (4 * view.hidden + 3 * view.intermediate) * io
         scores = batch * view.heads * seq * seq * 4 if profile.attention_scores else 0
         return {
             "lm_head_prepack": view.vocab * view.hidden * io if prepack else 0,
+            "nbits_prepack": round(profile.nbits_prepack_factor * shape.level4_nbits_bytes)
+            if cpu
+            else 0,
             "kv_cache": kv * io,
             "logits": batch * (1 if shape.last_token_logits else seq) * view.vocab * io,
             "activations": round(profile.activation_factor * linear) + scores,
