@@ -84,8 +84,10 @@ def test_protect_without_adapter_is_refused(
 def test_mixed_checkpoint_from_elsewhere_builds(package: Path, tmp_path: Path) -> None:
     """The kept mixed 4/8-bit checkpoint as ``--base``: checked as already quantized (8-bit
     layers against 8 bits), passed through, exported with the same 8-bit nodes."""
-    out = tmp_path / "again"
+    out, recipe = tmp_path / "again", tmp_path / "export.toml"
+    recipe.write_text('[export]\naccuracy_level = 1\nlm_head = "fp32"\n')  # the first build's
     argv = ["build", "--profile", "cpu-2gb", "--base", str(package / "quantized")]
+    argv += ["--recipe", str(recipe)]
     assert main([*argv, "--no-adapter", "--no-eval", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"]["prequantized"] is True

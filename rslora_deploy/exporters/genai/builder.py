@@ -8,15 +8,14 @@ It runs in a subprocess: the builder prints thousands of progress lines and hold
 in memory; a child process keeps both out of ours (its log goes to ``export.log``).
 
 Choices (docs/export.md; the layout per target is :mod:`rslora_deploy.exporters.genai.layout`):
-* lm_head and a tied embedding: fp32 on CPU targets by default (int4 per block of 32, one table
-  shared by lm_head ``MatMulNBits`` and the embedding ``GatherBlockQuantized``, is selectable and
-  not yet the default: docs/export.md); fp16 on CUDA.
+* lm_head and a tied embedding: on CPU targets int4 per block of 32 by default, one table shared
+  by lm_head ``MatMulNBits`` and the embedding ``GatherBlockQuantized`` (fp32 is selectable:
+  better perplexity, 0.42x the decode speed); fp16 on CUDA.
   An fp32 tied table is read in full by lm_head on every decoded token (113 MB on SmolLM2, 65% of
   that package's bytes per token) and reaches the embedding ``Gather`` through a ``Transpose``
   that onnxruntime folds into a second copy at load (measured: benchmarks/profile_decode.py).
-* ``accuracy_level``: 1 by default (fp32 activations); 4 (int8 activations inside
-  ``MatMulNBits``, the fast CPU kernel) is selectable on CPU targets but not the default yet
-  (docs/export.md). The CUDA kernel ignores it.
+* ``accuracy_level``: 4 on CPU targets by default (int8 activations inside ``MatMulNBits``, the
+  fast CPU kernel), 1 on CUDA targets, whose kernel ignores it (docs/export.md).
 * The builder target comes from the profile: ``cuda`` gives fp16 activations for the T4; ``cpu``
   gives fp32 activations (Ascend, where CANN runs the standard ops and MatMulNBits falls back).
 * ``search.max_length`` is set to the profile's ``max_seq_len`` because onnxruntime-genai

@@ -38,7 +38,7 @@ def _nodes(folder: Path) -> dict[str, object]:
 def test_auto_resolves_per_target() -> None:
     cpu = layout.resolve(ExportConfig(), "cpu")
     cuda = layout.resolve(ExportConfig(), "cuda")
-    assert (cpu.lm_head, cpu.accuracy_level) == ("fp32", 1)
+    assert (cpu.lm_head, cpu.accuracy_level) == ("int4", 4)
     assert (cuda.lm_head, cuda.accuracy_level) == ("fp16", 1)
     assert layout.resolve(ExportConfig(lm_head_int4=True), "cuda").lm_head == "int4"
     fast = layout.resolve(ExportConfig(lm_head="int4", accuracy_level=4), "cpu")

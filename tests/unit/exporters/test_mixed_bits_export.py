@@ -67,7 +67,7 @@ def test_auto_layout_follows_target_and_accuracy_level() -> None:
         return protected_layout(cfg, layout.resolve(cfg, target))
 
     assert resolved(ExportConfig(accuracy_level=1), "cpu") == "float"
-    assert resolved(ExportConfig(), "cpu") == "float"  # the CPU default is level 1 (fp32 head)
+    assert resolved(ExportConfig(), "cpu") == "nbits8"  # the CPU default is level 4
     assert resolved(ExportConfig(accuracy_level=4), "cpu") == "nbits8"
     assert resolved(ExportConfig(), "cuda") == "nbits8"
     assert resolved(ExportConfig(protected_layout="nbits8", accuracy_level=1), "cpu") == "nbits8"
