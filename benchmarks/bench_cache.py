@@ -83,6 +83,7 @@ def main() -> None:
     extra = [a for a in args.extra if a != "--"]
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
+    load_before = os.getloadavg()[0]
     t_a, pkg_a = run("a-nocache", args.work, args.profile, "--no-cache", *extra)
     t_b, pkg_b = run("b-cold", args.work, args.profile, *extra)
     t_c, pkg_c = run("c-warm", args.work, args.profile, *extra)
@@ -92,7 +93,8 @@ def main() -> None:
     ]
     cold_diff, warm_diff = differing(pkg_a, pkg_b), differing(pkg_b, pkg_c)
     n_files = len(package_files(pkg_b)[0])
-    machine = f"Machine: {describe()}. The CPU was shared with other jobs (load average above 10)."
+    loads = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    machine = f"Machine: {describe()}. 1-minute load average {loads} the three builds."
     bench = "\n".join([
         BEGIN,
         f"## Stage cache: warm rerun of {what} (`python benchmarks/bench_cache.py`, "
