@@ -170,11 +170,10 @@ def bytes_per_token(folder: Path) -> int:
     """
     import onnx
 
+    from rslora_deploy.memory.estimate import initializer_bytes
+
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    sizes = {}
-    for init in graph.initializer:
-        length = next((int(e.value) for e in init.external_data if e.key == "length"), None)
-        sizes[init.name] = length if length is not None else len(init.raw_data)
+    sizes = initializer_bytes(graph)
     read: set[str] = set()
     for node in graph.node:
         if node.op_type in ("MatMul", "MatMulNBits"):

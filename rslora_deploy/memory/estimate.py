@@ -73,6 +73,15 @@ def package_shape(onnx_dir: Path, profile: DeviceProfile) -> Shape:
     return Shape(max_length, profile.batch_size, last, float_head, level4)
 
 
+def initializer_bytes(graph: Any) -> dict[str, int]:
+    """Bytes of every initializer of an ONNX ``graph`` loaded without its external data."""
+    return {
+        init.name: next((int(e.value) for e in init.external_data if e.key == "length"), 0)
+        or len(init.raw_data)
+        for init in graph.initializer
+    }
+
+
 def level4_nbits_bytes(onnx_dir: Path) -> int:
     """Weight bytes of ``model.onnx``'s ``MatMulNBits`` nodes at ``accuracy_level`` 4.
 
@@ -87,11 +96,7 @@ def level4_nbits_bytes(onnx_dir: Path) -> int:
         graph = onnx.load(str(Path(onnx_dir) / "model.onnx"), load_external_data=False).graph
     except (DecodeError, OSError):
         return 0
-    sizes = {
-        init.name: next((int(e.value) for e in init.external_data if e.key == "length"), 0)
-        or len(init.raw_data)
-        for init in graph.initializer
-    }
+    sizes = initializer_bytes(graph)
     counted: set[str] = set()
     for node in graph.node:
         level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
