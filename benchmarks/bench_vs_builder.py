@@ -80,11 +80,13 @@ def variants(model: str, rtn: bool = False) -> list[Variant]:
                     export={"accuracy_level": 1, "lm_head": "fp32"}),
         ]  # fmt: skip
         return [*peers, *ours] if model == "smollm2" else [peers[0], ours[0]]
-    ours = [
-        Variant("ours_default"),
-        Variant("ours_int4_head_level4", export={"accuracy_level": 4, "lm_head": "int4"}),
-        Variant("ours_fp32_head_level1", export={"accuracy_level": 1, "lm_head": "fp32"}),
-    ]
+    ours = [Variant("ours_default")]
+    if model == "smollm2":
+        # The explicit spelling of today's CPU default, kept so the table stays comparable with
+        # the run that measured the old fp32-head default. Gemma-3 (no older table) skips it.
+        level4 = {"accuracy_level": 4, "lm_head": "int4"}
+        ours.append(Variant("ours_int4_head_level4", export=level4))
+    ours.append(Variant("ours_fp32_head_level1", export={"accuracy_level": 1, "lm_head": "fp32"}))
     if model == "smollm2":
         ours.append(Variant("ours_rtn_protect_adapter", quantize={"method": "rtn"}, protect=True))
     return [*peers, *ours]
