@@ -80,10 +80,9 @@ def price(
 ) -> tuple[dict[str, Any], Any, Any]:
     """(budget report, solver layout, shape) of ``target`` on ``profile``."""
     from rslora_deploy.memory.estimate import (
-        Shape,
         estimate_from_weights,
         package_shape,
-        predict_weight_bytes,
+        predict,
         weight_bytes,
     )
     from rslora_deploy.memory.solver import Layout, validate_shape
@@ -92,18 +91,23 @@ def price(
         shape = package_shape(target.onnx_dir, profile)
         weights = weight_bytes(target.onnx_dir)
         source = "measured: bytes of the exported ONNX files"
+        int4_head = target.lm_head_int4
     else:
-        shape = Shape.of(profile)
-        predicted = predict_weight_bytes(
-            target.view, target.layout_bits, target.layout_group, profile
-        )
+        # A config is priced as the profile's exporter would ship it with default settings (the
+        # int4 head on CPU targets, fp16 weights on Ascend), not as one fixed layout.
+        predicted, shape = predict(target.view, profile, target.layout_bits, target.layout_group)
         weights = sum(predicted.values())
-        source = f"predicted for int{target.layout_bits} g{target.layout_group}: {predicted}"
+        layout_name = "default layout" if shape.float_lm_head else "default layout, int4 lm_head"
+        source = (
+            f"predicted for int{target.layout_bits} g{target.layout_group}, {layout_name}: "
+            f"{predicted}"
+        )
+        int4_head = not shape.float_lm_head
     shape = replace(shape, max_length=max_length or shape.max_length, batch=batch or shape.batch)
     validate_shape(target.view, shape)
     report = estimate_from_weights(weights, target.view, profile, shape)
     report["weights_source"] = source
-    layout = Layout(weights, target.layout_bits, target.layout_group, target.lm_head_int4)
+    layout = Layout(weights, target.layout_bits, target.layout_group, int4_head)
     return report, layout, shape
 
 

@@ -101,6 +101,16 @@ class Exporter(Protocol):
     def measurement_comparable(self, profile: DeviceProfile) -> bool:
         """Whether a CPU run of this package measures what the device would use."""
 
+    def predict_weights(
+        self, view: ModelView, profile: DeviceProfile, bits: int, group_size: int
+    ) -> tuple[dict[str, int], Shape]:
+        """Weight bytes and shape of what this exporter would ship, before anything is built.
+
+        ``rslora-deploy budget --model`` prices a config this way: the layout is the exporter's
+        default for ``profile`` (what ``build`` would write with an empty recipe), ``bits`` and
+        ``group_size`` the quantizer's. Returns (bytes per part, the package's shape).
+        """
+
 
 def kv_cache_bytes(view: ModelView, profile: DeviceProfile, seq_len: int | None = None) -> int:
     """KV cache preallocated for ``seq_len`` tokens (defaults to the profile's max_seq_len)."""

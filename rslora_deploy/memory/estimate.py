@@ -169,6 +169,23 @@ def estimate_from_weights(
     }
 
 
+def predict(
+    view: ModelView, profile: DeviceProfile, bits: int, group_size: int
+) -> tuple[dict[str, int], Shape]:
+    """Bytes per part and shape of what ``build`` would ship for ``view`` on ``profile``.
+
+    The profile's exporter prices its own default layout (``Exporter.predict_weights``: the
+    int4 head on a CPU target, fp16 weights on Ascend). An exporter registered before that method
+    existed gets the onnxruntime-genai arithmetic with a float head (:func:`predict_weight_bytes`).
+    """
+    exporter = exporter_of(profile)
+    predict_weights = getattr(exporter, "predict_weights", None)
+    if predict_weights is not None:
+        parts, shape = predict_weights(view, profile, bits, group_size)
+        return dict(parts), shape
+    return predict_weight_bytes(view, bits, group_size, profile), Shape.of(profile)
+
+
 def decoder_linear_params(view: ModelView) -> int:
     """Weights of the quantized decoder projections (Llama family: q, k, v, o, gate, up, down)."""
     attn = view.hidden * view.head_dim * (2 * view.heads + 2 * view.kv_heads)

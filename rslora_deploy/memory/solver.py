@@ -115,11 +115,43 @@ def _weights_with(layout: Layout, view: ModelView, profile: DeviceProfile, **cha
     return layout.weights + sum(after.values()) - sum(before.values())
 
 
+def _shape_with(
+    shape: Shape, layout: Layout, view: ModelView, profile: DeviceProfile, change: dict[str, Any]
+) -> Shape:
+    """``shape`` after a weight change, for the terms that follow the graph's layout.
+
+    An int4 head is no float head (no ``lm_head_prepack``). A level-4 graph's packed bytes
+    (``nbits_prepack``) follow its ``MatMulNBits`` weights: a new int4 head adds its table, a
+    new group size or bit width moves them by the projections' delta.
+    """
+    if not shape.level4_nbits_bytes:
+        return replace(shape, float_lm_head=False) if change.get("lm_head_int4") else shape
+    before = predict_weight_bytes(
+        view, layout.bits, layout.group_size, profile, lm_head_int4=layout.lm_head_int4
+    )
+    new = replace(layout, **change)
+    after = predict_weight_bytes(
+        view, new.bits, new.group_size, profile, lm_head_int4=new.lm_head_int4
+    )
+    level4 = shape.level4_nbits_bytes + after["projections"] - before["projections"]
+    if change.get("lm_head_int4"):
+        return replace(shape, float_lm_head=False, level4_nbits_bytes=level4 + after["lm_head"])
+    return replace(shape, level4_nbits_bytes=level4)
+
+
 def _candidates(layout: Layout, view: ModelView, profile: DeviceProfile) -> list[tuple]:
-    """(name, new layout, shape change) for every single change that could save bytes."""
+    """(name, new layout, shape change) for every single change that could save bytes.
+
+    Weight changes are priced by the onnxruntime-genai builder's layout; another exporter's
+    package (ascend-om ships fp16 weights, no groups, no quantized head) gets none of them.
+    """
+    from rslora_deploy.memory.estimate import exporter_of
+
     out: list[tuple] = []
+    if exporter_of(profile).name != "onnxruntime-genai":
+        return [("last-token logits (export.last_token_logits = true)", {}, {"last": True})]
     if not layout.lm_head_int4:
-        out.append(("lm_head int4 (export.lm_head_int4 = true)", {"lm_head_int4": True}, {}))
+        out.append(("lm_head int4 (export.lm_head = int4)", {"lm_head_int4": True}, {}))
     larger = [
         g for g in GROUPS if 0 < layout.group_size < g and view.hidden % g == 0
     ]  # fmt: skip  (per-channel, group -1, has no larger group)
@@ -160,12 +192,13 @@ def solve(layout: Layout, view: ModelView, profile: DeviceProfile, shape: Shape)
     for name, weights_change, shape_change in _candidates(layout, view, profile):
         if shape_change and shape.last_token_logits:
             continue
-        new_layout = (
-            replace(layout, weights=_weights_with(layout, view, profile, **weights_change))
-            if weights_change
-            else layout
-        )
-        new_shape = replace(shape, last_token_logits=True) if shape_change else shape
+        new_layout, new_shape = layout, shape
+        if weights_change:
+            weights = _weights_with(layout, view, profile, **weights_change)
+            new_layout = replace(layout, weights=weights)
+            new_shape = _shape_with(shape, layout, view, profile, weights_change)
+        if shape_change:
+            new_shape = replace(new_shape, last_token_logits=True)
         answer["changes"].append(
             _change(name, total(new_layout, view, profile, new_shape), profile)
         )

@@ -202,6 +202,36 @@ class AscendExporter:
             + view.heads * gear * (kv + gear) * 6,
         }
 
+    def predict_weights(
+        self, view: Any, profile: Any, bits: int, group_size: int
+    ) -> tuple[dict[str, int], Any]:
+        """fp16 bytes of everything ``decoder.onnx`` holds; ``bits``/``group_size`` do not apply.
+
+        The decoder ships fp16 weights (the checkpoint dequantized, GPTQ's rounding kept), so:
+
+            projections = P * 2              (P = decoder projection weights)
+            embedding   = V * H * 2          (one table, shared with lm_head when tied)
+            lm_head     = 0 when tied, else V * H * 2
+            rope_tables = 2 * max_length * head_dim * 2        (cos and sin, precomputed)
+            norms       = (2 * layers + 1) * H * 2
+
+        On the SmolLM2 310P package this sum is 269,554,304 bytes; its initializers hold 16,616
+        more (small constants) and the file 272,060,352 (0.9% more: the graph itself). q/k/v
+        biases, where a model has them, are of the same small order and not counted.
+        """
+        from rslora_deploy.exporters.base import Shape
+        from rslora_deploy.memory.estimate import decoder_linear_params
+
+        table = view.vocab * view.hidden * 2
+        parts = {
+            "projections": decoder_linear_params(view) * 2,
+            "embedding": table,
+            "lm_head": 0 if view.tie_word_embeddings else table,
+            "rope_tables": 2 * profile.max_seq_len * view.head_dim * 2,
+            "norms": (2 * view.layers + 1) * view.hidden * 2,
+        }
+        return parts, Shape.of(profile)
+
 
 def _dims(facts: dict[str, Any]) -> Any:
     from rslora_deploy.exporters.ascend.model import DecoderDims

@@ -103,3 +103,29 @@ class GenaiExporter:
     def measurement_comparable(self, profile: DeviceProfile) -> bool:
         """A CPU run measures a CPU-target package; a CUDA graph on the CPU EP gets fp32 casts."""
         return profile.export_target == ExportTarget.CPU
+
+    def predict_weights(
+        self, view: ModelView, profile: DeviceProfile, bits: int, group_size: int
+    ) -> tuple[dict[str, int], Shape]:
+        """The default layout's bytes (:func:`~rslora_deploy.memory.estimate.predict_weight_bytes`).
+
+        The layout is what ``build`` resolves for the profile's target with an empty recipe
+        (:mod:`.layout`): on CPU the int4 head at accuracy level 4, so the shape carries an int4
+        head and the level-4 bytes its packed copy is charged on (projections + head table).
+        """
+        from dataclasses import replace
+
+        from rslora_deploy.config import ExportConfig
+        from rslora_deploy.exporters.genai.layout import resolve
+        from rslora_deploy.memory.estimate import predict_weight_bytes
+
+        layout = resolve(ExportConfig(), profile.export_target, profile.name)
+        int4_head = layout.lm_head == "int4"
+        parts = predict_weight_bytes(view, bits, group_size, profile, lm_head_int4=int4_head)
+        level4 = 0
+        if layout.target == "cpu" and layout.accuracy_level == 4:
+            level4 = parts["projections"] + (parts["lm_head"] if int4_head else 0)
+        shape = replace(
+            Shape.of(profile), float_lm_head=not layout.lm_head_quantized, level4_nbits_bytes=level4
+        )
+        return parts, shape

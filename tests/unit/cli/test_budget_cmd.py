@@ -188,3 +188,36 @@ def test_html_report_renders_in_headless_chromium(
     # The estimate's bar colours are on the page (weights blue, reserved grey).
     colours = {tuple(p) for p in pixels.reshape(-1, 3)[::7]}
     assert (0x4E, 0x79, 0xA7) in colours
+
+
+def test_model_prediction_follows_each_exporters_default_layout(
+    qwen_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cpu-2gb: the int4 head shared with the embedding at level 4, charged its packed copy;
+    t4-2gb: the fp16 head; ascend: fp16 weights of everything (bits do not apply)."""
+    from rslora_deploy.memory.estimate import decoder_linear_params, predict_weight_bytes
+    from rslora_deploy.model_view import model_view
+    from rslora_deploy.profiles import load_profile
+
+    code, out, _ = _run(
+        ["budget", str(qwen_config), "--profile", "all", "--format", "json"], capsys
+    )
+    rows = {r["estimate"]["profile"]: r["estimate"] for r in json.loads(out)["profiles"]}
+    view = model_view(qwen_config)
+
+    cpu = load_profile("cpu-2gb")
+    parts = predict_weight_bytes(view, 4, 64, cpu, lm_head_int4=True)
+    terms = rows["cpu-2gb"]["terms_bytes"]
+    assert terms["weights"] == sum(parts.values())
+    assert terms["lm_head_prepack"] == 0
+    level4 = parts["projections"] + parts["lm_head"]
+    assert terms["nbits_prepack"] == round(cpu.nbits_prepack_factor * level4)
+    assert "int4 lm_head" in rows["cpu-2gb"]["weights_source"]
+
+    t4 = load_profile("t4-2gb")
+    assert rows["t4-2gb"]["terms_bytes"]["weights"] == sum(
+        predict_weight_bytes(view, 4, 64, t4).values()
+    )
+
+    ascend = rows["ascend-310p-2gb"]["terms_bytes"]["weights"]
+    assert ascend > 2 * (decoder_linear_params(view) + view.vocab * view.hidden) * 0.99

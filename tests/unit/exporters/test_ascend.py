@@ -267,3 +267,20 @@ def test_cli_build_over_budget_exits_3_with_an_ascend_package(tiny_dir, tmp_path
     assert not manifest["budget"]["fits"]
     assert json.loads((out / "reports" / "op_lint.json").read_text())["passed"]
     assert (out / "model" / "runner" / "ascend_runner.py").is_file()
+
+
+def test_dry_prediction_is_the_shipped_decoders_weights(exported):
+    """``budget --model`` on an Ascend profile prices what the exporter ships: fp16 projections,
+    one embedding table (two when untied), RoPE tables at max_length, norms. Compared with the
+    decoder's initializers (q/k/v biases of the Qwen2 config are the only thing left out)."""
+    from rslora_deploy.memory.estimate import initializer_bytes, predict
+    from rslora_deploy.model_view import model_view
+
+    _, _, src, art = exported
+    profile = load_profile("ascend-310p-2gb").model_copy(update={"max_seq_len": KV})
+    parts, shape = predict(model_view(src), profile, 4, 64)
+    graph = onnx.load(str(art.path / "decoder.onnx"), load_external_data=False).graph
+    shipped = sum(initializer_bytes(graph).values())
+    assert shape.max_length == KV
+    # What is left is the graph's small constants (16.6 KB on SmolLM2 too) and Qwen2's biases.
+    assert 0 <= shipped - sum(parts.values()) < 32 * 1024, (shipped, parts)

@@ -90,3 +90,32 @@ def test_changes_are_priced_by_the_estimate() -> None:
 def test_bad_sizes_name_the_field(shape: Shape, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         validate_shape(QWEN, shape)
+
+
+def test_int4_head_change_on_a_level4_cpu_graph_moves_both_prepack_terms() -> None:
+    """cpu-2gb, fp32 head, projections at level 4: the int4 head drops ``lm_head_prepack`` (no
+    float head left) and adds its table to the level-4 bytes ``nbits_prepack`` is charged on."""
+    from rslora_deploy.memory.estimate import estimate_from_weights
+
+    profile = load_profile("cpu-2gb")
+    full = predict_weight_bytes(QWEN, 4, 64, profile)
+    int4 = predict_weight_bytes(QWEN, 4, 64, profile, lm_head_int4=True)
+    layout = Layout(sum(full.values()), 4, 64, False)
+    shape = Shape(2048, 1, level4_nbits_bytes=full["projections"])
+    answer = solve(layout, QWEN, profile, shape)
+    got = next(c for c in answer["changes"] if c["change"].startswith("lm_head int4"))
+    expected_shape = Shape(
+        2048, 1, float_lm_head=False, level4_nbits_bytes=full["projections"] + int4["lm_head"]
+    )
+    expected = estimate_from_weights(sum(int4.values()), QWEN, profile, expected_shape)
+    assert got["total_bytes"] == expected["estimate_bytes"]
+    assert expected["terms_bytes"]["lm_head_prepack"] == 0
+    assert expected["terms_bytes"]["nbits_prepack"] > 0
+
+
+def test_ascend_packages_get_no_genai_weight_changes() -> None:
+    """An ascend-om package ships fp16 weights: no int4 head, group or bit-width change applies."""
+    profile = load_profile("ascend-310p-2gb")
+    answer = solve(Layout(10**9), QWEN, profile, Shape(2048, 1))
+    names = [c["change"] for c in answer["changes"]]
+    assert not any(n.startswith(("lm_head", "group size", "4-bit", "8-bit")) for n in names)
