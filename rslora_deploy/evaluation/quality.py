@@ -237,6 +237,8 @@ def onnx_logits(onnx_dir: Path) -> LogitFn:
     path = Path(onnx_dir) / "model.onnx"
     if not path.is_file():
         raise InputError(f"{path} not found; pass an onnxruntime-genai model folder")
+    if _windowed_kv_cache(Path(onnx_dir)):
+        return genai_logits(Path(onnx_dir))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
@@ -265,6 +267,50 @@ def onnx_logits(onnx_dir: Path) -> LogitFn:
             feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
         logits = session.run(["logits"], feed)[0]
         return np.asarray(logits[0], dtype=np.float32)
+
+    return run
+
+
+def _windowed_kv_cache(onnx_dir: Path) -> bool:
+    """True for a folder whose sliding-window layers keep a ring-buffer KV cache.
+
+    The builder writes one by default for Gemma-3 (``sliding_window`` in genai_config.json): its
+    past inputs have a fixed capacity the runtime manages, so a plain session with empty past
+    inputs fails (``KV cache capacity (0) must be at least local_window_size``). Our exports
+    turn it off (``windowed_kv_cache=false``, exporters/genai/layout.py); the builder's own do not.
+    """
+    import json
+
+    config = json.loads((onnx_dir / "genai_config.json").read_text(encoding="utf-8"))
+    return bool(config.get("model", {}).get("decoder", {}).get("sliding_window"))
+
+
+def genai_logits(onnx_dir: Path) -> LogitFn:
+    """A logit function run by onnxruntime-genai itself, one fresh generator per window.
+
+    For graphs only the runtime can feed (a windowed KV cache). ``append_tokens`` runs the
+    window's prompt-processing call; its ``logits`` output holds every position when the graph
+    returns them all, which the builder's default graph does.
+
+    Raises:
+        InputError: the graph returns the last position only (perplexity needs every one).
+    """
+    import onnxruntime_genai as og
+
+    model = og.Model(str(onnx_dir))
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 1)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        logits = np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
+        if logits.shape[0] != len(ids):
+            raise InputError(
+                f"{onnx_dir}: the graph returns logits for {logits.shape[0]} of {len(ids)} "
+                "positions; perplexity needs a graph that returns every position"
+            )
+        return logits
 
     return run
 
