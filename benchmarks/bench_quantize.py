@@ -56,6 +56,15 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"method": "gptq", "calib_samples": 32, "calib_seq_len": 256},
         {"true_sequential": False},
     ),
+    "gptq_16x256": ({"method": "gptq", "calib_samples": 16, "calib_seq_len": 256}, {}),
+    "gptq_nooffload": (
+        {"method": "gptq", "calib_samples": 32, "calib_seq_len": 256},
+        {"offload_to_disk": False},
+    ),
+    "gptq_fast": (
+        {"method": "gptq", "calib_samples": 16, "calib_seq_len": 256},
+        {"true_sequential": False, "offload_to_disk": False},
+    ),
     "awq": ({"method": "awq", "calib_samples": 16, "calib_seq_len": 256}, {}),
     "awq_small": ({"method": "awq", "calib_samples": 8, "calib_seq_len": 128}, {}),
 }

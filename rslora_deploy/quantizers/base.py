@@ -29,6 +29,11 @@ class QuantizeExtras(BaseModel):
     true_sequential: bool = Field(
         default=True, description="GPTQ: quantize q/k/v, o, up/gate, down in sequence."
     )
+    offload_to_disk: bool | None = Field(
+        default=None,
+        description="gptqmodel's offload of finished layers to a temporary directory (None: "
+        "its default, on).",
+    )
     act_group_aware: bool | None = Field(
         default=None, description="gptqmodel's group-aware act-order (None: its default)."
     )

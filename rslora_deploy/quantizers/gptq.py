@@ -36,6 +36,8 @@ def gptq_config(cfg: QuantizeConfig, extras: QuantizeExtras) -> Any:
         "sym": cfg.sym, "damp_percent": cfg.damp_percent, "true_sequential": extras.true_sequential,
         "mse": cfg.mse, "lm_head": False, "dynamic": extras.dynamic,
     }  # fmt: skip
+    if extras.offload_to_disk is not None:
+        kwargs["offload_to_disk"] = extras.offload_to_disk
     if extras.act_group_aware is not None:
         kwargs["act_group_aware"] = extras.act_group_aware
     elif cfg.desc_act:

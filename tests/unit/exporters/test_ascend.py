@@ -70,6 +70,10 @@ def test_lint_clean_and_static_per_gear(exported):
     assert report["passed"], report["errors"]
     assert report["unsupported_nodes"] == 0
     assert report["gears"] == {str(g): {"static": True, "dynamic_values": 0} for g in GEARS}
+    # The summary counts every per-node warning once, under its op type and reason.
+    summary = report["warning_summary"]
+    assert sum(row["nodes"] for row in summary) == len(report["warnings"])
+    assert len({(r["op_type"], r["reason"]) for r in summary}) == len(summary)
     model = onnx.load(str(art.path / "decoder.onnx"))
     assert model.ir_version <= 8
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 16)]
