@@ -35,8 +35,9 @@ LM_HEAD_CHOICES: dict[str, tuple[str, ...]] = {
 #: ``auto`` per target (docs/export.md). CPU: the int4 head (one table shared with the
 #: embedding) at level 4. Measured side by side on SmolLM2 + demo adapter, GPTQ, 64 x 512 Brown
 #: tokens (benchmarks/results/vs_builder_smollm2.json): 57.0 tok/s vs the builder default's 54.0
-#: (1.05x), perplexity 55.73 vs 60.95, 77.1 vs 82.5 MiB. The fp32 head at level 1 scores 48.05
-#: but decodes at 0.42x the builder and ships 2x its size: selectable with
+#: (1.05x), perplexity 55.73 vs 60.95, 77.1 vs 82.5 MiB; Gemma-3-270M (vs_builder_gemma3.json):
+#: 40.8 vs 38.3 tok/s (1.07x), 51.85 vs 64.67, 219.0 vs 224.2 MiB. The fp32 head at level 1 scores
+#: 48.05 on SmolLM2 but decodes at 0.42x the builder and ships 2x its size: selectable with
 #: ``--lm-head fp32`` and ``export.accuracy_level = 1``. The cpu-2gb budget charges this layout's
 #: packed copy (``nbits_prepack_factor``, docs/budget.md).
 LM_HEAD_DEFAULT = {"cpu": "int4", "cuda": "fp16"}
