@@ -189,3 +189,10 @@ def _graph_intermediate(onnx_dir: Path) -> int | None:
                 if attr.name == "N":
                     return int(attr.i)
     return None
+
+
+def decoder_linear_params(view: ModelView) -> int:
+    """Weights of the quantized decoder projections (Llama family: q, k, v, o, gate, up, down)."""
+    attn = view.hidden * view.head_dim * (2 * view.heads + 2 * view.kv_heads)
+    mlp = 3 * view.hidden * view.intermediate
+    return view.layers * (attn + mlp)

@@ -28,13 +28,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rslora_deploy.exporters.base import Shape
-from rslora_deploy.model_view import ModelView
+from rslora_deploy.exporters.genai.sizes import predict_weight_bytes
+from rslora_deploy.model_view import ModelView, decoder_linear_params
 from rslora_deploy.profiles import DeviceProfile
 
 if TYPE_CHECKING:
     from rslora_deploy.exporters.base import Exporter
 
 MODEL_FILE_SUFFIXES = (".onnx", ".data", ".onnx_data")
+#: Re-exported: the budget's callers price configs with these (their homes: model_view and the
+#: genai exporter, which must not import this module).
+__all__ = ["decoder_linear_params", "predict_weight_bytes"]
 
 
 def weight_bytes(onnx_dir: Path) -> int:
@@ -184,46 +188,3 @@ def predict(
         parts, shape = predict_weights(view, profile, bits, group_size)
         return dict(parts), shape
     return predict_weight_bytes(view, bits, group_size, profile), Shape.of(profile)
-
-
-def decoder_linear_params(view: ModelView) -> int:
-    """Weights of the quantized decoder projections (Llama family: q, k, v, o, gate, up, down)."""
-    attn = view.hidden * view.head_dim * (2 * view.heads + 2 * view.kv_heads)
-    mlp = 3 * view.hidden * view.intermediate
-    return view.layers * (attn + mlp)
-
-
-def predict_weight_bytes(
-    view: ModelView,
-    bits: int,
-    group_size: int,
-    profile: DeviceProfile,
-    lm_head_int4: bool = False,
-    context_length: int = 8192,
-) -> dict[str, int]:
-    """Predict the exported ONNX weight bytes before quantizing (``rslora-deploy budget --model``).
-
-    Mirrors what the onnxruntime-genai builder writes for a GPTQ/AWQ checkpoint:
-
-        projections  = P * bits/8 + P/g * (scale_bytes + bits/8)         (MatMulNBits, zero points)
-        lm_head      = V*H * io_bytes, or V*H/2 + V*H/32 * scale_bytes (int4, block 32)
-        embedding    = 0 when tied (the builder shares lm_head's table), else as lm_head
-        rope_cache   = 2 * context_length * head_dim/2 * io_bytes          (cos and sin tables)
-        norms        = (2*layers + 1) * H * io_bytes
-
-    with P = decoder projection weights, g = group size, V = vocab, H = hidden, and scales stored
-    in the activation dtype (fp16 for a cuda target, fp32 for cpu).
-    """
-    io = io_bytes(profile)
-    params = decoder_linear_params(view)
-    group = group_size if group_size > 0 else view.hidden
-    vocab_hidden = view.vocab * view.hidden
-    int4_table = vocab_hidden // 2 + vocab_hidden // 32 * io
-    lm_head = int4_table if lm_head_int4 else vocab_hidden * io
-    return {
-        "projections": params * bits // 8 + params // group * io + params // group * bits // 8,
-        "embedding": 0 if view.tie_word_embeddings else lm_head,
-        "lm_head": lm_head,
-        "rope_cache": 2 * context_length * (view.head_dim // 2) * io,
-        "norms": (2 * view.layers + 1) * view.hidden * io,
-    }

@@ -11,8 +11,8 @@ changed:
     bits                 a lower supported bit width                          (weights delta)
     last-token logits    logits for the last position only during prefill     (logits term)
 
-Weight deltas come from :func:`rslora_deploy.memory.estimate.predict_weight_bytes` (the builder's
-layout), applied to the package's measured weight bytes.
+Weight deltas come from :func:`rslora_deploy.exporters.genai.sizes.predict_weight_bytes` (the
+builder's layout), applied to the package's measured weight bytes.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ class AscendExporter:
         biases, where a model has them, are of the same small order and not counted.
         """
         from rslora_deploy.exporters.base import Shape
-        from rslora_deploy.memory.estimate import decoder_linear_params
+        from rslora_deploy.model_view import decoder_linear_params
 
         table = view.vocab * view.hidden * 2
         parts = {

@@ -107,7 +107,7 @@ class GenaiExporter:
     def predict_weights(
         self, view: ModelView, profile: DeviceProfile, bits: int, group_size: int
     ) -> tuple[dict[str, int], Shape]:
-        """The default layout's bytes (:func:`~rslora_deploy.memory.estimate.predict_weight_bytes`).
+        """The default layout's bytes (:func:`.sizes.predict_weight_bytes`).
 
         The layout is what ``build`` resolves for the profile's target with an empty recipe
         (:mod:`.layout`): on CPU the int4 head at accuracy level 4, so the shape carries an int4
@@ -117,7 +117,7 @@ class GenaiExporter:
 
         from rslora_deploy.config import ExportConfig
         from rslora_deploy.exporters.genai.layout import resolve
-        from rslora_deploy.memory.estimate import predict_weight_bytes
+        from rslora_deploy.exporters.genai.sizes import predict_weight_bytes
 
         layout = resolve(ExportConfig(), profile.export_target, profile.name)
         int4_head = layout.lm_head == "int4"
