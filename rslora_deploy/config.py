@@ -285,12 +285,39 @@ class ExportConfig(_Section):
             raise ValueError(f"accuracy_level must be 0-4, got {value}")
         return value
 
+    @field_validator("gears")
+    @classmethod
+    def _check_gears(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        # A static graph is compiled once per gear; the runner picks the smallest that holds a
+        # chunk, so the list is the compile plan as written: 1 (decode) first, then increasing.
+        if not value or value[0] != 1 or any(g < 1 for g in value):
+            raise ValueError(
+                f"gears must be positive, start with 1 (decode) and be non-empty, got {list(value)}"
+            )
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError(
+                f"gears must be strictly increasing, got {list(value)}; write e.g. [1, 16, 64]"
+            )
+        return value
+
     @field_validator("lm_head_block_size")
     @classmethod
     def _check_block(cls, value: int) -> int:
         if value < 16 or value & (value - 1):
             raise ValueError(f"lm_head_block_size must be a power of two >= 16, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _gears_fit_max_length(self) -> ExportConfig:
+        # Only gears a recipe wrote: the defaults do not apply to a genai profile's max_length,
+        # and the Ascend exporter checks them against the length it exports at.
+        explicit = "gears" in self.model_fields_set
+        if explicit and self.max_length is not None and self.gears[-1] > self.max_length:
+            raise ValueError(
+                f"gears: gear {self.gears[-1]} is larger than max_length {self.max_length} (the "
+                f"KV buffer); use gears <= {self.max_length} or raise max_length"
+            )
+        return self
 
     @model_validator(mode="after")
     def _legacy_int4(self) -> ExportConfig:

@@ -36,6 +36,8 @@ class Shape:
         float_lm_head: lm_head is a float MatMul (not int4).
         level4_nbits_bytes: weight bytes of the graph's ``MatMulNBits`` nodes at
             ``accuracy_level`` 4 (int8 activations on CPU), each initializer once.
+        gears: a static-shape graph's compiled new-token counts per call (the largest sizes
+            its prefill buffers); empty for a graph with dynamic shapes.
     """
 
     max_length: int
@@ -43,6 +45,7 @@ class Shape:
     last_token_logits: bool = True
     float_lm_head: bool = True
     level4_nbits_bytes: int = 0
+    gears: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, profile: DeviceProfile, last_token_logits: bool = True) -> Shape:
@@ -87,6 +90,16 @@ class Exporter(Protocol):
 
     def io_bytes(self, profile: DeviceProfile) -> int:
         """Bytes per activation element of the exported graph."""
+
+    def usage(self) -> str:
+        """Markdown for the package's model card: how to run ``model/`` with this runtime."""
+
+    def package_shape(self, model_dir: Path, profile: DeviceProfile) -> Shape:
+        """What the exported folder at ``model_dir`` is sized for, read from the folder itself.
+
+        The budget prices a package at this shape, not at the profile's defaults: a recipe's
+        ``export.max_length`` (or an Ascend gear list) changes what the runtime allocates.
+        """
 
     def budget_terms(
         self, view: ModelView, profile: DeviceProfile, *, shape: Shape | None = None

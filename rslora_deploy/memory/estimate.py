@@ -23,12 +23,15 @@ exporter brings its own terms.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rslora_deploy.exporters.base import Shape
-from rslora_deploy.exporters.genai.sizes import predict_weight_bytes
+from rslora_deploy.exporters.genai.sizes import (
+    initializer_bytes,
+    level4_nbits_bytes,
+    predict_weight_bytes,
+)
 from rslora_deploy.model_view import ModelView, decoder_linear_params
 from rslora_deploy.profiles import DeviceProfile
 
@@ -38,7 +41,12 @@ if TYPE_CHECKING:
 MODEL_FILE_SUFFIXES = (".onnx", ".data", ".onnx_data")
 #: Re-exported: the budget's callers price configs with these (their homes: model_view and the
 #: genai exporter, which must not import this module).
-__all__ = ["decoder_linear_params", "predict_weight_bytes"]
+__all__ = [
+    "decoder_linear_params",
+    "initializer_bytes",
+    "level4_nbits_bytes",
+    "predict_weight_bytes",
+]
 
 
 def weight_bytes(onnx_dir: Path) -> int:
@@ -62,51 +70,8 @@ def io_bytes(profile: DeviceProfile) -> int:
 
 
 def package_shape(onnx_dir: Path, profile: DeviceProfile) -> Shape:
-    """What an exported folder is sized for: its genai_config max_length, its graph's logits."""
-    from rslora_deploy.last_token_logits import lm_head_is_float, logits_positions
-
-    config_path = Path(onnx_dir) / "genai_config.json"
-    max_length = profile.max_seq_len
-    if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        max_length = int(config.get("search", {}).get("max_length") or max_length)
-    graph = (Path(onnx_dir) / "model.onnx").is_file()
-    last = graph and logits_positions(onnx_dir) == "last"
-    float_head = not graph or lm_head_is_float(onnx_dir)
-    level4 = level4_nbits_bytes(onnx_dir) if graph else 0
-    return Shape(max_length, profile.batch_size, last, float_head, level4)
-
-
-def initializer_bytes(graph: Any) -> dict[str, int]:
-    """Bytes of every initializer of an ONNX ``graph`` loaded without its external data."""
-    return {
-        init.name: next((int(e.value) for e in init.external_data if e.key == "length"), 0)
-        or len(init.raw_data)
-        for init in graph.initializer
-    }
-
-
-def level4_nbits_bytes(onnx_dir: Path) -> int:
-    """Weight bytes of ``model.onnx``'s ``MatMulNBits`` nodes at ``accuracy_level`` 4.
-
-    Codes, scales and zero points, each initializer counted once (a tied int4 table shared with
-    the embedding's ``GatherBlockQuantized`` counts with lm_head). Read from the graph only (the
-    external data is never loaded); an unreadable graph gives 0, like a level-1 graph.
-    """
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    try:
-        graph = onnx.load(str(Path(onnx_dir) / "model.onnx"), load_external_data=False).graph
-    except (DecodeError, OSError):
-        return 0
-    sizes = initializer_bytes(graph)
-    counted: set[str] = set()
-    for node in graph.node:
-        level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
-        if node.op_type == "MatMulNBits" and level == 4:
-            counted.update(name for name in node.input[1:] if name in sizes)
-    return sum(sizes[name] for name in counted)
+    """What an exported folder is sized for, as the profile's exporter reads it from the folder."""
+    return exporter_of(profile).package_shape(Path(onnx_dir), profile)
 
 
 def estimate(onnx_dir: Path, view: ModelView, profile: DeviceProfile) -> dict[str, Any]:
@@ -118,24 +83,13 @@ def estimate(onnx_dir: Path, view: ModelView, profile: DeviceProfile) -> dict[st
     return report
 
 
-def _runtime_terms(
-    exporter: Exporter, view: ModelView, profile: DeviceProfile, shape: Shape
-) -> dict[str, int]:
-    """The exporter's terms at ``shape`` (an exporter without ``shape`` gets the profile's)."""
-    import inspect
-
-    if "shape" in inspect.signature(exporter.budget_terms).parameters:
-        return exporter.budget_terms(view, profile, shape=shape)
-    return exporter.budget_terms(view, profile)
-
-
 def estimate_from_weights(
     weights: int, view: ModelView, profile: DeviceProfile, shape: Shape | None = None
 ) -> dict[str, Any]:
     """The budget report: every term, the total, the budget and the verdict."""
     shape = shape or Shape.of(profile)
     exporter = exporter_of(profile)
-    terms = {"weights": weights, **_runtime_terms(exporter, view, profile, shape)}
+    terms = {"weights": weights, **exporter.budget_terms(view, profile, shape=shape)}
     if profile.model_slack:
         terms["slack"] = round(profile.model_slack * sum(terms.values()))
     run_peak = sum(terms.values())

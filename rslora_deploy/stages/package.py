@@ -234,8 +234,11 @@ def check_model_paths(root: Path) -> None:
             pending.extend(node)
 
 
-def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
-    """A short README.md for the package, generated from the manifest and reports."""
+def write_model_card(root: Path, manifest: dict[str, Any], usage: str) -> None:
+    """A short README.md for the package, generated from the manifest and reports.
+
+    ``usage`` is the exporter's own text on running ``model/`` (:meth:`Exporter.usage`).
+    """
     budget = manifest["budget"]
     quant = manifest.get("quantization", {})
     lines = [
@@ -272,23 +275,8 @@ def write_model_card(root: Path, manifest: dict[str, Any]) -> None:
     smoke = manifest.get("smoke_test") or {}
     if smoke:
         lines += ["", "Greedy sample on CPU:", "", "```", smoke.get("text", ""), "```"]
+    lines += ["", usage.rstrip("\n"), ""]
     lines += [
-        "",
-        "Load it with onnxruntime-genai:",
-        "",
-        "```python",
-        "import onnxruntime_genai as og",
-        "model = og.Model('model')",
-        "tokenizer = og.Tokenizer(model)",
-        "params = og.GeneratorParams(model)",
-        "params.set_search_options(do_sample=False, max_length=64)",
-        "generator = og.Generator(model, params)",
-        "generator.append_tokens(tokenizer.encode('The capital of France is'))",
-        "while not generator.is_done():",
-        "    generator.generate_next_token()",
-        "print(tokenizer.decode(generator.get_sequence(0)))",
-        "```",
-        "",
         "Every file's sha256 is in manifest.json; `rslora-deploy verify <dir>` re-checks them.",
         "",
     ]
@@ -338,10 +326,12 @@ def finish_package(staging: Path, body: dict[str, Any]) -> dict[str, Any]:
     The run's measurements (:data:`rslora_deploy.provenance.RUN_MEASUREMENTS`) are named in the
     manifest's ``nondeterministic`` list instead of hashed (docs/reproducibility.md).
     """
+    from rslora_deploy.exporters import get_exporter
     from rslora_deploy.provenance import RUN_MEASUREMENTS
 
     header = manifest_header()
-    write_model_card(staging, {**header, **body})
+    usage = get_exporter(body["profile"]["exporter"]).usage()
+    write_model_card(staging, {**header, **body}, usage)
     return write_manifest(
         staging,
         body,

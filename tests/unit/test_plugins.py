@@ -23,7 +23,7 @@ from rslora_deploy.adapters.base import AdapterContents, AdapterLoadOptions
 from rslora_deploy.adapters.delta import ModuleDelta
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.exporters import EXPORTERS
-from rslora_deploy.exporters.base import kv_cache_bytes
+from rslora_deploy.exporters.base import Shape, kv_cache_bytes
 from rslora_deploy.quantizers import QUANTIZERS
 from tests import tolerances as tol
 
@@ -100,8 +100,16 @@ class TorchFolderExporter:
     def io_bytes(self, profile: Any) -> int:
         return 4
 
-    def budget_terms(self, view: Any, profile: Any) -> dict[str, int]:
-        return {"kv_cache": kv_cache_bytes(view, profile)}
+    def usage(self) -> str:
+        return "Load it with transformers' AutoModelForCausalLM."
+
+    def package_shape(self, model_dir: Path, profile: Any) -> Shape:
+        return Shape.of(profile)
+
+    def budget_terms(
+        self, view: Any, profile: Any, *, shape: Shape | None = None
+    ) -> dict[str, int]:
+        return {"kv_cache": kv_cache_bytes(view, profile, shape.max_length if shape else None)}
 
     def measurement_comparable(self, profile: Any) -> bool:
         return False

@@ -104,6 +104,22 @@ def io_spec(dims: Any, gears: list[int], eos: list[int], socs: list[str]) -> dic
     }
 
 
+ASCEND_USAGE = """Run it with the shipped runner, `model/runner/ascend_runner.py`:
+
+```bash
+# Anywhere, on ONNX Runtime (CPU, or the CANN EP where installed):
+python model/runner/ascend_runner.py --package model --backend onnxruntime \\
+    --prompt 'The capital of France is' --max-new-tokens 32
+# On the device: compile the .om once with the ATC scripts, then run it through pyACL:
+bash model/atc/compile.sh
+python model/runner/ascend_runner.py --package model --backend acl --soc Ascend310P3 \\
+    --prompt 'The capital of France is'
+```
+
+`model/io_spec.json` gives the static shapes (gears, KV length) the graph was compiled for.
+"""
+
+
 class AscendExporter:
     """Exporter protocol implementation for Ascend 310P/310B (registered as ``ascend-om``)."""
 
@@ -187,13 +203,33 @@ class AscendExporter:
         """Activations are fp16."""
         return 2
 
-    def budget_terms(
-        self, view: Any, profile: Any, cfg: Any = None, *, shape: Any = None
-    ) -> dict[str, int]:
-        """kv_cache, logits, activations of this graph (module docstring has the formulas)."""
-        kv = getattr(cfg, "max_length", None) or getattr(shape, "max_length", None)
-        kv = kv or profile.max_seq_len
-        gear = max(getattr(cfg, "gears", None) or DEFAULT_GEARS)
+    def usage(self) -> str:
+        """The shipped runner: ONNX Runtime anywhere, pyACL on the ATC-compiled .om on a device."""
+        return ASCEND_USAGE
+
+    def package_shape(self, model_dir: Path, profile: Any) -> Any:
+        """The KV length and gears the package was compiled for (its ``io_spec.json``).
+
+        A folder without the spec (not exported yet) gets the profile's max_seq_len and the
+        default gears, which is what an empty recipe exports.
+        """
+        from rslora_deploy.exporters.base import Shape
+
+        spec_path = Path(model_dir) / "io_spec.json"
+        if not spec_path.is_file():
+            return Shape(profile.max_seq_len, profile.batch_size, gears=DEFAULT_GEARS)
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        gears = tuple(int(g) for g in spec["gears"])
+        return Shape(int(spec["max_length"]), profile.batch_size, gears=gears)
+
+    def budget_terms(self, view: Any, profile: Any, *, shape: Any = None) -> dict[str, int]:
+        """kv_cache, logits, activations of this graph at ``shape`` (module docstring).
+
+        ``shape`` is the package's own (:meth:`package_shape`): its KV length and largest gear;
+        without one, the profile's max_seq_len and the default gears.
+        """
+        kv = shape.max_length if shape is not None else profile.max_seq_len
+        gear = max((shape.gears if shape is not None else ()) or DEFAULT_GEARS)
         per_token = view.layers * 2 * view.kv_heads * view.head_dim * 2
         return {
             "kv_cache": per_token * (kv + gear),
@@ -230,7 +266,7 @@ class AscendExporter:
             "rope_tables": 2 * profile.max_seq_len * view.head_dim * 2,
             "norms": (2 * view.layers + 1) * view.hidden * 2,
         }
-        return parts, Shape.of(profile)
+        return parts, Shape(profile.max_seq_len, profile.batch_size, gears=DEFAULT_GEARS)
 
 
 def _dims(facts: dict[str, Any]) -> Any:

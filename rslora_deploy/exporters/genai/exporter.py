@@ -39,6 +39,23 @@ if TYPE_CHECKING:
     from rslora_deploy.profiles import DeviceProfile
 
 
+GENAI_USAGE = """Load it with onnxruntime-genai:
+
+```python
+import onnxruntime_genai as og
+model = og.Model('model')
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(do_sample=False, max_length=64)
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode('The capital of France is'))
+while not generator.is_done():
+    generator.generate_next_token()
+print(tokenizer.decode(generator.get_sequence(0)))
+```
+"""
+
+
 class GenaiExporter:
     """Export through the onnxruntime-genai model builder, for its CPU or CUDA runtime."""
 
@@ -78,6 +95,28 @@ class GenaiExporter:
     def io_bytes(self, profile: DeviceProfile) -> int:
         """fp16 activations on CUDA, fp32 on CPU."""
         return 2 if profile.export_target == ExportTarget.CUDA else 4
+
+    def usage(self) -> str:
+        """The onnxruntime-genai greedy loop over ``model/``."""
+        return GENAI_USAGE
+
+    def package_shape(self, model_dir: Path, profile: DeviceProfile) -> Shape:
+        """genai_config.json's max_length; the graph's logits, head precision and level-4 bytes."""
+        import json
+
+        from rslora_deploy.exporters.genai.sizes import level4_nbits_bytes
+        from rslora_deploy.last_token_logits import lm_head_is_float, logits_positions
+
+        config_path = model_dir / "genai_config.json"
+        max_length = profile.max_seq_len
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            max_length = int(config.get("search", {}).get("max_length") or max_length)
+        graph = (model_dir / "model.onnx").is_file()
+        last = graph and logits_positions(model_dir) == "last"
+        float_head = not graph or lm_head_is_float(model_dir)
+        level4 = level4_nbits_bytes(model_dir) if graph else 0
+        return Shape(max_length, profile.batch_size, last, float_head, level4)
 
     def budget_terms(
         self, view: ModelView, profile: DeviceProfile, *, shape: Shape | None = None

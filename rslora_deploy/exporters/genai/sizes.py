@@ -6,7 +6,8 @@ solver, which re-prices a package's measured weights by the predicted delta of o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rslora_deploy.model_view import ModelView, decoder_linear_params
 
@@ -50,3 +51,35 @@ def predict_weight_bytes(
         "rope_cache": 2 * context_length * (view.head_dim // 2) * io,
         "norms": (2 * view.layers + 1) * view.hidden * io,
     }
+
+
+def initializer_bytes(graph: Any) -> dict[str, int]:
+    """Bytes of every initializer of an ONNX ``graph`` loaded without its external data."""
+    return {
+        init.name: next((int(e.value) for e in init.external_data if e.key == "length"), 0)
+        or len(init.raw_data)
+        for init in graph.initializer
+    }
+
+
+def level4_nbits_bytes(onnx_dir: Path) -> int:
+    """Weight bytes of ``model.onnx``'s ``MatMulNBits`` nodes at ``accuracy_level`` 4.
+
+    Codes, scales and zero points, each initializer counted once (a tied int4 table shared with
+    the embedding's ``GatherBlockQuantized`` counts with lm_head). Read from the graph only (the
+    external data is never loaded); an unreadable graph gives 0, like a level-1 graph.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        graph = onnx.load(str(Path(onnx_dir) / "model.onnx"), load_external_data=False).graph
+    except (DecodeError, OSError):
+        return 0
+    sizes = initializer_bytes(graph)
+    counted: set[str] = set()
+    for node in graph.node:
+        level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+        if node.op_type == "MatMulNBits" and level == 4:
+            counted.update(name for name in node.input[1:] if name in sizes)
+    return sum(sizes[name] for name in counted)

@@ -152,26 +152,57 @@ def test_atc_scripts_name_the_graph_inputs(exported):
 
 
 def test_budget_terms_are_the_shipped_buffers(exported):
-    _, _, src, _ = exported
+    _, _, src, art = exported
     from rslora_deploy.model_view import model_view
 
     view = model_view(src)
-    cfg = ExportConfig(max_length=KV, gears=GEARS)
-    terms = AscendExporter().budget_terms(view, load_profile("ascend-310p-2gb"), cfg)
+    exporter, profile = AscendExporter(), load_profile("ascend-310p-2gb")
+    shape = exporter.package_shape(art.path, profile)
+    assert (shape.max_length, shape.gears) == (KV, GEARS)  # read from the package, not the profile
+    terms = exporter.budget_terms(view, profile, shape=shape)
     per_token = view.layers * 2 * view.kv_heads * view.head_dim * 2
     assert terms["kv_cache"] == per_token * (KV + max(GEARS))
     assert terms["logits"] == view.vocab * 2
 
 
 def test_gear_larger_than_max_length_is_refused(tmp_path):
+    """The profile's max_seq_len (32) is only known at export: refused there, nothing written."""
     src = save_tiny(tiny_llama(), tmp_path / "hf")
-    cfg = ExportConfig(max_length=32, gears=(1, 16, 64))
+    profile = load_profile("ascend-310p-2gb").model_copy(update={"max_seq_len": 32})
+    cfg = ExportConfig(gears=(1, 16, 64))
     with pytest.raises(ConfigError, match="gear 64 is larger than max_length 32"):
         AscendExporter().export(
-            Artifact("hf", src), tmp_path / "model", cfg, load_profile("ascend-310p-2gb"),
-            tmp_path / "x.log",
+            Artifact("hf", src), tmp_path / "model", cfg, profile, tmp_path / "x.log"
         )  # fmt: skip
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    ("export", "says"),
+    [
+        ("max_length = 32\ngears = [1, 16, 64]", "gear 64 is larger than max_length 32"),
+        ("gears = []", "gears must be positive"),
+        ("gears = [1, 64, 16]", "gears must be strictly increasing"),
+        ("gears = [0, 1, 16]", "gears must be positive"),
+        ("gears = [1, -16]", "gears must be positive"),
+    ],
+)
+def test_bad_gear_lists_exit_1_naming_the_field(tiny_dir, tmp_path, capsys, export, says):
+    from rslora_deploy.cli.app import main
+
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(f"[export]\n{export}\n")
+    out = tmp_path / "pkg"
+    argv = ["build", "--profile", "ascend-310p-2gb", "--base", str(tiny_dir), "--no-adapter",
+            "--method", "rtn", "--no-eval", "--recipe", str(recipe), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "export" in err, err
+    assert "gears" in err, err
+    assert says in err, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert not out.exists()
 
 
 def test_unsupported_architecture_lists_the_supported(tmp_path):
@@ -240,7 +271,9 @@ def test_budget_stage_uses_the_ascend_terms_and_flags_over_budget(exported):
     assert terms["weights"] == (art.path / "decoder.onnx").stat().st_size
     assert terms == {
         "weights": terms["weights"],
-        **AscendExporter().budget_terms(view, profile),
+        **AscendExporter().budget_terms(
+            view, profile, shape=AscendExporter().package_shape(art.path, profile)
+        ),
         "reserved": profile.reserved_bytes,
     }
     assert report["fits"]
@@ -288,3 +321,39 @@ def test_dry_prediction_is_the_shipped_decoders_weights(exported):
     assert shape.max_length == KV
     # What is left is the graph's small constants (16.6 KB on SmolLM2 too) and Qwen2's biases.
     assert 0 <= shipped - sum(parts.values()) < 32 * 1024, (shipped, parts)
+
+
+@pytest.mark.parametrize(
+    ("export", "kv", "gears"),
+    [
+        ("max_length = 1024", 1024, (1, 16, 64, 256)),
+        ("max_length = 4096", 4096, (1, 16, 64, 256)),
+        ("max_length = 512\ngears = [1, 8, 128, 512]", 512, (1, 8, 128, 512)),
+    ],
+)
+def test_build_prices_the_packages_own_length_and_gears(tiny_dir, tmp_path, export, kv, gears):
+    """Through ``build``, not the exporter: reports/budget.json's kv_cache and activations are
+    docs/budget.md's Ascend formulas at the recipe's max_length and largest gear (issue 16; the
+    estimate used to price the profile's 2048 and the default gears whatever the recipe said)."""
+    from rslora_deploy.cli.app import main
+    from rslora_deploy.model_view import model_view
+
+    recipe = tmp_path / "shape.toml"
+    recipe.write_text(f"[export]\n{export}\n")
+    out = tmp_path / "pkg"
+    argv = ["build", "--profile", "ascend-310p-2gb", "--base", str(tiny_dir), "--no-adapter",
+            "--method", "rtn", "--group-size", "64", "--no-eval", "--recipe", str(recipe),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    budget = json.loads((out / "reports" / "budget.json").read_text())
+    view, g = model_view(tiny_dir), max(gears)
+    per_token = view.layers * 2 * view.kv_heads * view.head_dim * 2
+    terms = budget["terms_bytes"]
+    assert terms["kv_cache"] == per_token * (kv + g)
+    assert terms["activations"] == (
+        g * (4 * view.hidden + 3 * view.intermediate) * 2 + view.heads * g * (kv + g) * 6
+    )
+    assert budget["inputs"]["max_seq_len"] == kv
+    card = (out / "README.md").read_text()
+    assert "ascend_runner.py" in card
+    assert "onnxruntime_genai" not in card

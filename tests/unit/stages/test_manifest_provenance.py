@@ -21,7 +21,7 @@ def _package(root: Path, seconds: float) -> dict:
         "profile": {"name": "p", "runtime": "r", "execution_provider": "cpu"},
         "budget": {"fits": True, "estimate_bytes": 1, "budget_bytes": 2},
     }
-    write_model_card(root, {"tool": {"version": "0"}, **body})
+    write_model_card(root, {"tool": {"version": "0"}, **body}, "Run it.")
     return write_manifest(root, body, nondeterministic=list(RUN_MEASUREMENTS))
 
 
