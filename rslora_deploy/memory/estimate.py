@@ -133,12 +133,7 @@ def predict(
     """Bytes per part and shape of what ``build`` would ship for ``view`` on ``profile``.
 
     The profile's exporter prices its own default layout (``Exporter.predict_weights``: the
-    int4 head on a CPU target, fp16 weights on Ascend). An exporter registered before that method
-    existed gets the onnxruntime-genai arithmetic with a float head (:func:`predict_weight_bytes`).
+    int4 head on a CPU target, fp16 weights on Ascend); every exporter implements it.
     """
-    exporter = exporter_of(profile)
-    predict_weights = getattr(exporter, "predict_weights", None)
-    if predict_weights is not None:
-        parts, shape = predict_weights(view, profile, bits, group_size)
-        return dict(parts), shape
-    return predict_weight_bytes(view, bits, group_size, profile), Shape.of(profile)
+    parts, shape = exporter_of(profile).predict_weights(view, profile, bits, group_size)
+    return dict(parts), shape

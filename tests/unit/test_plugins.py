@@ -114,6 +114,18 @@ class TorchFolderExporter:
     def measurement_comparable(self, profile: Any) -> bool:
         return False
 
+    def predict_weights(
+        self, view: Any, profile: Any, bits: int, group_size: int
+    ) -> tuple[dict[str, int], Shape]:
+        # The folder holds the fp32 checkpoint as saved: projections and embedding at 4 bytes.
+        from rslora_deploy.model_view import decoder_linear_params
+
+        parts = {
+            "projections": decoder_linear_params(view) * 4,
+            "embedding": view.vocab * view.hidden * 4,
+        }
+        return parts, Shape.of(profile)
+
 
 @pytest.fixture
 def plugins() -> Iterator[None]:
