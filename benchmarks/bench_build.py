@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _docs import write_section  # noqa: E402
 from _machine import describe  # noqa: E402
 
 from rslora_deploy.api import build  # noqa: E402
@@ -61,13 +62,7 @@ def main() -> None:
         f"Quality: {json.dumps(quality)}",
         END,
     ])  # fmt: skip
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section(DOC, BEGIN, END, section)
     print(section)
 
 
