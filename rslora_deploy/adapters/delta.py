@@ -5,7 +5,13 @@ dense(dW))`` with logical shapes A_eff in R^{rho x d_in}, B_eff in R^{d_out x rh
 
     dW = s * B_eff @ A_eff  in R^{d_out x d_in}
 
-(LoRA, Hu et al. 2021, arXiv 2106.09685: W' = W + (alpha/r) B A). Only the final add depends on the
+(LoRA, Hu et al. 2021, arXiv 2106.09685: W' = W + (alpha/r) B A). A DoRA delta (Liu et al. 2024,
+arXiv 2402.09353) also carries the trained magnitude m in R^{d_out}; its merge re-normalises each
+logical output row:
+
+    W' = (m / n) * (W + dW),   n_i = ||(W + dW)[i, :]||_2   (one norm per output row)
+
+Only the final add depends on the
 storage layout (linear: W[d_out, d_in]; conv1d and embedding: stored transposed). The merge and the
 on-the-fly module both consume these same factors, which is what makes merged == on-the-fly a
 meaningful test.
@@ -41,6 +47,8 @@ class ModuleDelta:
             embeddings); the merge checks it equals the base's weight.
         recorded_name: the name in the adapter file when a user rename map changed ``name``
             (spec 5.2 step 1); None otherwise. Projection keys always use the recorded name.
+        magnitude: DoRA's magnitude vector m (d_out,) (PEFT ``lora_magnitude_vector``); None for
+            a plain additive delta.
     """
 
     name: str
@@ -55,6 +63,7 @@ class ModuleDelta:
     source: dict[str, Any] = field(default_factory=dict)
     expected_base: np.ndarray | None = None
     recorded_name: str | None = None
+    magnitude: np.ndarray | None = None
 
     @property
     def kind(self) -> str:
@@ -100,8 +109,11 @@ class ModuleDelta:
         self.source["slice_in_from_layer"] = False
 
     def check_shapes(self) -> None:
-        """Raise E022 when the factors disagree with (d_out, d_in)."""
+        """Raise E022 when the factors (or a DoRA magnitude) disagree with (d_out, d_in)."""
         from rslora_deploy.errors import ShapeMismatchError
+
+        if self.magnitude is not None:
+            self._check_magnitude()
 
         if self.dense is not None:
             if tuple(self.dense.shape) != (self.d_out, self.d_in):
@@ -121,6 +133,25 @@ class ModuleDelta:
             raise ShapeMismatchError(
                 f"{self.name}: factors give dW of shape ({self.B.shape[0]}, {self.A.shape[1]}), "
                 f"expected (d_out={self.d_out}, d_in={self.d_in}); fix the adapter file"
+            )
+
+    def _check_magnitude(self) -> None:
+        from rslora_deploy.errors import NonFiniteError, ShapeMismatchError
+
+        m = np.asarray(self.magnitude)
+        if m.shape != (self.d_out,):
+            raise ShapeMismatchError(
+                f"{self.name}.lora_magnitude_vector has shape {list(m.shape)}, expected "
+                f"[{self.d_out}] (one entry per output row of the layer); fix the adapter file"
+            )
+        if not np.all(np.isfinite(m)):
+            raise NonFiniteError(
+                f"{self.name}.lora_magnitude_vector contains NaN/Inf; the DoRA adapter is corrupted"
+            )
+        if np.any(m == 0):
+            raise ShapeMismatchError(
+                f"{self.name}.lora_magnitude_vector has {int(np.sum(m == 0))} zero entries; a "
+                "trained DoRA magnitude is a row norm, never 0: the adapter file is damaged"
             )
 
 

@@ -4,6 +4,9 @@ For a base layer y = x W^T + b (any storage layout) and factors A (rho x d_in), 
 
     y' = base(x) + s * (x A^T) B^T        (LoRA forward, Hu et al. 2021, arXiv 2106.09685)
 
+A DoRA delta (Liu et al. 2024, arXiv 2402.09353) rescales each output row by f = m / ||W + dW||_row
+(the norm of the unmerged weight, as PEFT's forward): y' = f * (x W^T + s (x A^T) B^T) + b.
+
 ``DeltaLinear`` uses fixed factors from a :class:`ModuleDelta` (the reference the merge is tested
 against); ``RSLoRALinear`` builds them from trainable v and frozen P~ buffers (spec 3.2):
 A~ = sum_l v_A[l] P~_A[l], B~ = sum_l v_B[l] P~_B[l]. P~ is a buffer, never in ``parameters()``,
@@ -55,6 +58,9 @@ class DeltaLinear(nn.Module):
         self.full_out = full_out
         self.register_buffer("lora_A", torch.from_numpy(np.asarray(delta.A, np.float32)).clone())
         self.register_buffer("lora_B", torch.from_numpy(np.asarray(delta.B, np.float32)).clone())
+        self.dora_factor = (
+            _dora_factor(base, delta, layout) if delta.magnitude is not None else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) + s * (x A^T) B^T, added to the out_slice columns when set."""
@@ -64,7 +70,28 @@ class DeltaLinear(nn.Module):
         else:
             hidden = x.to(self.lora_A.dtype) @ self.lora_A.T
         update = (hidden @ self.lora_B.T) * self.scale
-        return y + _pad_to_slice(update, self.out_slice, self.full_out).to(y.dtype)
+        padded = _pad_to_slice(update, self.out_slice, self.full_out).to(y.dtype)
+        if self.dora_factor is None:
+            return y + padded
+        bias = getattr(self.base, "bias", None)
+        core = y - bias if isinstance(bias, torch.Tensor) else y
+        rows = torch.ones(self.full_out, dtype=y.dtype)
+        start, stop = self.out_slice or (0, self.full_out)
+        rows[start:stop] = self.dora_factor.to(y.dtype)
+        scaled = (core + padded) * rows
+        return scaled + bias if isinstance(bias, torch.Tensor) else scaled
+
+
+def _dora_factor(base: nn.Module, delta: ModuleDelta, layout: str) -> torch.Tensor:
+    """DoRA's row factor m / ||W + dW||_row over the delta's output rows (float64, then fp32)."""
+    from rslora_deploy.adapters.merge_math import weight_of
+
+    weight = weight_of(base).detach().to(torch.float64)
+    logical = weight if layout == "linear" else weight.T
+    start, stop = delta.out_slice or (0, delta.d_out)
+    rows = logical[start:stop] + torch.from_numpy(delta.delta_weight(np.float64))
+    magnitude = torch.from_numpy(np.asarray(delta.magnitude, dtype=np.float64))
+    return (magnitude / torch.linalg.vector_norm(rows, dim=1)).to(torch.float32)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -6,6 +6,13 @@ once to fp32):
     W32 = fp32(W);   linear: W32[slice] += dW;   conv1d/embedding: W32[:, slice] += dW^T
     W'  = round_to(target_dtype, W32)           # ONE rounding (spec 5.4, golden TV7)
 
+A DoRA delta (Liu et al. 2024, arXiv 2402.09353) then re-normalises its output rows with its trained
+magnitude m, in the logical orientation (so conv1d and embedding columns of the stored weight):
+
+    n_i = ||W32[i, :] + dW[i, :]||_2;   W32[i, :] = (m_i / n_i) * (W32[i, :] + dW[i, :])
+
+before the one rounding, exactly PEFT's merge (the norm over the unmerged base plus this delta).
+
 PEFT's safe_merge casts dW to the base dtype before adding, which rounds twice: for W = 1 and
 dW = 2^-8 + 2^-20 in bf16 it gives 1.0 where a single rounding gives 1.0078125. Several deltas on
 the same weight are summed in fp32 and still rounded once. Biases are never touched.
@@ -71,6 +78,8 @@ class ModuleStats:
     delta_to_weight_norm: float
     lost_fraction: float
     relative_merge_error: float
+    magnitude_factor: list[float] | None = None
+    """DoRA only: [min, max] of m / ||W + dW||_row, the factor each output row was scaled by."""
 
 
 def layer_layout(module: nn.Module, name: str) -> str:
@@ -259,6 +268,54 @@ def _stored_update(deltas: list[ModuleDelta], layout: str, shape: torch.Size) ->
     return added
 
 
+def _rows(tensor: torch.Tensor, layout: str, rows: tuple[int, int]) -> torch.Tensor:
+    """A view of logical output rows ``rows`` of a weight stored in ``layout``."""
+    start, stop = rows
+    return tensor[start:stop] if layout == "linear" else tensor[:, start:stop]
+
+
+def _apply_dora(
+    name: str, merged32: torch.Tensor, layout: str, deltas: list[ModuleDelta]
+) -> list[float] | None:
+    """Rescale each DoRA delta's output rows of ``merged32`` (W + dW) in place.
+
+    Returns [min, max] of the factors m / n over every DoRA row, or None without DoRA.
+
+    Raises:
+        MergeError: E052 for a DoRA delta whose rows another delta of the weight also updates
+            (the norm would mix two adapters), E030 for a zero row norm.
+    """
+    spans = [(d, d.out_slice or (0, d.d_out)) for d in deltas]
+    factors: list[torch.Tensor] = []
+    for delta, rows in spans:
+        if delta.magnitude is None:
+            continue
+        for other, (start, stop) in spans:
+            if other is not delta and start < rows[1] and rows[0] < stop:
+                raise MergeError(
+                    f"{name}: DoRA rows {list(rows)} overlap another delta's rows "
+                    f"[{start}, {stop}); DoRA normalises W + dW per row, so one adapter per row",
+                    code="E052",
+                )
+        view = _rows(merged32, layout, rows)
+        axis = 1 if layout == "linear" else 0  # the input axis of the stored layout
+        # The norm in float64 so the factor does not depend on the BLAS's summation order.
+        norm = torch.linalg.vector_norm(view.to(torch.float64), dim=axis)
+        if not bool((norm > 0).all()):
+            raise NonFiniteError(
+                f"{name}: W + dW has a zero row, so DoRA's m / ||W + dW|| is undefined; the "
+                "adapter was not trained on this base"
+            )
+        magnitude = torch.from_numpy(np.asarray(delta.magnitude, dtype=np.float64))
+        factor = (magnitude / norm).to(torch.float32)
+        view.mul_(factor.view(-1, 1) if layout == "linear" else factor.view(1, -1))
+        factors.append(factor)
+    if not factors:
+        return None
+    every = torch.cat(factors)
+    return [float(every.min()), float(every.max())]
+
+
 def _merge_one(
     name: str,
     module: nn.Module,
@@ -272,6 +329,9 @@ def _merge_one(
     added = _stored_update(deltas, layout, w.shape)
     w32 = w if w.dtype == torch.float32 else w.to(torch.float32)
     merged32 = w32 + added  # fp32 add into a new tensor; the base weight is untouched so far
+    magnitude_factor = _apply_dora(name, merged32, layout, deltas)
+    if magnitude_factor is not None:
+        added = merged32 - w32  # DoRA's update is the rescaled weight's change, not dW
     if not torch.isfinite(merged32).all():
         where = "dW" if not torch.isfinite(added).all() else "W + dW"
         raise NonFiniteError(
@@ -307,6 +367,7 @@ def _merge_one(
         relative_merge_error=(
             float(torch.linalg.vector_norm(change - added)) / delta_norm if delta_norm > 0 else 0.0
         ),
+        magnitude_factor=magnitude_factor,
     )
     with torch.no_grad():
         if merged.dtype == w.dtype:
@@ -575,5 +636,9 @@ def verify_base(
 
 
 def stats_as_dicts(stats: list[ModuleStats]) -> list[dict[str, Any]]:
-    """JSON-ready rows."""
-    return [asdict(s) for s in stats]
+    """JSON-ready rows; ``magnitude_factor`` only on DoRA rows (other reports keep their bytes)."""
+    rows = [asdict(s) for s in stats]
+    for row in rows:
+        if row["magnitude_factor"] is None:
+            del row["magnitude_factor"]
+    return rows

@@ -116,9 +116,16 @@ TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
 def reject_unsupported(
-    cfg: dict[str, Any], path: Path, allow_full_module_overrides: bool = False
+    cfg: dict[str, Any],
+    path: Path,
+    allow_full_module_overrides: bool = False,
+    *,
+    allow_dora: bool = False,
 ) -> None:
     """E070 for PEFT features whose merge is not W + s*B*A (spec 6.1 rejections).
+
+    ``use_dora`` passes when ``allow_dora`` is set (the LoRA importer merges DoRA exactly; VeRA
+    has no DoRA variant).
 
     ``modules_to_save`` and ``trainable_token_indices`` pass when ``allow_full_module_overrides``
     is set; their tensors are then copied (spec 6.1: "then copy tensors with exact shape and dtype
@@ -132,7 +139,11 @@ def reject_unsupported(
                 code="E070",
             )
     checks = [
-        ("use_dora", bool(cfg.get("use_dora")), "DoRA re-normalises W; its merge is not W + BA"),
+        (
+            "use_dora",
+            bool(cfg.get("use_dora")) and not allow_dora,
+            "DoRA is merged for LoRA adapters only",
+        ),
         ("lora_bias", bool(cfg.get("lora_bias")), "a trained bias is not supported"),
         (
             "layer_replication",

@@ -5,6 +5,10 @@ LoRA (Hu et al. 2021, arXiv 2106.09685): dW = s * B A with s = alpha/r; rank-sta
 alpha come from ``rank_pattern``/``alpha_pattern``. Embedding adapters (``lora_embedding_A/B``) use
 the embedding layout, ``fan_in_fan_out`` the conv1d layout. ``modules_to_save`` and trainable-token
 tensors are returned as overrides only with ``allow_full_module_overrides`` (E070 otherwise).
+
+DoRA (Liu et al. 2024, arXiv 2402.09353, PEFT ``use_dora``): each module also saves
+``lora_magnitude_vector`` m (d_out,), carried on the delta; the merge applies
+W' = (m / ||W + dW||_row) * (W + dW) (:mod:`rslora_deploy.adapters.merge_math`).
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from rslora_deploy.errors import (
     AdapterFormatError,
     NonFiniteError,
     ShapeMismatchError,
-    UnsupportedError,
 )
 
 _SUFFIXES = {
+    ".lora_magnitude_vector": ("M", False),
     ".lora_A.weight": ("A", False),
     ".lora_B.weight": ("B", False),
     ".lora_embedding_A": ("A", True),
@@ -48,12 +52,6 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
 
 
 def _split_key(module_key: str, path: Path) -> tuple[str, str, bool]:
-    if module_key.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in module_key:
-        raise UnsupportedError(
-            f"{path}: tensor {module_key!r} is a DoRA magnitude vector; DoRA's "
-            "merge is not W + BA. Retrain without use_dora",
-            code="E070",
-        )
     for suffix, (factor, embedding) in _SUFFIXES.items():
         if module_key.endswith(suffix):
             return module_key[: -len(suffix)], factor, embedding
@@ -78,12 +76,14 @@ def load_peft_lora(
         (deltas, summary, overrides); summary has r, alpha, use_rslora, trainable parameters.
 
     Raises:
-        UnsupportedError: E070 for DoRA, lora_bias, modules_to_save and the other rejections.
+        UnsupportedError: E070 for lora_bias, modules_to_save and the other rejections.
         AdapterFormatError: E023 (tensor set), ShapeMismatchError: E022, NonFiniteError: E030.
     """
     directory = Path(directory)
     cfg = read_config(directory)
-    reject_unsupported(cfg, directory / "adapter_config.json", allow_full_module_overrides)
+    reject_unsupported(
+        cfg, directory / "adapter_config.json", allow_full_module_overrides, allow_dora=True
+    )
     all_tensors, path = read_weights(directory)
     tensors, overrides = split_overrides(cfg, all_tensors, stored_dtypes(path), path)
     groups, embedding_modules, saved_bases = _group_factors(tensors, path)
@@ -132,7 +132,7 @@ def _group_factors(
             continue
         module, factor, embedding = _split_key(stripped, path)
         groups.setdefault(module, {})[factor] = array
-        if embedding:
+        if embedding and factor != "M":
             embedding_modules.add(module)
     return groups, embedding_modules, saved_bases
 
@@ -169,6 +169,7 @@ def _module_delta(
             raise NonFiniteError(f"{path}: {module} lora_{factor} contains NaN/Inf")
     use_rslora = bool(cfg.get("use_rslora", False))
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+    magnitude = _magnitude(module, factors.get("M"), bool(cfg.get("use_dora")), path)
     return ModuleDelta(
         name=module,
         layout="embedding" if embedding else ("conv1d" if fan_in_fan_out else None),
@@ -177,8 +178,39 @@ def _module_delta(
         B=b_mat,
         A=a_mat,
         scale=lora_scale(alpha_m, r_m, use_rslora),
-        source={"format": "peft-lora", "r": r_m, "alpha": alpha_m, "use_rslora": use_rslora},
+        source={
+            "format": "peft-lora",
+            "r": r_m,
+            "alpha": alpha_m,
+            "use_rslora": use_rslora,
+            **({"dora": True} if magnitude is not None else {}),
+        },
+        magnitude=magnitude,
     )
+
+
+def _magnitude(
+    module: str, vector: np.ndarray | None, use_dora: bool, path: Path
+) -> np.ndarray | None:
+    """The module's DoRA magnitude, present exactly when the config says ``use_dora``.
+
+    Raises:
+        AdapterFormatError: E023 for a magnitude without use_dora or use_dora without one (the
+            merge would silently be plain LoRA, or silently drop the trained magnitude).
+    """
+    if vector is None and use_dora:
+        raise AdapterFormatError(
+            f"{path}: {module} has no lora_magnitude_vector but adapter_config.json says "
+            "use_dora=true; the adapter file is incomplete",
+            code="E023",
+        )
+    if vector is not None and not use_dora:
+        raise AdapterFormatError(
+            f"{path}: {module}.lora_magnitude_vector is a DoRA tensor but adapter_config.json "
+            "says use_dora=false; fix the config (set use_dora) or remove the tensor",
+            code="E023",
+        )
+    return None if vector is None else np.asarray(vector, dtype=np.float32)
 
 
 class PeftLoraFormat:

@@ -358,8 +358,6 @@ def test_e060_quantized_base_layer() -> None:
 @pytest.mark.parametrize(
     ("cfg", "tensors", "needle"),
     [
-        ({"use_dora": True}, {}, "use_dora"),
-        ({}, {"base_model.model.lin.lora_magnitude_vector": [1.0]}, "DoRA"),
         ({"modules_to_save": ["lm_head"]}, {}, "modules_to_save"),
         ({"lora_bias": True}, {}, "lora_bias"),
     ],
@@ -375,6 +373,29 @@ def test_e070_unsupported_peft_features(
         tmp_path, {"peft_type": "LORA", "r": 1, "lora_alpha": 1, **cfg}, {**base, **tensors}
     )
     expect("E070", lambda: load_adapter(path), needle)
+
+
+def test_dora_tensors_disagreeing_with_the_config_are_e023(tmp_path: Path) -> None:
+    """A magnitude without use_dora (or use_dora without one) would merge the wrong formula."""
+    factors = {
+        "base_model.model.lin.lora_A.weight": [[1.0, 2.0]],
+        "base_model.model.lin.lora_B.weight": [[1.0]],
+    }
+    stray = {**factors, "base_model.model.lin.lora_magnitude_vector": [1.0]}
+    path = write_peft_dir(tmp_path / "stray", {"peft_type": "LORA", "r": 1}, stray)
+    expect("E023", lambda: load_adapter(path), "use_dora=false")
+    lacking = {"peft_type": "LORA", "r": 1, "use_dora": True}
+    path = write_peft_dir(tmp_path / "lacking", lacking, factors)
+    expect("E023", lambda: load_adapter(path), "no lora_magnitude_vector")
+
+
+def test_e070_dora_on_vera(tmp_path: Path) -> None:
+    path = write_peft_dir(
+        tmp_path,
+        {"peft_type": "VERA", "r": 2, "use_dora": True, "save_projection": True},
+        {"base_model.model.lin.vera_lambda_b": [1.0], "base_model.model.lin.vera_lambda_d": [1.0]},
+    )
+    expect("E070", lambda: load_adapter(path), "use_dora")
 
 
 def test_e071_vera_without_projections(tmp_path: Path) -> None:
