@@ -41,14 +41,14 @@ PROMPTS = (
 def export_profile(base: Path, profile_name: str, out: Path) -> dict[str, Any]:
     """Export ``base`` for one Ascend profile; time, size, lint facts."""
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig
     from rslora_deploy.exporters.ascend.exporter import AscendExporter
+    from rslora_deploy.exporters.ascend.options import AscendExportConfig
     from rslora_deploy.profiles import load_profile
 
     (out / "reports").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     art = AscendExporter().export(
-        Artifact("hf", base), out / "model", ExportConfig(), load_profile(profile_name),
+        Artifact("hf", base), out / "model", AscendExportConfig(), load_profile(profile_name),
         out / "export.log",
     )  # fmt: skip
     seconds = time.perf_counter() - start

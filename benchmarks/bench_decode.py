@@ -54,10 +54,11 @@ def _prepare(work: Path) -> dict[str, Path]:
     """Merged model, plain and protected RTN checkpoints, and the four ONNX folders."""
     from rslora_deploy.adapters import demo_adapter_dir
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import AdapterConfig, ExportConfig, MergeConfig, QuantizeConfig
+    from rslora_deploy.config import AdapterConfig, MergeConfig, QuantizeConfig
     from rslora_deploy.data.assets import default_base_dir
     from rslora_deploy.exporters.genai.builder import export_onnx
     from rslora_deploy.exporters.genai.exporter import GenaiExporter
+    from rslora_deploy.exporters.genai.options import GenaiExportConfig
     from rslora_deploy.quantizers.protection import plan_protection
     from rslora_deploy.stages.merge import merge_adapter
     from rslora_deploy.stages.quantize import quantize_model
@@ -78,15 +79,18 @@ def _prepare(work: Path) -> dict[str, Path]:
         quantize_model(Artifact("hf", merged), checkpoints["protected"], cfg, extras=extras)
     profile = genai_cpu_profile()  # cpu-2gb: the genai CPU target
     variants = {
-        "ours": (checkpoints["plain"], ExportConfig(max_length=MAX_LENGTH)),
+        "ours": (checkpoints["plain"], GenaiExportConfig(max_length=MAX_LENGTH)),
         "ours_accuracy_level_4": (
             checkpoints["plain"],
-            ExportConfig(max_length=MAX_LENGTH, accuracy_level=4),
+            GenaiExportConfig(max_length=MAX_LENGTH, accuracy_level=4),
         ),
-        "ours_protect_adapter": (checkpoints["protected"], ExportConfig(max_length=MAX_LENGTH)),
+        "ours_protect_adapter": (
+            checkpoints["protected"],
+            GenaiExportConfig(max_length=MAX_LENGTH),
+        ),
         "ours_fast": (
             checkpoints["plain"],
-            ExportConfig(max_length=MAX_LENGTH, accuracy_level=4, lm_head_int4=True),
+            GenaiExportConfig(max_length=MAX_LENGTH, accuracy_level=4, lm_head_int4=True),
         ),
     }
     folders: dict[str, Path] = {}

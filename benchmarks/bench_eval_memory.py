@@ -56,8 +56,9 @@ QWEN2_05B = {
 def prepare(root: Path) -> None:
     """Write base/, merged/, quantized/ and onnx/ under ``root`` (see the module docstring)."""
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig, QuantizeConfig
+    from rslora_deploy.config import QuantizeConfig
     from rslora_deploy.exporters.genai.builder import cpu_view, export_onnx
+    from rslora_deploy.exporters.genai.options import GenaiExportConfig
     from rslora_deploy.profiles import load_profile
     from rslora_deploy.stages.quantize import quantize_model
 
@@ -70,7 +71,7 @@ def prepare(root: Path) -> None:
             Artifact("hf", root / "merged"), root / "quantized", QuantizeConfig(method="rtn")
         )
     exported = export_onnx(
-        quantized, root / "model", ExportConfig(), load_profile("t4-2gb"), root / "export.log"
+        quantized, root / "model", GenaiExportConfig(), load_profile("t4-2gb"), root / "export.log"
     )
     cpu_view(exported.path, root / "onnx")
 

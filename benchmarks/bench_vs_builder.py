@@ -133,8 +133,9 @@ def build_peer(source: Path, out: Path, options: tuple[str, ...], work: Path) ->
 def build_ours(source: Path, variant: Variant, work: Path) -> dict[str, Any]:
     """Quantize (cached per quantize settings) and export with ``variant``'s settings."""
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig, QuantizeConfig
+    from rslora_deploy.config import QuantizeConfig
     from rslora_deploy.exporters.genai.builder import export_onnx
+    from rslora_deploy.exporters.genai.options import GenaiExportConfig
     from rslora_deploy.stages.quantize import quantize_model
     from rslora_deploy.testing.profiles import genai_cpu_profile
 
@@ -156,7 +157,7 @@ def build_ours(source: Path, variant: Variant, work: Path) -> dict[str, Any]:
     quantize_s = time.perf_counter() - started
     art = export_onnx(
         Artifact("hf-quantized", checkpoint), work / variant.name,
-        ExportConfig(max_length=MAX_LENGTH, **variant.export), genai_cpu_profile(),
+        GenaiExportConfig(max_length=MAX_LENGTH, **variant.export), genai_cpu_profile(),
         work / f"{variant.name}.log",
     )  # fmt: skip
     meta = {k: v for k, v in art.meta.items() if k not in ("builder", "max_length")}

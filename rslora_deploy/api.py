@@ -83,15 +83,12 @@ def build(
     from rslora_deploy.stages.resume import BuildCache
 
     profile = load_profile(config.profile)
-    if profile.exporter == "onnxruntime-genai":
-        from rslora_deploy.exporters.genai import layout
-
-        # Refuse a layout the target cannot run before minutes of merging and quantizing.
-        layout.resolve(config.export, profile.export_target, profile.name)
+    exporter = get_exporter(profile.exporter)
+    # The exporter refuses options it cannot honour on this profile (a layout the target cannot
+    # run, gears beyond the KV length) before minutes of merging and quantizing.
+    exporter.check_config(config.export, profile)
     unset = Path()
-    ctx = StageContext(
-        config, profile, get_exporter(profile.exporter), work=unset, reports=unset, staging=unset
-    )
+    ctx = StageContext(config, profile, exporter, work=unset, reports=unset, staging=unset)
     if on_stage is not None:
         ctx.on_stage = on_stage
     ctx.cache = BuildCache(StageCache(enabled=cache))

@@ -15,12 +15,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from rslora_deploy.errors import ConfigError
+from rslora_deploy.errors import ConfigError, validation_message
+from rslora_deploy.exporters.options import ExportConfig
 
 SCHEMA_VERSION = 1
 
@@ -30,7 +33,6 @@ class _Section(BaseModel):
 
 
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
-ProtectedLayout = Literal["auto", "nbits8", "float"]
 
 
 class MergeDtype(str, Enum):
@@ -219,113 +221,6 @@ class QuantizeConfig(_Section):
         return self
 
 
-LmHeadPrecision = Literal["auto", "fp32", "fp16", "int8", "int4"]
-
-
-class ExportConfig(_Section):
-    """ONNX export through the onnxruntime-genai model builder (choices: docs/export.md)."""
-
-    accuracy_level: int | None = Field(
-        default=None,
-        description="MatMulNBits accuracy level. None: 4 on CPU targets (int8 activations "
-        "inside MatMulNBits, the fast kernel), 1 on CUDA targets (fp32 accumulation; the CUDA "
-        "kernel ignores it). 1 on CPU keeps fp32 activations (docs/export.md).",
-    )
-    lm_head: LmHeadPrecision = Field(
-        default="auto",
-        description="lm_head (and a tied embedding) precision: int4 (RTN per block of "
-        "lm_head_block_size, one table shared with the embedding when tied), int8 (RTN per "
-        "block; the embedding stays full precision), fp32 (CPU targets) or fp16 (CUDA "
-        "targets). auto: int4 on CPU targets (1.05x the builder's decode, 0.91x its "
-        "perplexity, 0.93x its size on SmolLM2; 1.07x, 0.80x, 0.98x on Gemma-3-270M; fp32 "
-        "scores better but decodes at 0.42x / 0.30x), fp16 on CUDA targets (docs/export.md).",
-    )
-    lm_head_block_size: int = Field(
-        default=32,
-        description="Block size of a quantized lm_head/embedding (must divide the hidden size).",
-    )
-    lm_head_sym: bool = Field(
-        default=True,
-        description="Symmetric grid for a quantized lm_head/embedding (no zero points).",
-    )
-    lm_head_int4: bool = Field(
-        default=False,
-        description="Deprecated spelling of lm_head = int4 (kept for recipes written before it).",
-    )
-    max_length: int | None = Field(
-        default=None,
-        gt=0,
-        description="Context length written to genai_config.json; None takes the profile's "
-        "max_seq_len.",
-    )
-    last_token_logits: bool = Field(
-        default=True,
-        description="Ship a graph whose prefill returns the last position's logits only "
-        "(builder prune_lm_head): the logits buffer is vocab x io_bytes instead of "
-        "max_length x vocab x io_bytes. Evaluation reads full logits from an unshipped view.",
-    )
-    protected_layout: ProtectedLayout = Field(
-        default="auto",
-        description="How --protect-adapter's 8-bit modules ship: nbits8 (MatMulNBits bits=8, 1 "
-        "byte a weight), float (exact dequantized MatMul, 4 bytes a weight in an fp32 graph), "
-        "or auto: float on CPU-target graphs below accuracy_level 4, where onnxruntime's 8-bit "
-        "kernel is 4.4x slower end to end (benchmarks/bench_decode.py), else nbits8.",
-    )
-    gears: tuple[int, ...] = Field(
-        default=(1, 16, 64, 256),
-        description="ascend-om exporter only: the values of S (new tokens per call) the static "
-        "graph is compiled for; 1 is decode, the rest prefill chunks. Each must be <= "
-        "max_length.",
-    )
-
-    @field_validator("accuracy_level")
-    @classmethod
-    def _check_level(cls, value: int | None) -> int | None:
-        if value is not None and value not in (0, 1, 2, 3, 4):
-            raise ValueError(f"accuracy_level must be 0-4, got {value}")
-        return value
-
-    @field_validator("gears")
-    @classmethod
-    def _check_gears(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        # A static graph is compiled once per gear; the runner picks the smallest that holds a
-        # chunk, so the list is the compile plan as written: 1 (decode) first, then increasing.
-        if not value or value[0] != 1 or any(g < 1 for g in value):
-            raise ValueError(
-                f"gears must be positive, start with 1 (decode) and be non-empty, got {list(value)}"
-            )
-        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
-            raise ValueError(
-                f"gears must be strictly increasing, got {list(value)}; write e.g. [1, 16, 64]"
-            )
-        return value
-
-    @field_validator("lm_head_block_size")
-    @classmethod
-    def _check_block(cls, value: int) -> int:
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"lm_head_block_size must be a power of two >= 16, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _gears_fit_max_length(self) -> ExportConfig:
-        # Only gears a recipe wrote: the defaults do not apply to a genai profile's max_length,
-        # and the Ascend exporter checks them against the length it exports at.
-        explicit = "gears" in self.model_fields_set
-        if explicit and self.max_length is not None and self.gears[-1] > self.max_length:
-            raise ValueError(
-                f"gears: gear {self.gears[-1]} is larger than max_length {self.max_length} (the "
-                f"KV buffer); use gears <= {self.max_length} or raise max_length"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _legacy_int4(self) -> ExportConfig:
-        if self.lm_head_int4 and self.lm_head == "auto":
-            object.__setattr__(self, "lm_head", "int4")
-        return self
-
-
 class EvalConfig(_Section):
     """Quality evaluation run as part of the build."""
 
@@ -370,22 +265,56 @@ class BuildConfig(_Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="[adapter]")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="[merge]")
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="[quantize]")
-    export: ExportConfig = Field(default_factory=ExportConfig, description="[export]")
+    export: SerializeAsAny[ExportConfig] = Field(
+        default_factory=ExportConfig,
+        validate_default=True,
+        description="[export]: the options of the profile's exporter (its config_class, e.g. "
+        "exporters/genai/options.py); another exporter's options are refused.",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="[eval]")
     package: PackageConfig = Field(default_factory=PackageConfig, description="[package]")
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_has_an_exporter(cls, value: str) -> str:
+        # The profile decides which options [export] may hold, so it is read here, once the
+        # name is known: an unknown name, a bad file or an unregistered exporter is this field's
+        # error, before the export section is looked at.
+        export_options(value)
+        return value
+
+    @field_validator("export", mode="before")
+    @classmethod
+    def _exporters_own_options(cls, value: object, info: ValidationInfo) -> object:
+        profile = info.data.get("profile")
+        if profile is None:
+            return ExportConfig()  # the profile's own error says what is wrong
+        exporter, options = export_options(profile)
+        return options.parse(value, f"the {exporter} exporter (profile {profile})")
 
     def to_json_dict(self) -> dict[str, Any]:
         """The resolved config as JSON-ready data, as written into the manifest."""
         return self.model_dump(mode="json")
 
 
-def validation_message(exc: ValidationError) -> str:
-    """Turn pydantic's multi-line report into one line naming each bad field."""
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
+def export_options(profile: str) -> tuple[str, type[ExportConfig]]:
+    """The exporter a profile names and that exporter's options class.
+
+    Only the exporter's class is imported (its module is light; the backend loads in
+    ``export``), so a recipe validates without onnx or torch.
+
+    Raises:
+        ConfigError: unknown profile, invalid profile file, or an exporter not registered.
+    """
+    from rslora_deploy.exporters import EXPORTERS
+    from rslora_deploy.profiles import load_profile
+
+    name = load_profile(profile).exporter
+    if name not in EXPORTERS:
+        raise ConfigError(
+            f"profile {profile}: unknown exporter {name!r}; registered: {', '.join(EXPORTERS)}"
+        )
+    return name, EXPORTERS.get(name).config_class
 
 
 def make_config(data: dict[str, Any]) -> BuildConfig:

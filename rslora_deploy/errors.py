@@ -8,6 +8,11 @@ carry their stable code, so users can search for it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class RsloraDeployError(Exception):
     """Base class for every error this package raises on purpose.
@@ -110,3 +115,17 @@ class AssetError(RsloraDeployError):
 
 class NonFiniteQuantizationError(QuantizationError):
     """NaN or Inf appeared during calibration or in a quantized tensor."""
+
+
+def validation_message(exc: ValidationError, prefix: str = "") -> str:
+    """Turn pydantic's multi-line report into one line naming each bad field.
+
+    It lives here, beside the errors it feeds, so that every schema module (config, profiles,
+    the exporters' options) can use it without importing another. ``prefix`` names the
+    section a nested model was validated for (``export``), so a field reads as in a recipe.
+    """
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "") or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)

@@ -12,10 +12,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rslora_deploy.config import validation_message
-from rslora_deploy.errors import ConfigError
+from rslora_deploy.errors import ConfigError, validation_message
 
 GIB = 1024**3
 MIB = 1024**2
@@ -123,7 +122,9 @@ class DeviceProfile(BaseModel):
     )
     exporter: str = Field(
         description="Registered exporter that writes the package's model/ folder "
-        "(rslora_deploy.exporters.EXPORTERS), e.g. onnxruntime-genai."
+        "(rslora_deploy.exporters.EXPORTERS), e.g. onnxruntime-genai. Checked where a build "
+        "config resolves it (config.export_options), not here: a profile is data the exporters "
+        "read, so this module imports none of them."
     )
     export_target: ExportTarget = Field(
         description="Activation placement of the exported graph: cuda (fp16), cpu (fp32) or npu "
@@ -190,29 +191,9 @@ class DeviceProfile(BaseModel):
     soc_versions: list[str] = Field(
         default_factory=list,
         description="Ascend SoCs the ascend-om exporter writes ATC scripts for (Ascend310P3, "
-        "Ascend310B1, ...); the first is the runner's default .om.",
+        "Ascend310B1, ...); the first is the runner's default .om. The exporter checks the "
+        "names (its check_config, before any work).",
     )
-
-    @field_validator("soc_versions")
-    @classmethod
-    def _known_socs(cls, value: list[str]) -> list[str]:
-        from rslora_deploy.exporters.ascend.atc import KNOWN_SOCS
-
-        unknown = [s for s in value if s not in KNOWN_SOCS]
-        if unknown:
-            raise ValueError(f"unknown {', '.join(unknown)}; known: {', '.join(KNOWN_SOCS)}")
-        return value
-
-    @field_validator("exporter")
-    @classmethod
-    def _known_exporter(cls, value: str) -> str:
-        from rslora_deploy.exporters import EXPORTERS
-
-        if value not in EXPORTERS:
-            raise ValueError(
-                f"unknown exporter {value!r}; registered: {', '.join(EXPORTERS.names())}"
-            )
-        return value
 
     @model_validator(mode="after")
     def _reserved_covers_measurement(self) -> DeviceProfile:

@@ -189,7 +189,6 @@ def export(
 ) -> None:
     """Export a quantized checkpoint with the profile's exporter."""
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig
     from rslora_deploy.errors import InputError
     from rslora_deploy.exporters import get_exporter
     from rslora_deploy.profiles import load_profile
@@ -202,7 +201,7 @@ def export(
         exporter.export(
             Artifact("hf-quantized", model),
             staging,
-            ExportConfig(),
+            exporter.config_class(),
             prof,
             staging.parent / f".{staging.name}.log",
         )

@@ -17,7 +17,7 @@ import typer
 
 from rslora_deploy._fsutil import atomic_new_dir, write_json
 from rslora_deploy.cli._output import OutputFormat, emit
-from rslora_deploy.errors import ConfigError, InputError
+from rslora_deploy.errors import ConfigError, InputError, validation_message
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def _quantize_config(**fields: Any) -> Any:
     from pydantic import ValidationError
 
-    from rslora_deploy.config import QuantizeConfig, validation_message
+    from rslora_deploy.config import QuantizeConfig
 
     try:
         return QuantizeConfig(**{k: v for k, v in fields.items() if v is not None})

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig
+    from rslora_deploy.exporters.options import ExportConfig
     from rslora_deploy.model_view import ModelView
     from rslora_deploy.profiles import DeviceProfile
 
@@ -57,7 +57,8 @@ class Exporter(Protocol):
     """One way of turning a (quantized) Hugging Face checkpoint into a device's model folder.
 
     Implementations are classes registered in ``EXPORTERS``; the pipeline instantiates them with
-    no arguments, so all settings come from ``ExportConfig`` and the ``DeviceProfile``.
+    no arguments, so all settings come from the exporter's own options (``config_class``, which
+    a recipe's ``[export]`` is validated into) and the ``DeviceProfile``.
     """
 
     name: ClassVar[str]
@@ -69,6 +70,20 @@ class Exporter(Protocol):
     fused_groups: ClassVar[tuple[tuple[str, ...], ...]]
     """Projection names this exporter fuses into one node; members must share a precision."""
 
+    config_class: ClassVar[type[ExportConfig]]
+    """Its ``[export]`` options: :class:`ExportConfig` or a subclass, defined in a module that
+    imports only pydantic (a recipe is validated against it without loading the backend)."""
+
+    def check_config(self, cfg: ExportConfig, profile: DeviceProfile) -> None:
+        """Refuse options this exporter cannot honour on ``profile``, before any work.
+
+        ``build`` calls it before merging, so a layout the target cannot run or a compile plan
+        that does not fit the profile fails in a second, not after minutes of quantizing.
+
+        Raises:
+            ConfigError: naming the field and what is allowed.
+        """
+
     def export(
         self,
         quantized: Artifact,
@@ -77,7 +92,11 @@ class Exporter(Protocol):
         profile: DeviceProfile,
         log_path: Path,
     ) -> Artifact:
-        """Write the model folder at ``out_dir`` and return it as an artifact."""
+        """Write the model folder at ``out_dir`` and return it as an artifact.
+
+        ``cfg`` is an instance of ``config_class`` (``BuildConfig`` validated it so);
+        ``config_class.of(cfg, name)`` narrows the type.
+        """
 
     def smoke_test(self, model_dir: Path, profile: DeviceProfile, work: Path) -> dict[str, Any]:
         """Generate from a fixed prompt with the shipped bytes, in a child process.

@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rslora_deploy.config import QuantizeConfig
+if TYPE_CHECKING:
+    # Annotation only: config imports the quantizer registry to check a method's name, so a
+    # runtime import back would close the config <-> quantizers cycle.
+    from rslora_deploy.config import QuantizeConfig
 
 logger = logging.getLogger(__name__)
 

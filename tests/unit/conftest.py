@@ -80,15 +80,15 @@ def rtn_dir(tmp_path_factory, tiny_dir) -> Path:
 def tiny_onnx_cpu(tmp_path_factory, rtn_dir) -> Path:
     """The RTN tiny model exported for cpu-2gb (last-token logits), max_length 128."""
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig
     from rslora_deploy.exporters.genai.builder import export_onnx
+    from rslora_deploy.exporters.genai.options import GenaiExportConfig
     from rslora_deploy.profiles import load_profile
 
     root = tmp_path_factory.mktemp("tiny-onnx-cpu")
     art = export_onnx(
         Artifact("hf-quantized", rtn_dir),
         root / "model",
-        ExportConfig(max_length=128),
+        GenaiExportConfig(max_length=128),
         load_profile("cpu-2gb"),
         root / "export.log",
     )

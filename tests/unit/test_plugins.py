@@ -24,6 +24,7 @@ from rslora_deploy.adapters.delta import ModuleDelta
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.exporters import EXPORTERS
 from rslora_deploy.exporters.base import Shape, kv_cache_bytes
+from rslora_deploy.exporters.options import ExportConfig
 from rslora_deploy.quantizers import QUANTIZERS
 from tests import tolerances as tol
 
@@ -70,6 +71,10 @@ class TorchFolderExporter:
     name: ClassVar[str] = "test-torch-folder"
     runtime: ClassVar[str] = "transformers"
     fused_groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    config_class: ClassVar[type[ExportConfig]] = ExportConfig
+
+    def check_config(self, cfg: ExportConfig, profile: Any) -> None:
+        return None
 
     def export(self, quantized: Artifact, out_dir: Path, cfg: Any, profile: Any, log: Path):
         shutil.copytree(quantized.path, out_dir)

@@ -26,15 +26,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rslora_deploy._fsutil import write_json
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.errors import ConfigError, ExportValidationError
+from rslora_deploy.exporters.ascend.options import DEFAULT_GEARS, AscendExportConfig
+
+if TYPE_CHECKING:
+    from rslora_deploy.exporters.options import ExportConfig
+    from rslora_deploy.profiles import DeviceProfile
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GEARS = (1, 16, 64, 256)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "generation_config.json", "chat_template.jinja",
@@ -126,18 +130,32 @@ class AscendExporter:
     name: ClassVar[str] = "ascend-om"
     runtime: ClassVar[str] = "onnxruntime (CANN/CPU EP) or pyACL on the ATC .om"
     fused_groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    config_class: ClassVar[type[AscendExportConfig]] = AscendExportConfig
+
+    def check_config(self, cfg: ExportConfig, profile: DeviceProfile) -> None:
+        """The gears against the effective KV length, the profile's SoCs against ATC's list."""
+        self._plan(AscendExportConfig.of(cfg, self.name), profile)
+
+    @staticmethod
+    def _plan(
+        options: AscendExportConfig, profile: DeviceProfile
+    ) -> tuple[int, list[int], list[str]]:
+        """KV length, gears and SoCs to export for, each checked (:class:`ConfigError`)."""
+        from rslora_deploy.exporters.ascend import atc
+
+        max_length = options.max_length or profile.max_seq_len
+        gears = check_gears(options.gears, max_length)
+        return max_length, gears, atc.check_socs(list(profile.soc_versions))
 
     def export(
-        self, quantized: Artifact, out_dir: Path, cfg: Any, profile: Any, log_path: Path
+        self, quantized: Artifact, out_dir: Path, cfg: ExportConfig, profile: Any, log_path: Path
     ) -> Artifact:
         """Export, lint (fatal on errors), write scripts, spec, runner and tokenizer."""
         from rslora_deploy.exporters.ascend import atc, op_lint
         from rslora_deploy.exporters.ascend.export import export_decoder
         from rslora_deploy.exporters.ascend.weights import build_decoder
 
-        max_length = getattr(cfg, "max_length", None) or profile.max_seq_len
-        gears = check_gears(getattr(cfg, "gears", None) or DEFAULT_GEARS, max_length)
-        socs = atc.check_socs(list(getattr(profile, "soc_versions", []) or []))
+        max_length, gears, socs = self._plan(AscendExportConfig.of(cfg, self.name), profile)
         start = time.perf_counter()
         decoder, facts = build_decoder(quantized.path, max_length)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,9 @@ import sys
 from pathlib import Path
 
 from rslora_deploy.artifact import Artifact
-from rslora_deploy.config import ExportConfig
 from rslora_deploy.errors import ExportError
 from rslora_deploy.exporters.genai import layout
+from rslora_deploy.exporters.genai.options import GenaiExportConfig
 from rslora_deploy.profiles import DeviceProfile
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,11 @@ def builder_command(
 
 
 def export_onnx(
-    quantized: Artifact, out_dir: Path, cfg: ExportConfig, profile: DeviceProfile, log_path: Path
+    quantized: Artifact,
+    out_dir: Path,
+    cfg: GenaiExportConfig,
+    profile: DeviceProfile,
+    log_path: Path,
 ) -> Artifact:
     """Export ``quantized`` to an onnxruntime-genai folder at ``out_dir``.
 
@@ -144,7 +148,7 @@ def _embedding_layout(lay: layout.Layout, tied: bool) -> str:
     return "full precision, shared with lm_head"
 
 
-def protected_layout(cfg: ExportConfig, lay: layout.Layout) -> str:
+def protected_layout(cfg: GenaiExportConfig, lay: layout.Layout) -> str:
     """``export.protected_layout``, with ``auto`` resolved for the builder target.
 
     On a CPU-target graph below accuracy level 4, onnxruntime 1.32 runs 8-bit ``MatMulNBits``

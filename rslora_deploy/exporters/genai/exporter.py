@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from rslora_deploy.exporters.base import Shape
 from rslora_deploy.exporters.genai.fused import FUSED_GROUPS
+from rslora_deploy.exporters.genai.options import GenaiExportConfig
 from rslora_deploy.profiles import ExportTarget
 
 if TYPE_CHECKING:
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig
+    from rslora_deploy.exporters.options import ExportConfig
     from rslora_deploy.model_view import ModelView
     from rslora_deploy.profiles import DeviceProfile
 
@@ -64,6 +65,13 @@ class GenaiExporter:
     #: The builder fuses q/k/v into one MatMul and gate/up into another: members of a group must
     #: share a precision (protection planning widens a protected module to its group; fused.py).
     fused_groups: ClassVar[tuple[tuple[str, ...], ...]] = FUSED_GROUPS
+    config_class: ClassVar[type[GenaiExportConfig]] = GenaiExportConfig
+
+    def check_config(self, cfg: ExportConfig, profile: DeviceProfile) -> None:
+        """Resolve the layout for the profile's target: a precision it cannot run is refused."""
+        from rslora_deploy.exporters.genai.layout import resolve
+
+        resolve(GenaiExportConfig.of(cfg, self.name), profile.export_target, profile.name)
 
     def export(
         self,
@@ -76,7 +84,8 @@ class GenaiExporter:
         """Run the builder in a child process (:func:`.builder.export_onnx`)."""
         from rslora_deploy.exporters.genai.builder import export_onnx
 
-        return export_onnx(quantized, out_dir, cfg, profile, log_path)
+        options = GenaiExportConfig.of(cfg, self.name)
+        return export_onnx(quantized, out_dir, options, profile, log_path)
 
     def cpu_runnable(self, model_dir: Path, profile: DeviceProfile, work: Path) -> Path:
         """The model itself for a CPU target; a CPU-provider view of a CUDA-target graph."""
@@ -154,11 +163,10 @@ class GenaiExporter:
         """
         from dataclasses import replace
 
-        from rslora_deploy.config import ExportConfig
         from rslora_deploy.exporters.genai.layout import resolve
         from rslora_deploy.exporters.genai.sizes import predict_weight_bytes
 
-        layout = resolve(ExportConfig(), profile.export_target, profile.name)
+        layout = resolve(GenaiExportConfig(), profile.export_target, profile.name)
         int4_head = layout.lm_head == "int4"
         parts = predict_weight_bytes(view, bits, group_size, profile, lm_head_int4=int4_head)
         level4 = 0

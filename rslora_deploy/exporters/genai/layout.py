@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rslora_deploy.config import ExportConfig
 from rslora_deploy.errors import ConfigError
+from rslora_deploy.exporters.genai.options import GenaiExportConfig
 
 #: What each builder target can hold for lm_head (and a tied embedding), besides ``auto``.
 LM_HEAD_CHOICES: dict[str, tuple[str, ...]] = {
@@ -73,7 +73,7 @@ class Layout:
         return self.lm_head in ("int4", "int8")
 
 
-def resolve(cfg: ExportConfig, target: str, profile_name: str = "") -> Layout:
+def resolve(cfg: GenaiExportConfig, target: str, profile_name: str = "") -> Layout:
     """Resolve ``auto`` fields for ``target`` and check the rest.
 
     Raises:

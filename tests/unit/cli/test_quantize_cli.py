@@ -150,15 +150,15 @@ def test_eval_quantized_vs_merged(capsys, tiny_dir, rtn_dir, tmp_path):
 def tiny_onnx(tmp_path_factory, rtn_dir):
     """The tiny RTN checkpoint exported for t4-2gb, viewed for the CPU (a genai folder)."""
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig
     from rslora_deploy.exporters.genai.builder import cpu_view, export_onnx
+    from rslora_deploy.exporters.genai.options import GenaiExportConfig
     from rslora_deploy.profiles import load_profile
 
     root = tmp_path_factory.mktemp("onnx")
     art = export_onnx(
         Artifact("hf-quantized", rtn_dir),
         root / "model",
-        ExportConfig(),
+        GenaiExportConfig(),
         load_profile("t4-2gb"),
         root / "export.log",
     )

@@ -15,15 +15,15 @@ import pytest
 def genai_dir(tmp_path_factory: pytest.TempPathFactory, rtn_dir: Path) -> Path:
     """The tiny RTN checkpoint exported for t4-2gb (CUDA target) and viewed for the CPU."""
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig
     from rslora_deploy.exporters.genai.builder import cpu_view, export_onnx
+    from rslora_deploy.exporters.genai.options import GenaiExportConfig
     from rslora_deploy.profiles import load_profile
 
     root = tmp_path_factory.mktemp("genai")
     art = export_onnx(
         Artifact("hf-quantized", rtn_dir),
         root / "onnx",
-        ExportConfig(),
+        GenaiExportConfig(),
         load_profile("t4-2gb"),
         root / "export.log",
     )

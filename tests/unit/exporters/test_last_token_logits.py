@@ -25,14 +25,14 @@ PROMPTS = (
 
 def _export(quantized: Path, out: Path, last_token: bool) -> Path:
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig
     from rslora_deploy.exporters.genai.builder import export_onnx
+    from rslora_deploy.exporters.genai.options import GenaiExportConfig
     from rslora_deploy.profiles import load_profile
 
     art = export_onnx(
         Artifact("hf-quantized", quantized),
         out,
-        ExportConfig(last_token_logits=last_token, max_length=128),
+        GenaiExportConfig(last_token_logits=last_token, max_length=128),
         load_profile("cpu-2gb"),
         out.parent / f"{out.name}.log",
     )

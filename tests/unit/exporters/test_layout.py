@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rslora_deploy.config import ExportConfig
 from rslora_deploy.errors import ConfigError
 from rslora_deploy.exporters.genai import layout
+from rslora_deploy.exporters.genai.options import GenaiExportConfig
 
 
-def _export(checkpoint: Path, root: Path, cfg: ExportConfig):
+def _export(checkpoint: Path, root: Path, cfg: GenaiExportConfig):
     """Export for an onnxruntime-genai CPU target (fp32 activations)."""
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.exporters.genai.builder import export_onnx
@@ -39,12 +39,12 @@ def _nodes(folder: Path) -> dict[str, object]:
 
 
 def test_auto_resolves_per_target() -> None:
-    cpu = layout.resolve(ExportConfig(), "cpu")
-    cuda = layout.resolve(ExportConfig(), "cuda")
+    cpu = layout.resolve(GenaiExportConfig(), "cpu")
+    cuda = layout.resolve(GenaiExportConfig(), "cuda")
     assert (cpu.lm_head, cpu.accuracy_level) == ("int4", 4)
     assert (cuda.lm_head, cuda.accuracy_level) == ("fp16", 1)
-    assert layout.resolve(ExportConfig(lm_head_int4=True), "cuda").lm_head == "int4"
-    fast = layout.resolve(ExportConfig(lm_head="int4", accuracy_level=4), "cpu")
+    assert layout.resolve(GenaiExportConfig(lm_head_int4=True), "cuda").lm_head == "int4"
+    fast = layout.resolve(GenaiExportConfig(lm_head="int4", accuracy_level=4), "cpu")
     # The parity gate follows what the layout changes on purpose (int8 activations, int4 head).
     assert layout.parity_tolerance(fast) > layout.parity_tolerance(cuda) == 0.02
 
@@ -52,7 +52,7 @@ def test_auto_resolves_per_target() -> None:
 @pytest.mark.parametrize(("target", "bad"), [("cpu", "fp16"), ("cuda", "fp32")])
 def test_precision_the_target_cannot_run_is_refused(target: str, bad: str) -> None:
     with pytest.raises(ConfigError, match=rf"lm_head={bad} cannot run on profile 'p'.*auto"):
-        layout.resolve(ExportConfig(lm_head=bad), target, "p")
+        layout.resolve(GenaiExportConfig(lm_head=bad), target, "p")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def asym_dir(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
 @pytest.fixture(scope="module", params=["int4", "int8", "fp32"])
 def lm_head_export(request: pytest.FixtureRequest, tmp_path_factory, asym_dir: Path):
     root = tmp_path_factory.mktemp(f"lm-{request.param}")
-    art = _export(asym_dir, root, ExportConfig(lm_head=request.param))
+    art = _export(asym_dir, root, GenaiExportConfig(lm_head=request.param))
     return request.param, art
 
 
@@ -107,7 +107,7 @@ def test_asymmetric_codes_round_trip_bit_exact(tmp_path: Path, asym_dir: Path) -
     from rslora_deploy.quantizers import rtn_math
     from rslora_deploy.quantizers.checkpoint import load_tensors
 
-    art = _export(asym_dir, tmp_path, ExportConfig(lm_head="fp32", accuracy_level=1))
+    art = _export(asym_dir, tmp_path, GenaiExportConfig(lm_head="fp32", accuracy_level=1))
     model = onnx.load(str(art.path / "model.onnx"), load_external_data=True)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     tensors = load_tensors(asym_dir)
@@ -179,7 +179,7 @@ def test_gemma3_exports_and_matches_the_dequantized_model(tmp_path: Path) -> Non
     quantized = quantize_model(
         Artifact("hf", base), tmp_path / "q", QuantizeConfig(method="rtn", sym=False)
     )
-    art = _export(quantized.path, tmp_path, ExportConfig(lm_head="fp32", accuracy_level=1))
+    art = _export(quantized.path, tmp_path, GenaiExportConfig(lm_head="fp32", accuracy_level=1))
     ids = np.random.default_rng(0).integers(3, TINY_VOCAB, 40)
     with torch.no_grad():
         ref = dequantized_gptq_model(quantized.path)(torch.from_numpy(ids[None])).logits[0]

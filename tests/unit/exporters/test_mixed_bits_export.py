@@ -42,15 +42,15 @@ def mixed_onnx(
     """The mixed checkpoint exported for a genai CPU target (accuracy level 1) in
     both layouts: ``float`` is what ``auto`` picks there, ``nbits8`` what it picks for CUDA."""
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig
     from rslora_deploy.exporters.genai.builder import export_onnx
+    from rslora_deploy.exporters.genai.options import GenaiExportConfig
     from rslora_deploy.testing.profiles import genai_cpu_profile
 
     root = tmp_path_factory.mktemp(f"mixed-onnx-{request.param}")
     art = export_onnx(
         Artifact("hf-quantized", mixed_dir),
         root / "onnx",
-        ExportConfig(protected_layout=request.param, accuracy_level=1, lm_head="fp32"),
+        GenaiExportConfig(protected_layout=request.param, accuracy_level=1, lm_head="fp32"),
         genai_cpu_profile(),
         root / "export.log",
     )
@@ -59,18 +59,20 @@ def mixed_onnx(
 
 
 def test_auto_layout_follows_target_and_accuracy_level() -> None:
-    from rslora_deploy.config import ExportConfig
     from rslora_deploy.exporters.genai import layout
     from rslora_deploy.exporters.genai.builder import protected_layout
+    from rslora_deploy.exporters.genai.options import GenaiExportConfig
 
-    def resolved(cfg: ExportConfig, target: str) -> str:
+    def resolved(cfg: GenaiExportConfig, target: str) -> str:
         return protected_layout(cfg, layout.resolve(cfg, target))
 
-    assert resolved(ExportConfig(accuracy_level=1), "cpu") == "float"
-    assert resolved(ExportConfig(), "cpu") == "nbits8"  # the CPU default is level 4
-    assert resolved(ExportConfig(accuracy_level=4), "cpu") == "nbits8"
-    assert resolved(ExportConfig(), "cuda") == "nbits8"
-    assert resolved(ExportConfig(protected_layout="nbits8", accuracy_level=1), "cpu") == "nbits8"
+    assert resolved(GenaiExportConfig(accuracy_level=1), "cpu") == "float"
+    assert resolved(GenaiExportConfig(), "cpu") == "nbits8"  # the CPU default is level 4
+    assert resolved(GenaiExportConfig(accuracy_level=4), "cpu") == "nbits8"
+    assert resolved(GenaiExportConfig(), "cuda") == "nbits8"
+    assert (
+        resolved(GenaiExportConfig(protected_layout="nbits8", accuracy_level=1), "cpu") == "nbits8"
+    )
 
 
 def test_mixed_bits_reads_the_overrides(mixed_dir: Path, rtn_dir: Path) -> None:

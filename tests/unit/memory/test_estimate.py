@@ -13,10 +13,10 @@ from rslora_deploy.profiles import load_profile
 
 def _export(root: Path, rtn_dir: Path, **layout: object) -> Path:
     from rslora_deploy.artifact import Artifact
-    from rslora_deploy.config import ExportConfig
     from rslora_deploy.exporters.genai.builder import export_onnx
+    from rslora_deploy.exporters.genai.options import GenaiExportConfig
 
-    cfg = ExportConfig(max_length=128, **layout)
+    cfg = GenaiExportConfig(max_length=128, **layout)
     art = export_onnx(
         Artifact("hf-quantized", rtn_dir), root / "model", cfg, load_profile("cpu-2gb"),
         root / "export.log",
