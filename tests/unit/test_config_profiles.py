@@ -137,3 +137,55 @@ def test_profile_typo_in_a_closed_field_exits_1_naming_field_and_choices(
     assert allowed in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("profile", "export", "field", "exporter", "accepts"),
+    [
+        ("ascend-310p-2gb", 'lm_head = "int4"', "export.lm_head", "ascend-om", "max_length, gears"),
+        ("t4-2gb", "gears = [1, 16]", "export.gears", "onnxruntime-genai", "lm_head"),
+    ],
+)
+def test_another_exporters_option_in_a_recipe_exits_1_naming_field_exporter_and_accepted(
+    tmp_path: Path,
+    profile: str,
+    export: str,
+    field: str,
+    exporter: str,
+    accepts: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rslora_deploy.cli.app import main
+    from tests.unit.cli.clean_failure import assert_failed_cleanly
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"[export]\n{export}\n")
+    out = tmp_path / "pkg"
+    code = main(["build", "--profile", profile, "--recipe", str(recipe), "--out", str(out)])
+    assert_failed_cleanly(code, capsys.readouterr().err, out, field, exporter, accepts)
+
+
+def test_a_genai_cli_override_on_an_ascend_profile_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rslora_deploy.cli.app import main
+    from tests.unit.cli.clean_failure import assert_failed_cleanly
+
+    out = tmp_path / "pkg"
+    code = main(["build", "--profile", "ascend-310p-2gb", "--lm-head", "int4", "--out", str(out)])
+    assert_failed_cleanly(code, capsys.readouterr().err, out, "export.lm_head", "ascend-om")
+
+
+def test_an_ascend_override_on_a_genai_profile_is_refused(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('profile = "t4-2gb"\n')
+    with pytest.raises(ConfigError, match=r"export\.gears: not an option of the onnxruntime-genai"):
+        load_recipe(recipe, **{"export.gears": [1, 16]})
+
+
+def test_each_profile_gets_its_exporters_options_in_the_manifest_config() -> None:
+    genai = make_config({"profile": "t4-2gb"}).to_json_dict()["export"]
+    ascend = make_config({"profile": "ascend-310p-2gb"}).to_json_dict()["export"]
+    assert "lm_head" in genai
+    assert "gears" not in genai
+    assert ascend == {"max_length": None, "gears": [1, 16, 64, 256]}
