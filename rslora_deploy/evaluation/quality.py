@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from rslora_deploy.errors import InputError, RsloraDeployError
-from rslora_deploy.evaluation.sequence import LogitFn, SurvivalSpec, evaluate_sequence
+from rslora_deploy.evaluation.sequence import EvalText, LogitFn, SurvivalSpec, evaluate_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +39,6 @@ logger = logging.getLogger(__name__)
 #: states its layout's limit as ``parity_tolerance`` (exporters/genai/layout.py: level 4 and
 #: an int4 lm_head are correct exports with larger differences).
 ONNX_LOGIT_ERROR_LIMIT = 0.02
-
-
-@dataclass
-class EvalText:
-    """The tokenized evaluation windows.
-
-    Attributes:
-        input_ids: int64 ``[windows, window_len]``.
-        scored_tokens: tokens whose prediction is scored (``windows * (window_len - 1)``).
-        meta: source, split, windows, window_len, bos.
-    """
-
-    input_ids: np.ndarray
-    scored_tokens: int
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def eval_windows(

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -37,13 +37,29 @@ from rslora_deploy.errors import RsloraDeployError
 from rslora_deploy.evaluation.metrics import log_softmax32, target_nll
 from rslora_deploy.evaluation.survival import SurvivalStats
 
-if TYPE_CHECKING:
-    from rslora_deploy.evaluation.quality import EvalText
-
 logger = logging.getLogger(__name__)
 
 LogitFn = Callable[[np.ndarray], np.ndarray]
 Loader = Callable[[], LogitFn]
+
+
+@dataclass
+class EvalText:
+    """The tokenized evaluation windows (built by :func:`.quality.eval_windows`).
+
+    It lives here, beside its consumer, so that ``quality`` imports ``sequence`` and not the
+    reverse (no import cycle).
+
+    Attributes:
+        input_ids: int64 ``[windows, window_len]``.
+        scored_tokens: tokens whose prediction is scored (``windows * (window_len - 1)``).
+        meta: source, split, windows, window_len, bos.
+    """
+
+    input_ids: np.ndarray
+    scored_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
 
 #: Values per chunk of positions (8 MB as float64): small enough that the temporaries stay in
 #: cache-sized pieces, large enough that the per-chunk Python overhead is negligible.

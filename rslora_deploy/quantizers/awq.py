@@ -17,6 +17,7 @@ asks for CUDA) and a bf16/fp16 model; it refuses group sizes that do not divide 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,7 +54,7 @@ class AWQQuantizer:
     #: Measured on gptqmodel 7.6.0 + transformers 5.24 (docs/benchmarks-quantize.md, Gemma-3):
     #: its AWQ calls Gemma3RotaryEmbedding without ``layer_type`` (TypeError 8 s in), and its
     #: Gemma-3 layout folds MLP scales into the wrong norm, so even a patched call would be wrong.
-    unsupported_model_types: ClassVar[dict[str, str]] = dict.fromkeys(
+    unsupported_model_types: ClassVar[Mapping[str, str]] = dict.fromkeys(
         ("gemma3", "gemma3_text"),
         "gptqmodel 7.6.0's AWQ fails on Gemma-3's per-layer-type rotary embedding",
     )

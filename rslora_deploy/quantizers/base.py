@@ -8,6 +8,7 @@ writes the artifact meta; handlers only run their algorithm and save.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -51,7 +52,9 @@ class Quantizer(Protocol):
         name: registry name (``gptq``, ``awq``, ``rtn``).
         needs_calibration: whether :meth:`quantize` needs a :class:`CalibrationSet`.
         supported_bits: bit widths the method can write.
-        unsupported_model_types: optional ``model_type -> reason`` the stage refuses up front.
+        unsupported_model_types: ``model_type -> reason`` the stage refuses before loading the
+            model (empty: every architecture with decoder ``nn.Linear`` layers); part of the
+            protocol so the stage reads it instead of probing for it.
     """
 
     name: ClassVar[str]
@@ -62,6 +65,7 @@ class Quantizer(Protocol):
     (GPTQ): the packed width must be a multiple of the values per int32."""
     compute_dtypes: ClassVar[tuple[str, ...]]
     """The ``compute_dtype`` values the method runs in."""
+    unsupported_model_types: ClassVar[Mapping[str, str]]
 
     def quantize(
         self,

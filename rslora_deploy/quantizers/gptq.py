@@ -13,6 +13,7 @@ decreasing ``diag H``. The checkpoint is the GPTQ v1 format (``checkpoint_format
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,6 +55,7 @@ class GPTQQuantizer:
     supported_bits: ClassVar[tuple[int, ...]] = (4, 8)
     packs_output_features: ClassVar[bool] = False
     compute_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
+    unsupported_model_types: ClassVar[Mapping[str, str]] = {}
 
     def quantize(
         self,

@@ -10,6 +10,7 @@ is what calibration buys.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,6 +38,7 @@ class RTNQuantizer:
     supported_bits: ClassVar[tuple[int, ...]] = rtn_math.SUPPORTED_BITS
     packs_output_features: ClassVar[bool] = False
     compute_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
+    unsupported_model_types: ClassVar[Mapping[str, str]] = {}
 
     def quantize(
         self,

@@ -111,11 +111,11 @@ def quantize_model(
             f"use one of {list(handler.supported_bits)}"
         )
     model_type = read_config(model_dir).get("model_type")
-    refused = getattr(handler, "unsupported_model_types", {})
-    if model_type in refused:
+    reason = handler.unsupported_model_types.get(str(model_type))
+    if reason is not None:
         others = " or ".join(n for n in QUANTIZERS.names() if n != method)
         raise UnsupportedError(
-            f"method {method} cannot quantize model_type {model_type!r}: {refused[model_type]}; "
+            f"method {method} cannot quantize model_type {model_type!r}: {reason}; "
             f"use --method {others}"
         )
     linears = decoder_linears(model_dir)

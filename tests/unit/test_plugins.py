@@ -57,6 +57,7 @@ class CopyQuantizer:
     supported_bits: ClassVar[tuple[int, ...]] = (4, 8)
     packs_output_features: ClassVar[bool] = False
     compute_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
+    unsupported_model_types: ClassVar[dict[str, str]] = {}
 
     def quantize(self, model_dir: Path, out_dir: Path, cfg: Any, calib: Any, extras: Any) -> dict:
         for item in model_dir.iterdir():
