@@ -1,11 +1,11 @@
 """``build()``: run the pipeline, load -> merge -> quantize -> export -> verify -> package.
 
-The full order is load, merge_adapter, quantize, export_onnx, verify, evaluate, check_budget,
-package. Every stage follows one contract (:class:`rslora_deploy.stages.base.Stage`): artifact in,
-artifact out, ``run(artifact, cfg, ctx)``. The package is assembled in a staging folder beside the
-output path and renamed into place at the end (:func:`rslora_deploy.stages.package.staged_output`);
-per-stage wall time and peak RSS go into ``reports/build.json``, which ``benchmarks/bench_build.py``
-turns into docs/benchmarks.md.
+The full order is load, merge_adapter, quantize, export_onnx, export_adapters, verify, evaluate,
+check_budget, package. Every stage follows one contract (:class:`rslora_deploy.stages.base.Stage`):
+artifact in, artifact out, ``run(artifact, cfg, ctx)``. The package is assembled in a staging
+folder beside the output path and renamed into place at the end
+(:func:`rslora_deploy.stages.package.staged_output`); per-stage wall time and peak RSS go into
+``reports/build.json``, which ``benchmarks/bench_build.py`` turns into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class BuildResult:
 
 def pipeline() -> list[Stage]:
     """The stages ``build`` runs after ``load``, in order."""
+    from rslora_deploy.stages.adapters import RuntimeAdaptersStage
     from rslora_deploy.stages.budget import BudgetStage
     from rslora_deploy.stages.evaluate import EvaluateStage
     from rslora_deploy.stages.export import ExportStage
@@ -50,6 +51,7 @@ def pipeline() -> list[Stage]:
         MergeStage(),
         QuantizeStage(),
         ExportStage(),
+        RuntimeAdaptersStage(),
         VerifyStage(),
         EvaluateStage(),
         BudgetStage(),

@@ -89,6 +89,27 @@ class AdapterConfig(_Section):
             raise ValueError(exc.message) from None
 
 
+#: A run-time adapter's name: a plain identifier (it names files and the runner's --adapter).
+ADAPTER_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+
+
+class NamedAdapterConfig(AdapterConfig):
+    """One adapter of a multi-adapter package, shipped unmerged and switched at run time."""
+
+    name: str = Field(
+        pattern=ADAPTER_NAME_PATTERN,
+        description="The adapter's name in the package (a plain identifier, not 'base').",
+    )
+    path: Path = Field(description="Adapter directory (RS-LoRA v1, PEFT LoRA or PEFT VeRA).")
+
+    @field_validator("name")
+    @classmethod
+    def _not_base(cls, value: str) -> str:
+        if value == "base":
+            raise ValueError("'base' names the base model without an adapter; pick another name")
+        return value
+
+
 class MergeConfig(_Section):
     """How the adapter's delta is added to the base weights (spec section 5)."""
 
@@ -263,6 +284,11 @@ class BuildConfig(_Section):
     out: Path = Field(default=Path("out/package"), description="Package directory to write.")
     overwrite: bool = Field(default=False, description="Replace an existing package at out.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="[adapter]")
+    adapters: list[NamedAdapterConfig] = Field(
+        default_factory=list,
+        description="[[adapters]]: several named adapters shipped unmerged over one int4 base and "
+        "switched at run time (docs/adapters-runtime.md); empty: [adapter] is merged.",
+    )
     merge: MergeConfig = Field(default_factory=MergeConfig, description="[merge]")
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="[quantize]")
     export: SerializeAsAny[ExportConfig] = Field(
@@ -282,6 +308,30 @@ class BuildConfig(_Section):
         # error, before the export section is looked at.
         export_options(value)
         return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_adapter_names(cls, value: list[NamedAdapterConfig]) -> list[NamedAdapterConfig]:
+        seen: set[str] = set()
+        for adapter in value:
+            if adapter.name in seen:
+                raise ValueError(f"two adapters are named {adapter.name!r}; give each its own name")
+            seen.add(adapter.name)
+        return value
+
+    @model_validator(mode="after")
+    def _merged_or_runtime(self) -> BuildConfig:
+        if self.adapters and self.adapter.path is not None:
+            raise ValueError(
+                "adapter.path (one merged adapter) and adapters (run-time adapters) are both set; "
+                "pass one adapter to merge it, or name each one (NAME=DIR) to ship them unmerged"
+            )
+        return self
+
+    @property
+    def merged_adapter_wanted(self) -> bool:
+        """Whether [adapter] is merged: not in a multi-adapter build (the base ships unmerged)."""
+        return not self.adapters
 
     @field_validator("export", mode="before")
     @classmethod

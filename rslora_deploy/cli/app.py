@@ -56,6 +56,31 @@ def _main(
         logging.getLogger("rslora_deploy").setLevel(logging.WARNING)
 
 
+def _adapter_args(values: list[str]) -> tuple[Path | None, list[dict[str, str]]]:
+    """``--adapter`` values: one plain DIR (merged) or NAME=DIR each (run-time adapters).
+
+    Raises:
+        UsageError: a mix of both forms, or several plain directories.
+    """
+    import re
+
+    from rslora_deploy.errors import UsageError
+
+    named, plain = [], []
+    for value in values:
+        name, eq, path = value.partition("=")
+        if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
+            named.append({"name": name, "path": path})
+        else:
+            plain.append(value)
+    if plain and (named or len(plain) > 1):
+        raise UsageError(
+            "--adapter takes one DIR (merged into the base) or NAME=DIR for each of several "
+            f"run-time adapters, not both; got {values}"
+        )
+    return (Path(plain[0]) if plain else None), named
+
+
 @app.command()
 def build(
     profile: Annotated[str, typer.Option(help="Device profile name or .toml path.")],
@@ -63,7 +88,11 @@ def build(
         Path | None, typer.Option(help="HF model dir or .gguf (default: SmolLM2-135M).")
     ] = None,
     adapter: Annotated[
-        Path | None, typer.Option(help="Adapter dir (default: demo adapter).")
+        list[str] | None,
+        typer.Option(
+            help="Adapter dir to merge (default: demo adapter); NAME=DIR, repeated, ships several "
+            "unmerged over one base, switched at run time."
+        ),
     ] = None,
     no_adapter: Annotated[
         bool, typer.Option("--no-adapter", help="Deploy the base as it is.")
@@ -106,9 +135,11 @@ def build(
     from rslora_deploy.api import build as run_build
     from rslora_deploy.config import apply_overrides, load_recipe, make_config
 
+    merged_path, named = _adapter_args(adapter or [])
     overrides = {
         "profile": profile, "base": base, "out": out, "overwrite": overwrite or None,
-        "adapter.path": adapter, "adapter.use_demo_adapter": False if no_adapter else None,
+        "adapter.path": merged_path, "adapter.use_demo_adapter": False if no_adapter else None,
+        "adapters": named or None,
         "quantize.method": method, "quantize.group_size": group_size, "quantize.calib_path": calib,
         "export.lm_head": lm_head,
         "quantize.protect_adapter": True if protect_adapter else None,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
+    from rslora_deploy.adapters.delta import ModuleDelta
     from rslora_deploy.artifact import Artifact
     from rslora_deploy.exporters.options import ExportConfig
     from rslora_deploy.model_view import ModelView
@@ -142,6 +143,33 @@ class Exporter(Protocol):
         default for ``profile`` (what ``build`` would write with an empty recipe), ``bits`` and
         ``group_size`` the quantizer's. Returns (bytes per part, the package's shape).
         """
+
+    def runtime_adapters(
+        self, model_dir: Path, view: ModelView, adapters: list[RuntimeAdapter], out_dir: Path
+    ) -> list[dict[str, Any]]:
+        """Make the graph in ``model_dir`` take adapters at run time and write one file each.
+
+        The graph keeps the base's own output when no adapter is active; each adapter's file
+        goes to ``out_dir`` and is checked against the graph (names, dtypes, shapes, base
+        build). Returns one JSON-ready record per adapter, in order (file, bytes, ranks).
+
+        Raises:
+            UnsupportedError: this exporter has no run-time adapter form (build merged).
+            ExportError: an adapter does not fit the graph, naming the adapter and the input.
+        """
+
+
+@dataclass(frozen=True)
+class RuntimeAdapter:
+    """One adapter of a multi-adapter package, in the internal representation.
+
+    Attributes:
+        name: its name in the package (a plain identifier).
+        deltas: its per-module updates (rename map applied).
+    """
+
+    name: str
+    deltas: list[ModuleDelta]
 
 
 def kv_cache_bytes(view: ModelView, profile: DeviceProfile, seq_len: int | None = None) -> int:

@@ -99,6 +99,8 @@ class StageContext:
         smoke: the smoke-test report (stage ``verify``).
         quality: the quality report (stage ``evaluate``; None when skipped).
         budget: the budget report (stage ``check_budget``).
+        runtime_adapters: a multi-adapter package's per-adapter manifest records (stage
+            ``export_adapters``; None for a single merged adapter).
         cache: the stage cache and the keys of this build (None: every stage runs).
     """
 
@@ -115,6 +117,7 @@ class StageContext:
     smoke: SmokeReport | None = None
     quality: QualityReport | None = None
     budget: BudgetReport | None = None
+    runtime_adapters: list[dict[str, Any]] | None = None
     cache: BuildCache | None = None
 
 

@@ -31,6 +31,8 @@ class ResolvedInputs:
     base: Artifact
     adapter_dir: Path | None
     is_default_base: bool
+    runtime_adapters: tuple[tuple[str, Path], ...] = ()
+    """``(name, directory)`` of each run-time adapter of a multi-adapter build, in order."""
 
 
 def resolve_base(base: Path | None) -> tuple[Path, bool]:
@@ -66,6 +68,8 @@ def resolve_adapter(config: BuildConfig, is_default_base: bool) -> Path | None:
     With no ``adapter.path`` the embedded demo adapter is merged into the default base (it was
     trained on SmolLM2-135M); a user base gets no adapter unless one is named.
     """
+    if not config.merged_adapter_wanted:
+        return None  # a multi-adapter build ships the base unmerged
     path = config.adapter.path
     if path is None:
         if config.adapter.use_demo_adapter and is_default_base:
@@ -73,14 +77,24 @@ def resolve_adapter(config: BuildConfig, is_default_base: bool) -> Path | None:
 
             return demo_adapter_dir()
         return None
+    return checked_adapter_dir(Path(path))
+
+
+def checked_adapter_dir(path: Path, name: str | None = None) -> Path:
+    """``path`` if it is a directory some registered adapter format claims.
+
+    Raises:
+        InputError: no such directory (naming the adapter ``name`` when given).
+        AdapterFormatError: no format claims it (E001 names what was expected).
+    """
     path = Path(path).expanduser()
     if not path.is_dir():
         what = "does not exist" if not path.exists() else "is not a directory"
+        label = f"adapter {name!r}: path" if name else "adapter path"
         raise InputError(
-            f"adapter path {path} {what}; pass the directory holding rslora_config.json or "
+            f"{label} {path} {what}; pass the directory holding rslora_config.json or "
             "adapter_config.json"
         )
-    # Any registered format may claim it; the catalogue's E001 names what was expected.
     from rslora_deploy.adapters.detect import detect_format
 
     detect_format(path)
@@ -105,8 +119,9 @@ def load_inputs(config: BuildConfig) -> ResolvedInputs:
         view.hidden,
         adapter_dir or "none",
     )
+    runtime = tuple((a.name, checked_adapter_dir(a.path, a.name)) for a in config.adapters)
     base = Artifact("hf", base_dir, {"model": view.to_dict(), "default_asset": is_default})
-    return ResolvedInputs(base=base, adapter_dir=adapter_dir, is_default_base=is_default)
+    return ResolvedInputs(base, adapter_dir, is_default, runtime)
 
 
 class LoadStage:

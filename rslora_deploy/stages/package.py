@@ -443,6 +443,7 @@ class PackageStage:
             {"base": describe_dir(inputs.base.path, base_name), "adapter": adapter},
             quantization={k: v for k, v in quantized.meta.items() if k != "seconds"},
             export=ctx.artifacts["export_onnx"].meta,
+            adapters=ctx.runtime_adapters,
             quality=quality_summary(ctx.quality, ctx.config.quantize.protect_adapter),
             config=content_config(ctx.config),
         )

@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from rslora_deploy._fsutil import write_json
 from rslora_deploy.artifact import Artifact
-from rslora_deploy.errors import ConfigError, ExportValidationError
+from rslora_deploy.errors import ConfigError, ExportValidationError, UnsupportedError
 from rslora_deploy.exporters.ascend.options import DEFAULT_GEARS, AscendExportConfig
 
 if TYPE_CHECKING:
+    from rslora_deploy.exporters.base import RuntimeAdapter
     from rslora_deploy.exporters.options import ExportConfig
+    from rslora_deploy.model_view import ModelView
     from rslora_deploy.profiles import DeviceProfile
 
 logger = logging.getLogger(__name__)
@@ -285,6 +287,20 @@ class AscendExporter:
             "norms": (2 * view.layers + 1) * view.hidden * 2,
         }
         return parts, Shape(profile.max_seq_len, profile.batch_size, gears=DEFAULT_GEARS)
+
+    def runtime_adapters(
+        self, model_dir: Path, view: ModelView, adapters: list[RuntimeAdapter], out_dir: Path
+    ) -> list[dict[str, Any]]:
+        """Not yet: the static graph has no adapter inputs (docs/adapters-runtime.md, Ascend).
+
+        Raises:
+            UnsupportedError: always, naming the profiles that take run-time adapters.
+        """
+        raise UnsupportedError(
+            f"the {self.name} exporter has no run-time adapter form yet (the static graph takes "
+            f"no adapter inputs); build one merged package per adapter (--adapter DIR), or use a "
+            "cpu-2gb / t4-2gb profile for a multi-adapter package"
+        )
 
 
 def _dims(facts: dict[str, Any]) -> Any:

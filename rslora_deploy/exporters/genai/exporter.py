@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from rslora_deploy.exporters.base import Shape
+from rslora_deploy.exporters.base import RuntimeAdapter, Shape
 from rslora_deploy.exporters.genai.fused import FUSED_GROUPS
 from rslora_deploy.exporters.genai.options import GenaiExportConfig
 from rslora_deploy.profiles import ExportTarget
@@ -176,3 +176,28 @@ class GenaiExporter:
             Shape.of(profile), float_lm_head=not layout.lm_head_quantized, level4_nbits_bytes=level4
         )
         return parts, shape
+
+    def runtime_adapters(
+        self, model_dir: Path, view: ModelView, adapters: list[RuntimeAdapter], out_dir: Path
+    ) -> list[dict[str, Any]]:
+        """LoRA branches as graph inputs, an ``.onnx_adapter`` per adapter (:mod:`.adapter_inputs`).
+
+        The adapter files are checked against the graph as written, before the package exists.
+        """
+        from rslora_deploy.exporters.genai import adapter_inputs as ai
+
+        model_path = model_dir / "model.onnx"
+        slots = ai.add_lora_inputs(model_path, view)
+        version = ai.graph_version(model_path)
+        import onnx
+
+        dtype = ai.activation_dtype(onnx.load(str(model_path), load_external_data=False).graph)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        records = []
+        for adapter in adapters:
+            params = ai.adapter_parameters(adapter.name, adapter.deltas, slots, dtype)
+            path = out_dir / f"{adapter.name}{ai.ADAPTER_SUFFIX}"
+            ai.write_adapter_file(params, path, version)
+            checked = ai.check_adapter_file(path, model_path, adapter.name)
+            records.append({"file": path.name, "model_version": version, **checked})
+        return records
