@@ -70,6 +70,7 @@ def load_runtime_adapter(base_dir: Path, spec: NamedAdapterConfig) -> tuple[Runt
         "ranks": ranks,
         "trainable_parameters": adapter.meta.get("trainable_parameters"),
         "base_check": base_check,
+        "rename": rename,
     }
     return RuntimeAdapter(spec.name, adapter.deltas), facts
 

@@ -81,6 +81,24 @@ class Slot:
         return f"{self.node}.lora_B"
 
 
+def slots_to_json(slots: dict[str, Slot]) -> dict[str, Any]:
+    """JSON-ready slots, for ``adapters/graph_inputs.json`` (the on-device rebuild reads it)."""
+    return {
+        node: {"k": s.k, "n": s.n, "modules": [list(m) for m in s.modules]}
+        for node, s in slots.items()
+    }
+
+
+def slots_from_json(data: dict[str, Any]) -> dict[str, Slot]:
+    """The inverse of :func:`slots_to_json`."""
+    return {
+        node: Slot(
+            node, int(s["k"]), int(s["n"]), tuple((m, int(f), int(r)) for m, f, r in s["modules"])
+        )
+        for node, s in data.items()
+    }
+
+
 def _module_rows(view: ModelView) -> dict[str, int]:
     """Output rows of each projection leaf, from the architecture."""
     q = view.heads * view.head_dim

@@ -184,7 +184,11 @@ class GenaiExporter:
 
         The adapter files are checked against the graph as written, before the package exists.
         """
+        import numpy as np
+
+        from rslora_deploy._fsutil import write_json
         from rslora_deploy.exporters.genai import adapter_inputs as ai
+        from rslora_deploy.exporters.genai.adapter_runner import vendor_runner
 
         model_path = model_dir / "model.onnx"
         slots = ai.add_lora_inputs(model_path, view)
@@ -193,6 +197,13 @@ class GenaiExporter:
 
         dtype = ai.activation_dtype(onnx.load(str(model_path), load_external_data=False).graph)
         out_dir.mkdir(parents=True, exist_ok=True)
+        graph_inputs = {
+            "model_version": version,
+            "dtype": np.dtype(dtype).name,
+            "slots": ai.slots_to_json(slots),
+        }
+        write_json(out_dir / "graph_inputs.json", graph_inputs)
+        vendor_runner(model_dir.parent / "runner")
         records = []
         for adapter in adapters:
             params = ai.adapter_parameters(adapter.name, adapter.deltas, slots, dtype)
