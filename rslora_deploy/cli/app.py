@@ -311,13 +311,65 @@ def _verify_package(root: Path, generate: bool, label: Path) -> dict[str, Any]:
         )
     check_model_paths(root)
     result: dict[str, Any] = {"package": str(label), "manifest": "ok"}
+    manifest = json.loads((root / MANIFEST).read_text())
+    prof = DeviceProfile.model_validate(manifest["profile"])
+    if manifest.get("adapters"):
+        exporter = get_exporter(prof.exporter)
+        result["adapters"] = {
+            record["name"]: exporter.check_runtime_adapter(
+                root / "model", root / record["file"], record["name"]
+            )
+            for record in manifest["adapters"]
+        }
     if generate:
-        manifest = json.loads((root / MANIFEST).read_text())
-        prof = DeviceProfile.model_validate(manifest["profile"])
         with tempfile.TemporaryDirectory() as tmp:
             smoke = get_exporter(prof.exporter).smoke_test(root / "model", prof, Path(tmp))
         result["smoke_test"] = smoke
     return result
+
+
+@app.command()
+def run(
+    package: Annotated[Path, typer.Argument(help="A multi-adapter package written by build.")],
+    adapter: Annotated[
+        str, typer.Option(help="The package's adapter to activate, or 'base' for none.")
+    ] = "base",
+    prompt: Annotated[str, typer.Option(help="Prompt text.")] = "The capital of France is",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    adapter_file: Annotated[
+        Path | None,
+        typer.Option(help="Load this .onnx_adapter as --adapter instead of the package's file."),
+    ] = None,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json.")
+    ] = OutputFormat.TEXT,
+) -> None:
+    """Generate greedily with one of a multi-adapter package's adapters (or the base)."""
+    import tempfile
+
+    from rslora_deploy.exporters.genai.adapter_runner import AdapterPackage, read_package_manifest
+    from rslora_deploy.profiles import DeviceProfile
+
+    manifest = read_package_manifest(package)
+    prof = DeviceProfile.model_validate(manifest["profile"])
+    with tempfile.TemporaryDirectory(prefix="rslora-deploy-run-") as tmp:
+        model_dir = _runnable_here(package / "model", prof, Path(tmp))
+        runner = AdapterPackage(package, model_dir)
+        if adapter_file is not None:
+            runner.load(adapter, adapter_file)
+        result = runner.generate(prompt, adapter, max_new_tokens)
+    emit(result, fmt, result["text"])
+
+
+def _runnable_here(model_dir: Path, prof: Any, work: Path) -> Path:
+    """The package's graph, or its CPU view on a machine whose onnxruntime has no CUDA provider."""
+    import onnxruntime as ort
+
+    from rslora_deploy.exporters import get_exporter
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return model_dir
+    return get_exporter(prof.exporter).cpu_runnable(model_dir, prof, work)
 
 
 @app.command()

@@ -158,6 +158,13 @@ class Exporter(Protocol):
             ExportError: an adapter does not fit the graph, naming the adapter and the input.
         """
 
+    def check_runtime_adapter(self, model_dir: Path, adapter_file: Path, name: str) -> dict:
+        """Check one run-time adapter file against the package's graph (``verify``).
+
+        Raises:
+            ExportError: naming the adapter and the first input (or base build) that differs.
+        """
+
 
 @dataclass(frozen=True)
 class RuntimeAdapter:

@@ -302,6 +302,17 @@ class AscendExporter:
             "cpu-2gb / t4-2gb profile for a multi-adapter package"
         )
 
+    def check_runtime_adapter(self, model_dir: Path, adapter_file: Path, name: str) -> dict:
+        """No Ascend package holds run-time adapters (:meth:`runtime_adapters`).
+
+        Raises:
+            UnsupportedError: always.
+        """
+        raise UnsupportedError(
+            f"adapter {name!r}: an {self.name} package has no run-time adapters; it was not "
+            "written by rslora-deploy build"
+        )
+
 
 def _dims(facts: dict[str, Any]) -> Any:
     from rslora_deploy.exporters.ascend.model import DecoderDims

@@ -212,3 +212,9 @@ class GenaiExporter:
             checked = ai.check_adapter_file(path, model_path, adapter.name)
             records.append({"file": path.name, "model_version": version, **checked})
         return records
+
+    def check_runtime_adapter(self, model_dir: Path, adapter_file: Path, name: str) -> dict:
+        """Names, dtypes, shapes and model_version against ``model.onnx``."""
+        from rslora_deploy.exporters.genai.adapter_inputs import check_adapter_file
+
+        return check_adapter_file(adapter_file, model_dir / "model.onnx", name)
