@@ -69,7 +69,8 @@ def _adapter_args(values: list[str]) -> tuple[Path | None, list[dict[str, str]]]
     named, plain = [], []
     for value in values:
         name, eq, path = value.partition("=")
-        if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
+        # NAME=DIR when the part before '=' is no path (the config then checks the name itself).
+        if eq and name and not re.search(r"[/\\.~]", name):
             named.append({"name": name, "path": path})
         else:
             plain.append(value)

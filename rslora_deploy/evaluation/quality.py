@@ -204,12 +204,13 @@ def _gptq_state(model_dir: Path) -> Any:
                 yield key, np.ascontiguousarray(get(key), dtype=np.float32)
 
 
-def onnx_logits(onnx_dir: Path) -> LogitFn:
+def onnx_logits(onnx_dir: Path, extra_inputs: dict[str, np.ndarray] | None = None) -> LogitFn:
     """A logit function for an onnxruntime-genai folder, run with plain onnxruntime.
 
     The genai ``Generator`` only exposes the last position's logits; perplexity needs all of
     them, so ``model.onnx`` is run once per window with empty past key/value inputs (shape
     ``[1, kv_heads, 0, head_dim]``), which is exactly the prompt-processing call genai makes.
+    ``extra_inputs`` are fed on every call (a run-time adapter's LoRA inputs).
     """
     import onnxruntime as ort
 
@@ -244,7 +245,7 @@ def onnx_logits(onnx_dir: Path) -> LogitFn:
     names = {i.name for i in session.get_inputs()}
 
     def run(ids: np.ndarray) -> np.ndarray:
-        feed: dict[str, np.ndarray] = {"input_ids": ids[None, :], **past}
+        feed: dict[str, np.ndarray] = {"input_ids": ids[None, :], **past, **(extra_inputs or {})}
         if "attention_mask" in names:
             feed["attention_mask"] = np.ones((1, len(ids)), dtype=np.int64)
         if "position_ids" in names:

@@ -23,6 +23,7 @@ from rslora_deploy.config import BuildConfig, NamedAdapterConfig
 from rslora_deploy.exporters.base import RuntimeAdapter
 
 if TYPE_CHECKING:
+    from rslora_deploy.adapters.delta import ModuleDelta
     from rslora_deploy.stages.base import StageContext
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def load_runtime_adapter(base_dir: Path, spec: NamedAdapterConfig) -> tuple[Runt
         allow_mismatch=spec.allow_base_mismatch,
         live_names=renamed,
     )
+    check_against_base(spec.name, adapter.deltas, base_dir)
     ranks = sorted({d.rank for d in adapter.deltas if d.rank is not None})
     facts = {
         "name": spec.name,
@@ -73,6 +75,37 @@ def load_runtime_adapter(base_dir: Path, spec: NamedAdapterConfig) -> tuple[Runt
         "rename": rename,
     }
     return RuntimeAdapter(spec.name, adapter.deltas), facts
+
+
+def check_against_base(name: str, deltas: list[ModuleDelta], base_dir: Path) -> None:
+    """Every delta's module is a 2-D weight of the base with the delta's shape (headers only).
+
+    Raises:
+        ShapeMismatchError: naming the adapter, the module and both shapes.
+    """
+    from rslora_deploy.adapters.base_hash import safetensors_files
+    from rslora_deploy.adapters.st_io import SafetensorsFile
+    from rslora_deploy.errors import ShapeMismatchError
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in safetensors_files(base_dir):
+        header = SafetensorsFile(path)
+        shapes.update({key: header.shape(key) for key in header.keys()})  # noqa: SIM118 (not a dict)
+    for delta in deltas:
+        shape = shapes.get(f"{delta.name}.weight")
+        if shape is None:
+            raise ShapeMismatchError(
+                f"adapter {name!r} targets {delta.name}, which the base has no weight for; the "
+                "adapter was trained on another model (or pass a rename map)"
+            )
+        # VeRA's shared vera_A is wider than a layer; only its rows and B's are fixed here.
+        d_in_fixed = not delta.source.get("slice_in_from_layer")
+        want = (delta.d_out, delta.d_in)
+        if len(shape) != 2 or shape[0] != want[0] or (d_in_fixed and shape[1] != want[1]):
+            raise ShapeMismatchError(
+                f"adapter {name!r}: {delta.name} has shape {list(want)} but the base's weight is "
+                f"{list(shape)}; the adapter was trained on another model"
+            )
 
 
 class RuntimeAdaptersStage:

@@ -141,5 +141,11 @@ class LoadStage:
                 "--protect-adapter keeps the adapter's modules at 8 bits, but this build merges "
                 "no adapter; pass --adapter or drop --protect-adapter"
             )
+        if cfg.adapters:
+            from rslora_deploy.stages.adapters import load_runtime_adapter
+
+            # Every run-time adapter is read and checked against the base now, not after GPTQ.
+            for spec in cfg.adapters:
+                load_runtime_adapter(inputs.base.path, spec)
         ctx.inputs = inputs
         return inputs.base

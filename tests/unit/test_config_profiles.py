@@ -189,3 +189,44 @@ def test_each_profile_gets_its_exporters_options_in_the_manifest_config() -> Non
     assert "lm_head" in genai
     assert "gears" not in genai
     assert ascend == {"max_length": None, "gears": [1, 16, 64, 256]}
+
+
+@pytest.mark.parametrize(
+    ("adapters", "expected"),
+    [
+        ([{"name": "a", "path": "x"}, {"name": "a", "path": "y"}], "two adapters are named 'a'"),
+        ([{"name": "my-task", "path": "x"}], "adapters.0.name"),
+        ([{"name": "base", "path": "x"}], "'base' names the base model"),
+        ([{"name": "a b", "path": "x"}], "adapters.0.name"),
+    ],
+)
+def test_bad_run_time_adapter_names_exit_1_naming_them(
+    tmp_path: Path, adapters: list, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Duplicate, non-identifier and reserved names fail before anything is read or written."""
+    from rslora_deploy.cli.app import main
+
+    args = [f"--adapter={a['name']}={tmp_path / a['path']}" for a in adapters]
+    out = tmp_path / "pkg"
+    assert main(["build", "--profile", "cpu-2gb", "--out", str(out), *args]) == 1
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_one_merged_adapter_and_named_ones_are_not_mixed(tmp_path: Path) -> None:
+    from rslora_deploy.config import make_config
+    from rslora_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="both set"):
+        make_config(
+            {
+                "profile": "cpu-2gb",
+                "adapter": {"path": "x"},
+                "adapters": [{"name": "a", "path": "y"}],
+            }
+        )
+    from rslora_deploy.cli.app import main
+
+    assert main(["build", "--profile", "cpu-2gb", "--adapter", "x", "--adapter", "a=y"]) == 2
