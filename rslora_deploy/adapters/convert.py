@@ -2,7 +2,9 @@
 
 RS-LoRA's dW = s B~ A~ is already a rank-r product, so no SVD is needed (unlike PEFT's
 ``lora/conversion.py``): lora_A = A~, lora_B = s B~, r = r, lora_alpha = r (scaling 1, use_rslora
-false). The only rounding is of A~ and s B~ to float32.
+false). The only rounding is of A~ and s B~ to float32. A DoRA adapter (our ``"dora": true``
+extension) exports as PEFT DoRA: ``use_dora`` and each module's magnitude as its
+``lora_magnitude_vector``; with scaling 1, PEFT's norm of W + lora_B @ lora_A is ours of W + dW.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def to_peft_lora(adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
         lora_b = np.ascontiguousarray(
             np.asarray(delta.B, np.float64) * delta.scale, dtype=np.float32
         )
+        if delta.magnitude is not None:
+            magnitude = np.ascontiguousarray(delta.magnitude, dtype=np.float32)
+            tensors[f"{PREFIX}{delta.name}.lora_magnitude_vector"] = magnitude
         if delta.layout == "embedding":
             tensors[f"{PREFIX}{delta.name}.lora_embedding_A"] = lora_a
             tensors[f"{PREFIX}{delta.name}.lora_embedding_B"] = lora_b
@@ -64,6 +69,7 @@ def to_peft_lora(adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
         "r": cfg.r,
         "lora_alpha": cfg.r,
         "use_rslora": False,
+        "use_dora": cfg.dora,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": layouts == {"conv1d"},

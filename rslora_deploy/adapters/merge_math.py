@@ -274,6 +274,30 @@ def _rows(tensor: torch.Tensor, layout: str, rows: tuple[int, int]) -> torch.Ten
     return tensor[start:stop] if layout == "linear" else tensor[:, start:stop]
 
 
+_NORM_CHUNK_VALUES = 1 << 18
+"""Values per float64 scratch block of :func:`_row_norms_f64` (2 MiB)."""
+
+
+def _row_norms_f64(view: torch.Tensor, layout: str) -> torch.Tensor:
+    """The float64 L2 norm of each logical output row of ``view`` (fp32, stored ``layout``).
+
+    In float64 so the factor m / n does not depend on the summation order. The rows are widened a
+    block at a time, never the whole weight at once: a second full float64 copy would be twice the
+    fp32 weight (an embedding's is 216 MiB on SmolLM2), and the small blocks stay in cache
+    (6x faster on a 49152 x 576 linear weight). Row norms are bit-identical to one full copy's;
+    the column norms of a stored-transposed weight (conv1d, embedding) may differ in the last
+    float64 bit, far below the fp32 rounding of the result.
+    """
+    axis = 1 if layout == "linear" else 0  # the input axis of the stored layout
+    n_rows, width = view.shape[1 - axis], max(view.shape[axis], 1)
+    step = max(1, _NORM_CHUNK_VALUES // width)
+    norm = torch.empty(n_rows, dtype=torch.float64)
+    for start in range(0, n_rows, step):
+        block = view[start : start + step] if axis == 1 else view[:, start : start + step]
+        norm[start : start + step] = torch.linalg.vector_norm(block.to(torch.float64), dim=axis)
+    return norm
+
+
 def _apply_dora(
     name: str, merged32: torch.Tensor, layout: str, deltas: list[ModuleDelta]
 ) -> list[float] | None:
@@ -298,9 +322,7 @@ def _apply_dora(
                     code="E052",
                 )
         view = _rows(merged32, layout, rows)
-        axis = 1 if layout == "linear" else 0  # the input axis of the stored layout
-        # The norm in float64 so the factor does not depend on the BLAS's summation order.
-        norm = torch.linalg.vector_norm(view.to(torch.float64), dim=axis)
+        norm = _row_norms_f64(view, layout)
         if not bool((norm > 0).all()):
             raise NonFiniteError(
                 f"{name}: W + dW has a zero row, so DoRA's m / ||W + dW|| is undefined; the "

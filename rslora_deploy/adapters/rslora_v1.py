@@ -8,6 +8,11 @@ Random-Subspace LoRA (NOLA-style; Koohpayegani et al., ICLR 2024, arXiv 2310.025
 P~ is frozen: regenerated with RSG-1 (seed mode) or read from the file (stored mode), and checked
 against its recorded SHA-256 before use. The reader validates everything it can without the base
 model, so a bad adapter fails before the (slow) base load.
+
+Our extension (docs/rslora-format.md, "DoRA magnitude"): a config with ``"dora": true`` carries one
+trained magnitude ``{module}.rslora_magnitude`` [d_out] per module (dtype ``dtype.v``), and the
+merge re-normalises the rows of W + dW to it (DoRA, arXiv 2402.09353). A reader without the
+extension refuses such a file (E023, unexpected tensor) instead of merging it as plain LoRA.
 """
 
 from __future__ import annotations
@@ -46,6 +51,12 @@ V_SHARING = ("per_module", "global", "grouped")
 STORAGES = ("seed", "stored")
 SHARINGS = ("per_module", "per_shape")
 _V_DTYPES = {"float32": "F32", "float64": "F64"}
+MAGNITUDE_SUFFIX = "rslora_magnitude"
+
+
+def magnitude_name(module: str) -> str:
+    """Tensor name of a module's DoRA magnitude (our extension of spec 4.2)."""
+    return f"{module}.{MAGNITUDE_SUFFIX}"
 
 
 def effective_scale(alpha: float, r: int, k: int, scaling_rule: str, normalization: str) -> float:
@@ -101,6 +112,8 @@ class RsloraConfig:
     task_id: str
     dtype_v: str
     checksums: dict[str, dict[str, str]] = field(default_factory=dict)
+    dora: bool = False
+    """Every module carries a DoRA magnitude tensor (our extension; absent in the spec's v1)."""
 
     def pkey(self, entry: ModuleEntry) -> str:
         """P~ key of a module entry."""
@@ -138,11 +151,14 @@ class RsloraConfig:
                 name_a, name_b = stored_p_names(self.sharing, self.pkey(entry))
                 names[name_a] = (self.k, self.r, entry.d_in)
                 names[name_b] = (self.k, entry.d_out, self.r)
+            if self.dora:
+                names[magnitude_name(entry.name)] = (entry.d_out,)
         return names
 
     def trainable_parameters(self) -> int:
-        """Number of trained scalars (distinct v entries)."""
-        return len({n for e in self.modules.values() for n in self.v_names(e.name)}) * self.k
+        """Number of trained scalars (distinct v entries, plus DoRA magnitudes)."""
+        count = len({n for e in self.modules.values() for n in self.v_names(e.name)}) * self.k
+        return count + (sum(e.d_out for e in self.modules.values()) if self.dora else 0)
 
 
 def _fail(msg: str, code: str = "E001") -> AdapterFormatError:
@@ -250,6 +266,7 @@ def parse_config(raw_bytes: bytes, where: str = CONFIG_NAME) -> RsloraConfig:
     _enum(dtypes, "P", ("float32",), f"{where}: dtype")
     checksums = _get(proj, "sha256", dict, pwhere)
     _get(proj, "sha256_all", str, pwhere)
+    dora = _get(cfg, "dora", bool, where) if "dora" in cfg else False
     return RsloraConfig(
         raw=cfg,
         raw_bytes=raw_bytes,
@@ -267,6 +284,7 @@ def parse_config(raw_bytes: bytes, where: str = CONFIG_NAME) -> RsloraConfig:
         task_id=task_id,
         dtype_v=dtype_v,
         checksums=checksums,
+        dora=bool(dora),
     )
 
 
@@ -373,15 +391,21 @@ def read_checkpoint(directory: Path) -> RsloraCheckpoint:
             code="E023",
         )
     if extra := sorted(present - set(expected)):
+        hint = (
+            f'a DoRA magnitude needs "dora": true in {CONFIG_NAME}'
+            if extra[0].endswith(f".{MAGNITUDE_SUFFIX}")
+            else "remove it or fix the config"
+        )
         raise _fail(
-            f"{st_path}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected); "
-            "remove it or fix the config",
+            f"{st_path}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected); {hint}",
             code="E023",
         )
     tensors = {
         name: _read_tensor(handle, name, shape, cfg.dtype_v, st_path)
         for name, shape in expected.items()
     }
+    if cfg.dora:
+        _check_magnitudes(cfg, tensors, st_path)
     _check_checksum_table(cfg, str(cfg_path))
     return RsloraCheckpoint(directory, cfg, tensors)
 
@@ -403,9 +427,14 @@ def _read_tensor(
             code="E024",
         )
     if handle.shape(name) != shape:
+        what = (
+            " (one entry per output row, d_out of its module entry)"
+            if name.endswith(f".{MAGNITUDE_SUFFIX}")
+            else ""
+        )
         raise ShapeMismatchError(
             f"{st_path}: tensor {name!r} has shape "
-            f"{list(handle.shape(name))}, expected {list(shape)}"
+            f"{list(handle.shape(name))}, expected {list(shape)}{what}"
         )
     array = handle.numpy(name)
     if not np.all(np.isfinite(array)):
@@ -414,6 +443,20 @@ def _read_tensor(
             "corrupted or training diverged"
         )
     return array
+
+
+def _check_magnitudes(cfg: RsloraConfig, tensors: dict[str, np.ndarray], st_path: Path) -> None:
+    """A DoRA magnitude is a row norm: a 0 entry would zero the row (E022, as for PEFT DoRA).
+
+    Shape (E022), dtype (E024) and NaN/Inf (E030) were checked when the tensor was read.
+    """
+    for entry in cfg.modules.values():
+        name = magnitude_name(entry.name)
+        if zeros := int(np.sum(tensors[name] == 0)):
+            raise ShapeMismatchError(
+                f"{st_path}: tensor {name!r} has {zeros} zero entries; a trained DoRA magnitude "
+                "is a row norm, never 0: the adapter file is damaged"
+            )
 
 
 def _check_checksum_table(cfg: RsloraConfig, where: str) -> None:
@@ -486,7 +529,9 @@ def checkpoint_deltas(ckpt: RsloraCheckpoint) -> list[ModuleDelta]:
                 B=factors["B"],
                 A=factors["A"],
                 scale=cfg.scale,
-                source={"format": "rslora-v1", "r": cfg.r, "k": cfg.k},
+                source={"format": "rslora-v1", "r": cfg.r, "k": cfg.k}
+                | ({"dora": True} if cfg.dora else {}),
+                magnitude=ckpt.tensors[magnitude_name(entry.name)] if cfg.dora else None,
             )
         )
     return deltas
@@ -514,6 +559,7 @@ class RsloraV1Format:
             "task_id": cfg.task_id,
             "v_sharing": cfg.v_sharing,
             "v_ab_tied": cfg.v_ab_tied,
+            **({"dora": True} if cfg.dora else {}),
             "projection": {
                 "storage": cfg.storage,
                 "generator": cfg.generator,

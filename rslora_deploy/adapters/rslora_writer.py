@@ -23,6 +23,7 @@ from rslora_deploy.adapters.rslora_v1 import (
     FORMAT_VERSION,
     WEIGHTS_NAME,
     effective_scale,
+    magnitude_name,
     parse_config,
     projection_key,
     stored_p_names,
@@ -35,7 +36,10 @@ _NP_DTYPE = {"float32": np.float32, "float64": np.float64}
 class RsloraSpec:
     """Everything that goes into ``rslora_config.json`` except the computed checksums.
 
-    ``modules`` maps a module path to ``{"d_in", "d_out", "layout"[, "out_slice"]}``.
+    ``modules`` maps a module path to ``{"d_in", "d_out", "layout"[, "out_slice"]}``. ``dora``
+    writes ``"dora": true`` (our extension, docs/rslora-format.md): every module then needs its
+    magnitude tensor ``{module}.rslora_magnitude`` among the tensors given to
+    :func:`write_checkpoint`.
     """
 
     modules: dict[str, dict[str, Any]]
@@ -56,6 +60,7 @@ class RsloraSpec:
     dtype_v: str = "float32"
     init: dict[str, Any] = field(default_factory=lambda: {"v_A": "rsg-uniform", "v_B": "zeros"})
     created_by: dict[str, Any] | None = None
+    dora: bool = False
 
     def pkeys(self) -> dict[str, tuple[int, int]]:
         """P~ key -> (d_out, d_in) for every distinct basis."""
@@ -136,7 +141,18 @@ def config_dict(
     }
     if spec.v_sharing == "grouped":
         cfg["v_groups"] = spec.v_groups or {}
+    if spec.dora:  # only then, so a plain adapter's config bytes stay the spec's
+        cfg["dora"] = True
     return cfg
+
+
+def _check_magnitudes(spec: RsloraSpec, tensors: dict[str, np.ndarray]) -> None:
+    """Refuse to write a DoRA flag without every magnitude, or a magnitude without the flag."""
+    given = {name for name in tensors if name in {magnitude_name(m) for m in spec.modules}}
+    if spec.dora and (missing := sorted({magnitude_name(m) for m in spec.modules} - given)):
+        raise ValueError(f"dora=True needs a magnitude per module; missing {missing[:3]}")
+    if not spec.dora and given:
+        raise ValueError(f"magnitude tensors {sorted(given)[:3]} given but dora=False")
 
 
 def write_checkpoint(
@@ -150,7 +166,8 @@ def write_checkpoint(
     Args:
         out_dir: target directory (created if needed).
         spec: the checkpoint's settings.
-        v: tensors named as in spec 4.2 (``{module}.rslora_v_A`` ...), each of length k.
+        v: tensors named as in spec 4.2 (``{module}.rslora_v_A`` ...), each of length k; with
+            ``spec.dora`` also ``{module}.rslora_magnitude`` (d_out) per module, in ``dtype_v``.
         bases: P~ per key, required for generator "external"; for RSG-1 in stored mode they
             are regenerated when not given.
 
@@ -169,6 +186,7 @@ def write_checkpoint(
     tensors = {
         name: np.ascontiguousarray(arr, dtype=_NP_DTYPE[spec.dtype_v]) for name, arr in v.items()
     }
+    _check_magnitudes(spec, tensors)
     if spec.storage == "stored" and bases is not None:
         for pkey, (p_a, p_b) in bases.items():
             name_a, name_b = stored_p_names(spec.sharing, pkey)

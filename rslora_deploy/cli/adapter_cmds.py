@@ -134,6 +134,7 @@ def inspect_cmd(
             "rank": d.rank,
             "scale": d.scale,
             "out_slice": list(d.out_slice) if d.out_slice else None,
+            "dora": d.magnitude is not None,
         }
         for d in adapter.deltas
     ]
@@ -153,7 +154,9 @@ def inspect_cmd(
         )
     lines.append(f"checksums: {meta['checksums']}")
     lines.extend(
-        f"  {m['name']}  {m['d_out']}x{m['d_in']}  {m['layout'] or 'auto'}" for m in modules[:50]
+        f"  {m['name']}  {m['d_out']}x{m['d_in']}  {m['layout'] or 'auto'}"
+        + ("  DoRA magnitude" if m["dora"] else "")
+        for m in modules[:50]
     )
     if len(modules) > 50:
         lines.append(f"  ... {len(modules) - 50} more")

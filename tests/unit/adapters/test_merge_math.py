@@ -195,3 +195,27 @@ def test_damaged_base_is_one_line_input_error(tmp_path: Path, damage: str) -> No
         merge_adapter(base, adapter, tmp_path / "out", MergeConfig(), AdapterConfig())
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 18])
+def test_dora_row_norms_blockwise_equal_one_float64_copy(
+    layout: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DoRA's row norms, widened to float64 a block at a time, equal one float64 copy's.
+
+    Bit for bit for rows (linear); the column reduction of a stored-transposed weight may take
+    another summation order for a narrow block, so there the last float64 bit may differ.
+    """
+    from rslora_deploy.adapters import merge_math
+
+    monkeypatch.setattr(merge_math, "_NORM_CHUNK_VALUES", chunk)
+    weight = torch.randn(37, 23, generator=torch.Generator().manual_seed(5)) * 0.05
+    axis = 1 if layout == "linear" else 0
+    want = torch.linalg.vector_norm(weight.to(torch.float64), dim=axis)
+    got = merge_math._row_norms_f64(weight, layout)
+    assert got.dtype == torch.float64
+    if layout == "linear":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-15, atol=0.0)
