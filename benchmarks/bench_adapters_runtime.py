@@ -53,8 +53,7 @@ def _build(out: Path, *flags: str) -> Path:
 
 
 def _rss() -> int:
-    with open("/proc/self/statm", encoding="ascii") as statm:
-        return int(statm.read().split()[1]) * 4096
+    return int(Path("/proc/self/statm").read_text(encoding="ascii").split()[1]) * 4096
 
 
 def _prompt_ids(model_dir: Path) -> Any:
@@ -102,9 +101,7 @@ def measure(work: Path, runs: int) -> dict[str, Any]:
     adapters = {"lora_qv": lora, "demo": demo_adapter_dir()}
     packages = {
         "base-only": _build(work / "base-only", "--no-adapter"),
-        "multi": _build(
-            work / "multi", *[f"--adapter={n}={p}" for n, p in adapters.items()]
-        ),
+        "multi": _build(work / "multi", *[f"--adapter={n}={p}" for n, p in adapters.items()]),
         **{
             f"merged-{n}": _build(work / f"merged-{n}", f"--adapter={p}")
             for n, p in adapters.items()

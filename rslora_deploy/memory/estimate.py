@@ -74,22 +74,34 @@ def package_shape(onnx_dir: Path, profile: DeviceProfile) -> Shape:
     return exporter_of(profile).package_shape(Path(onnx_dir), profile)
 
 
-def estimate(onnx_dir: Path, view: ModelView, profile: DeviceProfile) -> dict[str, Any]:
-    """The budget report of an exported model (weights measured on disk, shape read from it)."""
+def estimate(
+    onnx_dir: Path, view: ModelView, profile: DeviceProfile, adapter_bytes: int = 0
+) -> dict[str, Any]:
+    """The budget report of an exported model (weights measured on disk, shape read from it).
+
+    ``adapter_bytes``: the run-time adapter files of a multi-adapter package, all resident at once
+    (docs/adapters-runtime.md); priced as their file bytes, an extra ``adapters`` term.
+    """
     report = estimate_from_weights(
-        weight_bytes(onnx_dir), view, profile, package_shape(onnx_dir, profile)
+        weight_bytes(onnx_dir), view, profile, package_shape(onnx_dir, profile), adapter_bytes
     )
     report["weights_source"] = "measured: bytes of the exported ONNX files"
     return report
 
 
 def estimate_from_weights(
-    weights: int, view: ModelView, profile: DeviceProfile, shape: Shape | None = None
+    weights: int,
+    view: ModelView,
+    profile: DeviceProfile,
+    shape: Shape | None = None,
+    adapter_bytes: int = 0,
 ) -> dict[str, Any]:
     """The budget report: every term, the total, the budget and the verdict."""
     shape = shape or Shape.of(profile)
     exporter = exporter_of(profile)
     terms = {"weights": weights, **exporter.budget_terms(view, profile, shape=shape)}
+    if adapter_bytes:
+        terms["adapters"] = adapter_bytes
     if profile.model_slack:
         terms["slack"] = round(profile.model_slack * sum(terms.values()))
     run_peak = sum(terms.values())

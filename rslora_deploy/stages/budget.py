@@ -47,7 +47,8 @@ class BudgetStage:
         from rslora_deploy.memory.solver import Layout
 
         view = model_view(ctx.artifacts["merge_adapter"].path)
-        budget = estimate(artifact.path, view, ctx.profile)
+        adapter_bytes = sum(a["bytes"] for a in ctx.runtime_adapters or [])
+        budget = estimate(artifact.path, view, ctx.profile, adapter_bytes)
         quant = ctx.config.quantize
         # Whether lm_head is int4 is read from the exported graph (the layout's "auto" resolves
         # per target; the legacy cfg.lm_head_int4 flag alone would miss lm_head = "int4").
