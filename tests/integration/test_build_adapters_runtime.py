@@ -299,3 +299,31 @@ def test_an_adapter_for_another_model_fails_the_build_naming_it(
     assert "model.layers.0.self_attn.q_proj" in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def t4_package(
+    tmp_path_factory: pytest.TempPathFactory, build_package, adapter_dirs: dict[str, Path]
+) -> Path:
+    return build_package(tmp_path_factory.mktemp("multi-t4"), _recipe(adapter_dirs), "t4-2gb")
+
+
+def test_the_t4_package_takes_fp16_adapters_and_runs_each_one(
+    t4_package: Path, cpu_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fp16 branches on the CUDA graph (run here through its CPU view); the CPU package's
+    adapter file is another base build's and is refused by name."""
+    from rslora_deploy.cli.app import main
+
+    inputs = json.loads((t4_package / "adapters" / "graph_inputs.json").read_text())
+    assert inputs["dtype"] == "float16"
+    assert main(["verify", str(t4_package), "--no-generate"]) == 0
+    texts = {}
+    for name in ["base", "demo", "lora_qv", "vera_mlp"]:
+        assert main(["run", str(t4_package), "--adapter", name, "--max-new-tokens", "8"]) == 0
+        texts[name] = capsys.readouterr().out
+    assert len(set(texts.values())) > 1, texts
+    foreign = cpu_package / "adapters" / "lora_qv.onnx_adapter"
+    argv = ["run", str(t4_package), "--adapter", "lora_qv", "--adapter-file", str(foreign)]
+    assert main(argv) == 1
+    assert "another base build" in capsys.readouterr().err
