@@ -46,8 +46,8 @@ PROMPT_TOKENS = 200
 
 
 def _build(out: Path, *flags: str) -> Path:
-    cmd = [sys.executable, "-m", "rslora_deploy.cli.app", "build", "--profile", "cpu-2gb"]
-    cmd += ["--method", "rtn", "--no-eval", "--overwrite", "--quiet", "--out", str(out), *flags]
+    cmd = [sys.executable, "-m", "rslora_deploy.cli.app", "--quiet", "build", "--profile"]
+    cmd += ["cpu-2gb", "--method", "rtn", "--no-eval", "--overwrite", "--out", str(out), *flags]
     subprocess.run(cmd, check=True)
     return out
 

@@ -171,21 +171,27 @@ def activation_dtype(graph: Any) -> type[np.floating[Any]]:
     raise AdapterInputError("the graph has no past_key_values inputs; not a builder decoder")
 
 
-def add_lora_inputs(model_path: Path, view: ModelView) -> dict[str, Slot]:
-    """Give every decoder projection of ``model_path`` a LoRA branch with zero-rank defaults.
+def read_slots(model_path: Path, view: ModelView) -> tuple[dict[str, Slot], type[np.floating[Any]]]:
+    """Every decoder projection node of a builder graph, and the graph's activation dtype."""
+    import onnx
 
-    Only the graph file is rewritten (the weights stay in the external data file, untouched);
-    the graph is written beside and renamed over, so a failure leaves the old graph.
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return projection_slots(graph, view), activation_dtype(graph)
 
-    Returns:
-        The slots, keyed by node prefix.
+
+def add_lora_inputs(model_path: Path, slots: dict[str, Slot]) -> None:
+    """Give the nodes of ``slots`` a LoRA branch with zero-rank defaults (module doc).
+
+    Only the nodes some adapter of the package targets get one: a node no adapter touches would
+    pay three empty ops per token for nothing. Only the graph file is rewritten (the weights stay
+    in the external data file, untouched); it is written beside and renamed over, so a failure
+    leaves the old graph.
     """
     import onnx
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
-    slots = projection_slots(graph, view)
     dtype = activation_dtype(graph)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     nodes: list[Any] = []
@@ -212,7 +218,6 @@ def add_lora_inputs(model_path: Path, view: ModelView) -> dict[str, Slot]:
     fresh = model_path.with_name(model_path.name + ".lora-tmp")
     onnx.save_model(model, str(fresh))
     fresh.replace(model_path)
-    return slots
 
 
 def _prefix_of(node_name: str) -> str:

@@ -191,11 +191,13 @@ class GenaiExporter:
         from rslora_deploy.exporters.genai.adapter_runner import vendor_runner
 
         model_path = model_dir / "model.onnx"
-        slots = ai.add_lora_inputs(model_path, view)
+        every, dtype = ai.read_slots(model_path, view)
+        # Each adapter's inputs first (every delta checked), then branches on the nodes in use.
+        params = [ai.adapter_parameters(a.name, a.deltas, every, dtype) for a in adapters]
+        used = {name.rpartition(".")[0] for p in params for name in p}
+        slots = {node: slot for node, slot in every.items() if node in used}
+        ai.add_lora_inputs(model_path, slots)
         version = ai.graph_version(model_path)
-        import onnx
-
-        dtype = ai.activation_dtype(onnx.load(str(model_path), load_external_data=False).graph)
         out_dir.mkdir(parents=True, exist_ok=True)
         graph_inputs = {
             "model_version": version,
@@ -205,10 +207,9 @@ class GenaiExporter:
         write_json(out_dir / "graph_inputs.json", graph_inputs)
         vendor_runner(model_dir.parent / "runner")
         records = []
-        for adapter in adapters:
-            params = ai.adapter_parameters(adapter.name, adapter.deltas, slots, dtype)
+        for adapter, values in zip(adapters, params, strict=True):
             path = out_dir / f"{adapter.name}{ai.ADAPTER_SUFFIX}"
-            ai.write_adapter_file(params, path, version)
+            ai.write_adapter_file(values, path, version)
             checked = ai.check_adapter_file(path, model_path, adapter.name)
             records.append({"file": path.name, "model_version": version, **checked})
         return records
