@@ -18,87 +18,11 @@ from safetensors.numpy import load_file, save_file
 from rslora_deploy.adapters.st_io import SafetensorsFile
 from rslora_deploy.errors import Bnb4CheckpointError, UnsupportedError
 from rslora_deploy.quantizers import bnb4
+from rslora_deploy.testing.bnb4 import write_bnb4_dir as write_bnb_dir
 from rslora_deploy.testing.tiny import save_tiny, tiny_llama
 
 BNB_REASON = "bitsandbytes is not installed: the bit-exact comparison needs its dequantize_4bit"
 Q = "model.layers.0.self_attn.q_proj.weight"
-
-
-# --- a hand-built checkpoint (no bitsandbytes): our own simple quantizer ----------------------
-
-
-def quantize_np(
-    w: np.ndarray, quant_type: str, blocksize: int, nested: bool
-) -> dict[str, np.ndarray]:
-    """Nearest-code 4-bit quantization in the checkpoint layout (a test helper, not the code
-    under test): returns the tensors stored under NAME, NAME.absmax, ... keyed by suffix."""
-    table = bnb4.STANDARD_MAPS[quant_type]
-    flat = w.reshape(-1).astype(np.float32)
-    n = flat.size
-    blocks = -(-n // blocksize)
-    padded = np.zeros(blocks * blocksize, np.float32)
-    padded[:n] = flat
-    absmax = np.abs(padded.reshape(blocks, blocksize)).max(axis=1).astype(np.float32)
-    scaled = (padded.reshape(blocks, blocksize) / absmax[:, None]).reshape(-1)[:n]
-    codes = np.abs(scaled[:, None] - table[None, :]).argmin(axis=1).astype(np.uint8)
-    if n % 2:
-        codes = np.append(codes, np.uint8(0))
-    packed = ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8).reshape(-1, 1)
-    state: dict[str, Any] = {
-        "quant_type": quant_type,
-        "blocksize": blocksize,
-        "dtype": "float32",
-        "shape": list(w.shape),
-    }
-    out = {"": packed, "quant_map": table.copy()}
-    if nested:
-        offset = float(absmax.mean())
-        centred = absmax - np.float32(offset)
-        nmap = np.linspace(-1, 1, 256, dtype=np.float32)
-        groups = -(-blocks // 256)
-        nabs = np.array(
-            [np.abs(centred[g * 256 : (g + 1) * 256]).max() for g in range(groups)], np.float32
-        )
-        rep = np.repeat(nabs, 256)[:blocks]
-        out["absmax"] = np.abs((centred / rep)[:, None] - nmap).argmin(axis=1).astype(np.uint8)
-        out["nested_absmax"], out["nested_quant_map"] = nabs, nmap
-        state |= {"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": offset}
-    else:
-        out["absmax"] = absmax
-    out[f"{bnb4.STATE_PREFIX}{quant_type}"] = np.frombuffer(
-        json.dumps(state).encode(), dtype=np.uint8
-    ).copy()
-    return out
-
-
-def write_bnb_dir(
-    directory: Path, quant_type: str = "nf4", nested: bool = False, blocksize: int = 64
-) -> Path:
-    """A tiny Llama saved as transformers saves a bnb 4-bit model, packed by quantize_np."""
-    src = save_tiny(tiny_llama(hidden=64), directory / "fp")
-    tensors = load_file(str(src / "model.safetensors"))
-    out: dict[str, np.ndarray] = {}
-    for key, value in tensors.items():
-        if ".layers." in key and key.endswith("proj.weight"):
-            for suffix, part in quantize_np(value, quant_type, blocksize, nested).items():
-                out[f"{key}.{suffix}" if suffix else key] = part
-        else:
-            out[key] = value
-    target = directory / f"bnb-{quant_type}-{int(nested)}"
-    target.mkdir()
-    save_file(out, str(target / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "bnb_4bit_quant_type": quant_type,
-        "bnb_4bit_use_double_quant": nested,
-        "bnb_4bit_compute_dtype": "float32",
-        "bnb_4bit_quant_storage": "uint8",
-    }
-    (target / "config.json").write_text(json.dumps(config))
-    return target
 
 
 def dequantize_dir(src: Path, out: Path) -> dict[str, Any]:
