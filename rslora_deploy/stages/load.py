@@ -118,6 +118,29 @@ def dequantize_bnb4_base(base_dir: Path) -> tuple[Path, dict[str, Any]]:
     return target, summary
 
 
+def dequantize_if_bnb4(base_dir: Path, check: bool = False) -> tuple[Path, dict[str, Any] | None]:
+    """``(base_dir, None)`` for a plain base; for a bnb 4-bit one, its dequantization.
+
+    Shared by stage ``load`` and the ``merge`` command, so both merge into the same Wq.
+
+    Args:
+        base_dir: a base model directory (one without config.json is returned as it is, for the
+            caller's own check to name).
+        check: run :func:`check_base_model` on a 4-bit base first (stage ``load`` already has).
+
+    Raises:
+        Bnb4CheckpointError: a malformed quantized weight (E061).
+        UnsupportedError: a bitsandbytes 8-bit base.
+    """
+    from rslora_deploy.quantizers.bnb4 import bnb4_config
+
+    if not (base_dir / "config.json").is_file() or bnb4_config(read_config(base_dir)) is None:
+        return base_dir, None
+    if check:
+        check_base_model(base_dir)
+    return dequantize_bnb4_base(base_dir)
+
+
 def resolve_adapter(config: BuildConfig, is_default_base: bool) -> Path | None:
     """The adapter directory to merge, or None.
 
@@ -148,11 +171,9 @@ def resolve_adapter(config: BuildConfig, is_default_base: bool) -> Path | None:
 def load_inputs(config: BuildConfig) -> ResolvedInputs:
     """Resolve the base model and adapter of a build (stage ``load``)."""
     base_dir, is_default = resolve_base(config.base)
-    from rslora_deploy.quantizers.bnb4 import bnb4_config
-
     base_quantization = None
-    if not is_default and bnb4_config(read_config(base_dir)) is not None:
-        base_dir, base_quantization = dequantize_bnb4_base(base_dir)
+    if not is_default:
+        base_dir, base_quantization = dequantize_if_bnb4(base_dir)
     view = model_view(base_dir)
     adapter_dir = resolve_adapter(config, is_default)
     if config.quantize.calib_path is not None and config.quantize.method != "rtn":

@@ -126,3 +126,31 @@ def test_qlora_merge_equals_peft_unmerged_forward(tmp_path: Path, quant_type: st
     assert our_error < 1e-6
     assert peft_error > 100 * our_error
     assert peft_error > 0.05 * delta
+
+
+def test_merge_command_merges_into_the_dequantized_base(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rslora-deploy merge --base <bnb 4-bit dir>`` merges into Wq and records it."""
+    from rslora_deploy.cli.app import main
+    from rslora_deploy.testing.adapters import write_peft_dir
+
+    src = write_bnb_dir(tmp_path, "fp4")
+    rng = np.random.default_rng(0)
+    lora_a, lora_b = rng.normal(size=(2, 64)) * 0.01, rng.normal(size=(64, 2)) * 0.01
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    adapter = write_peft_dir(
+        tmp_path / "adapter",
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]},
+        {f"{module}.lora_A.weight": lora_a, f"{module}.lora_B.weight": lora_b},
+    )
+    out = tmp_path / "merged"
+    code = main(["merge", "--base", str(src), "--adapter", str(adapter), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["base_quantization"]["quant_type"] == "fp4"
+    wq_dir = load_inputs(BuildConfig(profile="cpu-2gb", base=src)).base.path  # the cached Wq
+    wq = load_file(str(wq_dir / "model.safetensors"))[Q]
+    merged = load_file(str(out / "model.safetensors"))[Q]
+    # W' = Wq + (alpha / r) B A, in fp32: the delta (~1e-4) landed on Wq, not re-quantized
+    np.testing.assert_allclose(merged - wq, lora_b @ lora_a, atol=1e-7)
