@@ -154,3 +154,53 @@ def test_merge_command_merges_into_the_dequantized_base(
     merged = load_file(str(out / "model.safetensors"))[Q]
     # W' = Wq + (alpha / r) B A, in fp32: the delta (~1e-4) landed on Wq, not re-quantized
     np.testing.assert_allclose(merged - wq, lora_b @ lora_a, atol=1e-7)
+
+
+def test_float_quant_storage_is_read_as_bytes(tmp_path: Path) -> None:
+    """bnb_4bit_quant_storage=float16/bfloat16 stores the packed codes as a float tensor whose
+    bits may read as NaN; they are bytes: not scanned, dequantized as with uint8 storage."""
+    src = write_bnb_dir(tmp_path, "nf4")
+    plain = load_inputs(BuildConfig(profile="cpu-2gb", base=src)).base.path
+    expected = load_file(str(plain / "model.safetensors"))[Q]
+
+    def as_f16(t: dict[str, np.ndarray]) -> None:
+        t[Q] = t[Q].reshape(-1).copy()
+        t[Q][:2] = [0xFF, 0x7F]  # 0x7FFF as float16: NaN (codes 15, 15, 15, 7)
+        t[Q] = t[Q].view(np.float16).reshape(-1, 1)
+
+    edit_tensors(src, as_f16)
+    out = load_inputs(BuildConfig(profile="cpu-2gb", base=src)).base.path
+    got = load_file(str(out / "model.safetensors"))[Q]
+    assert np.isnan(load_file(str(src / "model.safetensors"))[Q]).any()
+    assert np.array_equal(got.reshape(-1)[4:], expected.reshape(-1)[4:])
+    assert np.all(np.isfinite(got))
+
+
+def test_transformers_bf16_quant_storage_equals_bitsandbytes(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes", reason=BNB_REASON)
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    src = save_tiny(tiny_llama(hidden=64), tmp_path / "fp")
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_quant_storage=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base4 = tmp_path / "base4"
+    AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=cfg, device_map="cpu"
+    ).save_pretrained(base4)
+    ours = load_file(
+        str(load_inputs(BuildConfig(profile="cpu-2gb", base=base4)).base.path / "model.safetensors")
+    )
+    compared = 0
+    for name, param in AutoModelForCausalLM.from_pretrained(
+        base4, device_map="cpu"
+    ).named_parameters():
+        if getattr(param, "quant_state", None) is not None:
+            ref = bnbf.dequantize_4bit(param.data, param.quant_state).float().numpy()
+            assert np.array_equal(ours[name] + np.float32(0), ref + np.float32(0)), name
+            compared += 1
+    assert compared == 14
