@@ -310,3 +310,24 @@ def test_transformers_checkpoint_equals_bitsandbytes(
             ref = param.detach().numpy()
         assert np.array_equal(bits(ours[name]), bits(ref)), name
     assert compared == summary["weights"] == 14
+
+
+def test_sharded_checkpoint_with_companions_in_another_shard(tmp_path: Path) -> None:
+    """Shards are dequantized one by one, names kept; a weight's absmax may sit elsewhere."""
+    src = write_bnb_dir(tmp_path)
+    single = dequantize_dir(src, tmp_path / "single")
+    whole = load_file(str(tmp_path / "single" / "model.safetensors"))
+    tensors = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    first = {k: v for k, v in tensors.items() if ".layers.0." in k and not k.endswith("absmax")}
+    second = {k: v for k, v in tensors.items() if k not in first}
+    save_file(first, str(src / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(second, str(src / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    sharded = dequantize_dir(src, tmp_path / "sharded")
+    assert sharded == single
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(whole)
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        for key, value in load_file(str(tmp_path / "sharded" / shard)).items():
+            assert index["weight_map"][key] == shard
+            assert np.array_equal(value, whole[key]), key
