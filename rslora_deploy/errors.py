@@ -67,6 +67,12 @@ class BaseMismatchError(AdapterFormatError):
     default_code = "E010"
 
 
+class Bnb4CheckpointError(InputError):
+    """A bitsandbytes 4-bit (QLoRA) base checkpoint is malformed (E061; names the tensor)."""
+
+    default_code = "E061"
+
+
 class MergeError(RsloraDeployError):
     """Merging a delta into the base weights failed."""
 

@@ -86,7 +86,11 @@ def merge(
     from rslora_deploy.config import AdapterConfig, MergeConfig
     from rslora_deploy.stages.merge import merge_adapter
 
-    base_dir = _default_base(base)
+    base_dir, base_quantization = _default_base(base), None
+    if base is not None:  # a bitsandbytes 4-bit (QLoRA) base merges into its dequantized Wq
+        from rslora_deploy.stages.load import dequantize_if_bnb4
+
+        base_dir, base_quantization = dequantize_if_bnb4(Path(base_dir), check=True)
     adapter_dir = adapter if adapter is not None else demo_adapter_dir()
     merge_cfg = MergeConfig(dtype=dtype, untie=untie)
     adapter_cfg = AdapterConfig(
@@ -97,7 +101,9 @@ def merge(
         allow_full_module_overrides=allow_full_module_overrides,
     )
     with atomic_new_dir(out) as staging:
-        artifact = merge_adapter(base_dir, adapter_dir, staging, merge_cfg, adapter_cfg)
+        artifact = merge_adapter(
+            base_dir, adapter_dir, staging, merge_cfg, adapter_cfg, base_quantization
+        )
     data = {"out": str(out), **artifact.meta}
     emit(
         data,

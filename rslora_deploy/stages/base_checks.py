@@ -194,12 +194,22 @@ def check_tensor_set(base_dir: Path, tensors: dict[str, SafetensorsFile]) -> Non
 def check_finite(files: list[SafetensorsFile]) -> None:
     """Scan every F32/F16/BF16 tensor for NaN or Inf without loading it.
 
+    A bitsandbytes 4-bit weight's packed codes are skipped: with a float
+    ``bnb_4bit_quant_storage`` they are stored as F16/BF16/F32 but are bytes, not numbers (its
+    dequantization is scanned instead, docs/qlora.md).
+
     Raises:
         InputError: naming the first tensor with a non-finite value.
     """
+    from rslora_deploy.quantizers.bnb4 import STATE_PREFIX
+
+    marker = f".{STATE_PREFIX}"
+    packed = {k.partition(marker)[0] for h in files for k in h.entries if marker in k}
     for handle in files:
         for name in handle.entries:
             dtype = handle.dtype(name)
+            if name in packed:
+                continue
             if dtype in _EXPONENT and not _all_finite(handle, name, *_EXPONENT[dtype]):
                 raise InputError(
                     f"base tensor {name!r} in {handle.path.name} holds NaN or Inf values; "

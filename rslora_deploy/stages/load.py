@@ -1,7 +1,8 @@
 """Stage ``load``: resolve and check the base model and adapter paths before any work starts.
 
-Nothing heavy happens here except converting a ``.gguf`` base once into the cache. Every check that
-can fail on bad input runs first, so a build with a wrong path fails in a second, not after GPTQ.
+Nothing heavy happens here except converting a ``.gguf`` base, or dequantizing a bitsandbytes
+4-bit (QLoRA) base, once into the cache. Every check that can fail on bad input runs first, so a
+build with a wrong path fails in a second, not after GPTQ.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.config import BuildConfig
 from rslora_deploy.data import assets
 from rslora_deploy.errors import ConfigError, InputError
-from rslora_deploy.model_view import model_view
+from rslora_deploy.model_view import model_view, read_config
 from rslora_deploy.stages.base_checks import check_base_model, check_gguf
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ class ResolvedInputs:
     is_default_base: bool
     runtime_adapters: tuple[tuple[str, Path], ...] = ()
     """``(name, directory)`` of each run-time adapter of a multi-adapter build, in order."""
+    #: For a bitsandbytes 4-bit base: what it was (quant type, block size, double quant, source
+    #: path); ``base`` is then its float32 dequantization in the cache.
+    base_quantization: dict[str, Any] | None = None
 
 
 def resolve_base(base: Path | None) -> tuple[Path, bool]:
@@ -60,6 +64,83 @@ def resolve_base(base: Path | None) -> tuple[Path, bool]:
         ), False
     check_base_model(path)
     return path, False
+
+
+def bnb4_cache_dir(base_dir: Path) -> Path:
+    """Where a bitsandbytes 4-bit base is dequantized to (keyed by its config and weights)."""
+    import hashlib
+
+    from rslora_deploy._fsutil import sha256_file
+    from rslora_deploy.adapters.base_hash import safetensors_files
+
+    digest = hashlib.sha256()
+    for path in [base_dir / "config.json", *safetensors_files(base_dir)]:
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return assets.cache_dir() / "models" / f"bnb4-{digest.hexdigest()[:16]}"
+
+
+def dequantize_bnb4_base(base_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Dequantize a checked bitsandbytes 4-bit base once into the cache (docs/qlora.md).
+
+    The float32 directory holds the weights, config.json without ``quantization_config``, the
+    tokenizer and generation files, and a marker with the source and the summary; it passes the
+    same base checks as any user base (the tensor set against the architecture included) before
+    it is renamed into place, so a later build reuses it.
+
+    Returns:
+        ``(dequantized_dir, summary)``: quant method, bits, quant type, block sizes, double
+        quantization, compute dtype, weights dequantized, dtype written, source path.
+
+    Raises:
+        Bnb4CheckpointError: a malformed quantized weight (E061, naming the tensor).
+        InputError: the dequantized model does not match its architecture.
+    """
+    import json
+    import shutil
+
+    from rslora_deploy._fsutil import staged_output, write_json
+    from rslora_deploy.quantizers.bnb4 import dequantize_checkpoint
+    from rslora_deploy.stages.base_checks import safetensors_headers
+    from rslora_deploy.stages.merge import TOKENIZER_FILES
+
+    target = bnb4_cache_dir(base_dir)
+    marker = target / assets.MARKER
+    if marker.is_file():
+        return target, dict(json.loads(marker.read_text(encoding="utf-8"))["bnb4"])
+    logger.info("dequantizing bitsandbytes 4-bit base %s to float32 at %s (once)", base_dir, target)
+    with staged_output(target, overwrite=True) as staging:
+        summary = dequantize_checkpoint(base_dir, staging, safetensors_headers(base_dir))
+        summary["source"] = str(base_dir)
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
+            source = base_dir / name
+            if source.is_file() and not source.is_symlink():
+                shutil.copyfile(source, staging / name)
+        check_base_model(staging)
+        write_json(staging / assets.MARKER, {"source": {"dir": str(base_dir)}, "bnb4": summary})
+    return target, summary
+
+
+def dequantize_if_bnb4(base_dir: Path, check: bool = False) -> tuple[Path, dict[str, Any] | None]:
+    """``(base_dir, None)`` for a plain base; for a bnb 4-bit one, its dequantization.
+
+    Shared by stage ``load`` and the ``merge`` command, so both merge into the same Wq.
+
+    Args:
+        base_dir: a base model directory (one without config.json is returned as it is, for the
+            caller's own check to name).
+        check: run :func:`check_base_model` on a 4-bit base first (stage ``load`` already has).
+
+    Raises:
+        Bnb4CheckpointError: a malformed quantized weight (E061).
+        UnsupportedError: a bitsandbytes 8-bit base.
+    """
+    from rslora_deploy.quantizers.bnb4 import bnb4_config
+
+    if not (base_dir / "config.json").is_file() or bnb4_config(read_config(base_dir)) is None:
+        return base_dir, None
+    if check:
+        check_base_model(base_dir)
+    return dequantize_bnb4_base(base_dir)
 
 
 def resolve_adapter(config: BuildConfig, is_default_base: bool) -> Path | None:
@@ -104,6 +185,9 @@ def checked_adapter_dir(path: Path, name: str | None = None) -> Path:
 def load_inputs(config: BuildConfig) -> ResolvedInputs:
     """Resolve the base model and adapter of a build (stage ``load``)."""
     base_dir, is_default = resolve_base(config.base)
+    base_quantization = None
+    if not is_default:
+        base_dir, base_quantization = dequantize_if_bnb4(base_dir)
     view = model_view(base_dir)
     adapter_dir = resolve_adapter(config, is_default)
     if config.quantize.calib_path is not None and config.quantize.method != "rtn":
@@ -120,8 +204,17 @@ def load_inputs(config: BuildConfig) -> ResolvedInputs:
         adapter_dir or "none",
     )
     runtime = tuple((a.name, checked_adapter_dir(a.path, a.name)) for a in config.adapters)
-    base = Artifact("hf", base_dir, {"model": view.to_dict(), "default_asset": is_default})
-    return ResolvedInputs(base, adapter_dir, is_default, runtime)
+    meta: dict[str, Any] = {"model": view.to_dict(), "default_asset": is_default}
+    if base_quantization is not None:
+        meta["base_quantization"] = base_quantization
+    base = Artifact("hf", base_dir, meta)
+    return ResolvedInputs(
+        base=base,
+        adapter_dir=adapter_dir,
+        is_default_base=is_default,
+        runtime_adapters=runtime,
+        base_quantization=base_quantization,
+    )
 
 
 class LoadStage:

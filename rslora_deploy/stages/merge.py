@@ -117,6 +117,7 @@ def merge_adapter(
     out_dir: Path,
     merge_cfg: MergeConfig,
     adapter_cfg: AdapterConfig,
+    base_quantization: dict[str, Any] | None = None,
 ) -> Artifact:
     """Merge the adapter at ``adapter_dir`` into the base at ``base_dir``; write ``out_dir``.
 
@@ -129,6 +130,9 @@ def merge_adapter(
             applied to the recorded module names after loading, spec 5.2 step 1),
             allow_full_module_overrides (copy PEFT modules_to_save / trainable-token tensors with
             exact shape and dtype checks, spec 6.1; recorded under ``overrides`` in the report).
+        base_quantization: what ``base_dir`` was dequantized from (a bitsandbytes 4-bit base,
+            stage ``load``); recorded in the report, which then says the merge went into the
+            dequantized Wq in fp32.
 
     Returns:
         ``Artifact(kind="hf", path=out_dir, meta={"adapter", "merge_report", "dtype", ...})``.
@@ -182,6 +186,8 @@ def merge_adapter(
             # No wall time here: the report is hashed in the package, and two builds of the same
             # inputs must give the same bytes; the stage's time is in reports/build.json.
         }
+        if base_quantization is not None:
+            report["base_quantization"] = base_quantization
         write_json(out_dir / REPORT_NAME, report)
     except (RsloraDeployError, OSError):
         _clean(out_dir, created)
@@ -310,7 +316,12 @@ class MergeStage:
             logger.info("merge: no adapter, deploying the base model as it is")
             return artifact
         merged = merge_adapter(
-            artifact.path, adapter_dir, ctx.work / "merged", cfg, ctx.config.adapter
+            artifact.path,
+            adapter_dir,
+            ctx.work / "merged",
+            cfg,
+            ctx.config.adapter,
+            base_quantization=ctx.inputs.base_quantization if ctx.inputs else None,
         )
         report = merged.path / "merge_report.json"
         if report.is_file():

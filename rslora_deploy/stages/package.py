@@ -435,12 +435,16 @@ class PackageStage:
         if inputs.adapter_dir is not None:
             adapter = {**describe_dir(inputs.adapter_dir), **merged.meta.get("adapter", {})}
         base_name = "SmolLM2-135M-Instruct" if inputs.is_default_base else inputs.base.path.name
+        base = describe_dir(inputs.base.path, base_name)
+        if inputs.base_quantization is not None:  # a bnb 4-bit base, dequantized by stage load
+            base["name"] = Path(inputs.base_quantization["source"]).name
+            base["dequantized_from"] = inputs.base_quantization
         quantized = ctx.artifacts["quantize"]
         return manifest_body(
             ctx.profile,
             ctx.budget,
             ctx.smoke,
-            {"base": describe_dir(inputs.base.path, base_name), "adapter": adapter},
+            {"base": base, "adapter": adapter},
             quantization={k: v for k, v in quantized.meta.items() if k != "seconds"},
             export=ctx.artifacts["export_onnx"].meta,
             adapters=ctx.runtime_adapters,

@@ -352,6 +352,29 @@ def test_e060_quantized_base_layer() -> None:
     expect("E060", lambda: merge_deltas(model, [delta]), Q, "quantized")
 
 
+def test_e061_malformed_bnb4_base(tmp_path: Path) -> None:
+    """A bitsandbytes 4-bit base whose quant state lacks a field (full cases: test_bnb4.py)."""
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+
+    from rslora_deploy.adapters.st_io import SafetensorsFile
+    from rslora_deploy.quantizers import bnb4
+    from rslora_deploy.testing.bnb4 import write_bnb4_dir
+
+    src = write_bnb4_dir(tmp_path)
+    weights = src / "model.safetensors"
+    tensors = load_np(str(weights))
+    key = f"{Q}.weight.{bnb4.STATE_PREFIX}nf4"
+    state = json.loads(bytes(tensors[key]).decode())
+    del state["blocksize"]
+    tensors[key] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8).copy()
+    save_np(tensors, str(weights))
+    out = tmp_path / "out"
+    out.mkdir()
+    run = lambda: bnb4.dequantize_checkpoint(src, out, [SafetensorsFile(weights)])  # noqa: E731
+    expect("E061", run, key, "'blocksize'")
+
+
 # --- E070/E071/E080 -----------------------------------------------------------------------
 
 
