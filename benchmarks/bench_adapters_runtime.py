@@ -6,6 +6,7 @@ One run, side by side, on the cpu-2gb profile (CPU graph, fp32 activations, accu
   adapter active");
 * ``multi``: one package with two run-time adapters over the same base: ``lora_qv`` (PEFT LoRA,
   rank 8 on q/v) and ``demo`` (the embedded RS-LoRA demo adapter, rank 64 on every projection);
+* ``multi-qv``: the package of ``lora_qv`` alone (branches on the q/k/v nodes only);
 * ``merged-lora_qv`` and ``merged-demo``: the single-adapter merged package of each.
 
 Every package is quantized with RTN (the speed of a MatMulNBits graph depends on its layout,
@@ -102,6 +103,7 @@ def measure(work: Path, runs: int) -> dict[str, Any]:
     packages = {
         "base-only": _build(work / "base-only", "--no-adapter"),
         "multi": _build(work / "multi", *[f"--adapter={n}={p}" for n, p in adapters.items()]),
+        "multi-qv": _build(work / "multi-qv", f"--adapter=lora_qv={lora}"),
         **{
             f"merged-{n}": _build(work / f"merged-{n}", f"--adapter={p}")
             for n, p in adapters.items()
@@ -111,6 +113,7 @@ def measure(work: Path, runs: int) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for name in ("base-only", "merged-lora_qv", "merged-demo"):
         rows[name] = _decode(og.Model(str(packages[name] / "model")), ids, runs)
+    rows["multi-qv:base"] = _decode(og.Model(str(packages["multi-qv"] / "model")), ids, runs)
     manifest = json.loads((packages["multi"] / "manifest.json").read_text())
     model = og.Model(str(packages["multi"] / "model"))
     rows["multi:base"] = _decode(model, ids, runs)
@@ -134,6 +137,8 @@ def measure(work: Path, runs: int) -> dict[str, Any]:
     prefill = rows["multi:base"]["first_token_s"]
     ratios = {
         "base_no_adapter_vs_base_only": rows["multi:base"]["decode_tok_s"]
+        / rows["base-only"]["decode_tok_s"],
+        "qv_package_no_adapter_vs_base_only": rows["multi-qv:base"]["decode_tok_s"]
         / rows["base-only"]["decode_tok_s"],
         **{
             f"{n}_active_vs_merged": rows[f"multi:{n}"]["decode_tok_s"]
