@@ -122,7 +122,8 @@ def quantize_model(
     if not linears:
         raise UnsupportedError(
             f"no nn.Linear layers in the decoder blocks of {model_dir} (GPT-2 style Conv1D "
-            "layers are not supported); use a Llama, Qwen2 or Gemma-3 style model"
+            "layers are not supported); use a Llama, Qwen2/3, Mistral, Phi-3, Gemma-3 or GLM-4 "
+            "style model"
         )
     validate_shapes(linears, cfg, handler.packs_output_features)
     out_dir = Path(out_dir)

@@ -1,5 +1,6 @@
 """Qwen3 (q/k norms), Mistral and Phi-3 (fused qkv_proj / gate_up_proj in the HF model) through
-RTN and the real onnxruntime-genai 0.18 builder on the cpu-2gb profile.
+RTN and the real onnxruntime-genai 0.18 builder on the cpu-2gb profile; GLM and GLM-4, which the
+builder cannot read, are refused by name before it runs.
 
 Parity: the ONNX logits (fp32 activations, accuracy level 1, fp32 lm_head) against the exact
 dequantization of the same RTN checkpoint, over 40 positions. A builder that ignored Qwen3's
@@ -17,6 +18,7 @@ import pytest
 
 from rslora_deploy.artifact import Artifact
 from rslora_deploy.config import QuantizeConfig
+from rslora_deploy.errors import UnsupportedError
 from rslora_deploy.exporters.genai import mixed_bits
 from rslora_deploy.exporters.genai.builder import export_onnx
 from rslora_deploy.exporters.genai.options import GenaiExportConfig
@@ -100,3 +102,25 @@ def test_fused_node_of_a_fused_checkpoint_is_that_module() -> None:
         f"{layer}.mlp.gate_up_proj",
     )
     assert mixed_bits.node_modules(f"{layer}.mlp.down_proj", phi3) == (f"{layer}.mlp.down_proj",)
+
+
+@pytest.mark.parametrize("version", [4, 1])
+def test_glm_is_refused_naming_the_profile_and_the_profiles_that_take_it(
+    version: int, tmp_path: Path
+) -> None:
+    """The 0.18 builder has no GlmForCausalLM / Glm4ForCausalLM model (only the remote-code
+    ChatGLM): the export stops before the builder runs, pointing at the Ascend profiles."""
+    arch = "Glm4ForCausalLM" if version == 4 else "GlmForCausalLM"
+    quantized = _rtn(
+        _base(lambda **kw: tiny.tiny_glm(version=version, **kw), tmp_path), tmp_path / "q", ()
+    )
+    assert check_prequantized(quantized)["layers"] == 2 * 6  # q, k, v, o, gate_up, down
+    out = tmp_path / "onnx"
+    with pytest.raises(UnsupportedError) as info:
+        export_onnx(
+            Artifact("hf-quantized", quantized), out, EXACT, genai_cpu_profile(), tmp_path / "x.log"
+        )
+    message = info.value.message
+    assert f"architecture {arch} cannot be exported on profile 'cpu-2gb'" in message, message
+    assert "profiles that take it: ascend-310b-2gb, ascend-310p-2gb" in message, message
+    assert not out.exists()
