@@ -113,7 +113,12 @@ def quantize_model(
     model_type = read_config(model_dir).get("model_type")
     reason = handler.unsupported_model_types.get(str(model_type))
     if reason is not None:
-        others = " or ".join(n for n in QUANTIZERS.names() if n != method)
+        # Only the methods that take this model type (gptq and awq both refuse Phi-3).
+        others = " or ".join(
+            n
+            for n in QUANTIZERS.names()
+            if n != method and str(model_type) not in QUANTIZERS.get(n).unsupported_model_types
+        )
         raise UnsupportedError(
             f"method {method} cannot quantize model_type {model_type!r}: {reason}; "
             f"use --method {others}"
