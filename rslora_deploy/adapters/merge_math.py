@@ -158,12 +158,56 @@ def resolve_module(model: nn.Module, name: str, recorded: str | None = None) -> 
                 f"the base model ({type(model).__name__}); fix the --rename map",
                 code="E020",
             ) from None
+        fused = fused_layout_hint(model, name)
+        if fused:
+            raise AdapterFormatError(
+                f"module {name} listed in the adapter does not exist in the base model "
+                f"({type(model).__name__}): {fused}",
+                code="E020",
+            ) from None
         raise AdapterFormatError(
             f"module {name} listed in the adapter does not exist in the base model "
             f"({type(model).__name__}); the adapter was made for another architecture, or its "
             "names need --rename OLD=NEW",
             code="E020",
         ) from None
+
+
+#: Projections some architectures store as one fused ``nn.Linear`` (Phi-3: ``qkv_proj`` and
+#: ``gate_up_proj``; GLM-4: ``gate_up_proj``) and others as separate ones (Llama, Qwen, Mistral).
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def fused_layout_hint(model: nn.Module, name: str) -> str | None:
+    """Why ``name`` is absent when the base fuses (or splits) that projection, else None.
+
+    An adapter trained on a split model (``q_proj``) cannot be merged into a fused one
+    (``qkv_proj``) or the reverse: the update of one part is not an update of the whole, and
+    guessing the row split would be wrong for any other layout. The hint names what the base has.
+    """
+    parent_name, _, leaf = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        return None
+    children = {child for child, _ in parent.named_children()}
+    for fused, parts in FUSED_PROJECTIONS.items():
+        if leaf in parts and fused in children:
+            return (
+                f"this architecture fuses {', '.join(parts)} into one {fused} module, so the "
+                f"adapter must target {parent_name}.{fused} (an adapter for the split "
+                f"{leaf} cannot be merged into it)"
+            )
+        if leaf == fused and set(parts) <= children:
+            return (
+                f"this architecture has separate {', '.join(parts)} modules, not a fused "
+                f"{fused}, so the adapter must target {parent_name}.{{{','.join(parts)}}} "
+                f"(an adapter for the fused {fused} cannot be split into them)"
+            )
+    return None
 
 
 def _is_tied(model: nn.Module, module: nn.Module) -> bool:

@@ -54,10 +54,19 @@ class AWQQuantizer:
     #: Measured on gptqmodel 7.6.0 + transformers 5.24 (docs/benchmarks-quantize.md, Gemma-3):
     #: its AWQ calls Gemma3RotaryEmbedding without ``layer_type`` (TypeError 8 s in), and its
     #: Gemma-3 layout folds MLP scales into the wrong norm, so even a patched call would be wrong.
-    unsupported_model_types: ClassVar[Mapping[str, str]] = dict.fromkeys(
-        ("gemma3", "gemma3_text"),
-        "gptqmodel 7.6.0's AWQ fails on Gemma-3's per-layer-type rotary embedding",
-    )
+    #: Phi-3 (issue #18, tiny model): its packer raises ``KeyError: 'q_zeros'`` on the fused
+    #: gate_up_proj after the whole scale search; GLM/GLM-4 have the same fused module and are
+    #: refused with it (not run).
+    unsupported_model_types: ClassVar[Mapping[str, str]] = {
+        **dict.fromkeys(
+            ("gemma3", "gemma3_text"),
+            "gptqmodel 7.6.0's AWQ fails on Gemma-3's per-layer-type rotary embedding",
+        ),
+        **dict.fromkeys(
+            ("phi3", "glm", "glm4"),
+            "gptqmodel 7.6.0's AWQ fails packing the fused mlp.gate_up_proj",
+        ),
+    }
 
     def quantize(
         self,

@@ -55,7 +55,14 @@ class GPTQQuantizer:
     supported_bits: ClassVar[tuple[int, ...]] = (4, 8)
     packs_output_features: ClassVar[bool] = False
     compute_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
-    unsupported_model_types: ClassVar[Mapping[str, str]] = {}
+    #: Measured on gptqmodel 7.6.0 + transformers 5.24 (tiny Phi-3 and GLM, issue #18): its
+    #: model definitions quantize gate_proj/up_proj, which these architectures do not have, and
+    #: save a split, unquantized MLP that no longer fits the HF model (our checkpoint check
+    #: stops it after the whole calibration run); refused before any work instead.
+    unsupported_model_types: ClassVar[Mapping[str, str]] = dict.fromkeys(
+        ("phi3", "glm", "glm4"),
+        "gptqmodel 7.6.0 writes its fused mlp.gate_up_proj as split, unquantized gate_proj/up_proj",
+    )
 
     def quantize(
         self,

@@ -135,7 +135,8 @@ def expected_parameters(base_dir: Path) -> tuple[dict[str, tuple[int, ...]], dic
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise UnsupportedError(
             f"transformers cannot build the model described by {base_dir}/config.json ({first}); "
-            "pass a causal LM of a supported architecture (Llama, Qwen2, Gemma-3)"
+            "pass a causal LM of a supported architecture (Llama, Qwen2, Qwen3, Mistral, Phi-3, "
+            "Gemma-3, GLM-4)"
         ) from None
     shapes: dict[str, tuple[int, ...]] = {}
     groups: dict[int, set[str]] = {}

@@ -113,7 +113,12 @@ def quantize_model(
     model_type = read_config(model_dir).get("model_type")
     reason = handler.unsupported_model_types.get(str(model_type))
     if reason is not None:
-        others = " or ".join(n for n in QUANTIZERS.names() if n != method)
+        # Only the methods that take this model type (gptq and awq both refuse Phi-3).
+        others = " or ".join(
+            n
+            for n in QUANTIZERS.names()
+            if n != method and str(model_type) not in QUANTIZERS.get(n).unsupported_model_types
+        )
         raise UnsupportedError(
             f"method {method} cannot quantize model_type {model_type!r}: {reason}; "
             f"use --method {others}"
@@ -122,7 +127,8 @@ def quantize_model(
     if not linears:
         raise UnsupportedError(
             f"no nn.Linear layers in the decoder blocks of {model_dir} (GPT-2 style Conv1D "
-            "layers are not supported); use a Llama, Qwen2 or Gemma-3 style model"
+            "layers are not supported); use a Llama, Qwen2/3, Mistral, Phi-3, Gemma-3 or GLM-4 "
+            "style model"
         )
     validate_shapes(linears, cfg, handler.packs_output_features)
     out_dir = Path(out_dir)

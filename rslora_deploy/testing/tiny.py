@@ -15,9 +15,14 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
+    Glm4Config,
+    GlmConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    Phi3Config,
     Qwen2Config,
+    Qwen3Config,
 )
 
 
@@ -34,22 +39,29 @@ def _build(config: Any, seed: int) -> Any:
 
 
 def _decoder_config(
-    config_cls: Any, hidden: int, layers: int, kv_heads: int, tie: bool, vocab: int
+    config_cls: Any, hidden: int, layers: int, kv_heads: int, tie: bool, vocab: int, **extra: Any
 ) -> Any:
-    """A Llama-style decoder config: 4 query heads, ``kv_heads`` key/value heads, MLP 2x wide."""
-    return config_cls(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    """A Llama-style decoder config: 4 query heads, ``kv_heads`` key/value heads, MLP 2x wide.
+
+    ``head_dim`` is set explicitly (``hidden // 4``): Qwen3, Mistral and GLM configs default it
+    to 128 whatever the hidden size. ``extra`` overrides or adds fields.
+    """
+    fields: dict[str, Any] = {
+        "head_dim": hidden // 4,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": tie,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    fields.update(extra)
+    return config_cls(**fields)
 
 
 def tiny_llama(
@@ -74,6 +86,71 @@ def tiny_qwen2(
 ) -> Any:
     """Qwen2ForCausalLM: GQA plus biases on q/k/v_proj."""
     return _build(_decoder_config(Qwen2Config, hidden, layers, kv_heads, tie, vocab), seed)
+
+
+def tiny_qwen3(
+    hidden: int = 64,
+    layers: int = 2,
+    kv_heads: int = 2,
+    seed: int = 0,
+    tie: bool = False,
+    vocab: int = 128,
+) -> Any:
+    """Qwen3ForCausalLM: GQA plus per-head RMSNorms on q and k (``q_norm``/``k_norm``), no bias."""
+    return _build(_decoder_config(Qwen3Config, hidden, layers, kv_heads, tie, vocab), seed)
+
+
+def tiny_mistral(
+    hidden: int = 64,
+    layers: int = 2,
+    kv_heads: int = 2,
+    seed: int = 0,
+    tie: bool = False,
+    vocab: int = 128,
+) -> Any:
+    """MistralForCausalLM with GQA and no sliding window (``sliding_window=None``, as v0.2+).
+
+    A window shorter than the context is refused by the Ascend exporter.
+    """
+    config = _decoder_config(MistralConfig, hidden, layers, kv_heads, tie, vocab)
+    config.sliding_window = None
+    return _build(config, seed)
+
+
+def tiny_phi3(
+    hidden: int = 64,
+    layers: int = 2,
+    kv_heads: int = 2,
+    seed: int = 0,
+    tie: bool = False,
+    vocab: int = 128,
+) -> Any:
+    """Phi3ForCausalLM: the HF model itself fuses ``self_attn.qkv_proj`` and ``mlp.gate_up_proj``.
+
+    ``original_max_position_embeddings`` equals ``max_position_embeddings`` (plain RoPE, the
+    Phi-3-mini-4k layout; the 128k models' LongRoPE is a different builder class).
+    """
+    config = _decoder_config(
+        Phi3Config, hidden, layers, kv_heads, tie, vocab, original_max_position_embeddings=128
+    )
+    return _build(config, seed)
+
+
+def tiny_glm(
+    hidden: int = 64,
+    layers: int = 2,
+    kv_heads: int = 2,
+    seed: int = 0,
+    vocab: int = 128,
+    version: int = 4,
+) -> Any:
+    """GLM-4: ``Glm4ForCausalLM`` (``version=4``) or ``GlmForCausalLM`` (``version=1``).
+
+    Both have a fused ``mlp.gate_up_proj``, biases on q/k/v and partial RoPE (half the head)
+    with interleaved pairs; Glm4 adds post-attention and post-MLP norms.
+    """
+    config_cls = Glm4Config if version == 4 else GlmConfig
+    return _build(_decoder_config(config_cls, hidden, layers, kv_heads, False, vocab), seed)
 
 
 def tiny_gemma3(hidden: int = 64, layers: int = 2, seed: int = 0, vocab: int = 128) -> Any:

@@ -2,7 +2,8 @@
 
 Why not export the transformers model itself: its attention reads a dynamic cache object, builds
 masks with ``-inf`` and (depending on the version) emits ops or dtypes ATC rejects. This module
-is the whole Llama/Qwen2 decoder in about 150 lines, shaped for a fixed-length KV buffer:
+is the whole Llama-family decoder (Llama, Qwen2, Qwen3, Mistral, Phi-3, GLM/GLM-4) in about 200
+lines, shaped for a fixed-length KV buffer:
 
 * inputs ``input_ids [1,S]``, ``attention_mask [1,KV+S]``, ``position_ids [1,S]`` and per layer
   ``past_key_i`` / ``past_value_i [1,kv_heads,KV,head_dim]`` (fp16);
@@ -25,7 +26,13 @@ Numerics (Touvron et al. 2023, Llama; Su et al. 2021, RoFormer; Ainslie et al. 2
   ``p``, the new keys hold ``position_ids``, and a query at position ``i`` sees keys at positions
   ``<= i``; a masked key is moved to position 2^24 so one LessOrEqual does both. No Trilu, no
   Range;
-* SwiGLU MLP ``down(silu(gate(x)) * up(x))``; Qwen2 adds biases to q/k/v; lm_head may be tied.
+* SwiGLU MLP ``down(silu(gate(x)) * up(x))``; Qwen2 and GLM add biases to q/k/v; lm_head may be
+  tied;
+* Qwen3 normalizes each query and key head (RMSNorm over ``head_dim``) before RoPE (``qk_norm``);
+  GLM-4 adds an RMSNorm after attention and after the MLP, before each residual add
+  (``sandwich_norms``). Fused checkpoints (Phi-3's ``qkv_proj``/``gate_up_proj``, GLM's
+  ``gate_up_proj``) and GLM's partial interleaved RoPE are converted when the weights are loaded
+  (:mod:`rslora_deploy.exporters.ascend.weights`), so the graph is the same for every family.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class DecoderDims:
     qkv_bias: bool
     tied: bool
     kv_len: int
+    qk_norm: bool = False
+    sandwich_norms: bool = False
 
     @property
     def group(self) -> int:
@@ -93,6 +102,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, dims.kv_heads * d, bias=dims.qkv_bias, dtype=torch.float16)
         self.v_proj = nn.Linear(h, dims.kv_heads * d, bias=dims.qkv_bias, dtype=torch.float16)
         self.o_proj = nn.Linear(dims.heads * d, h, bias=False, dtype=torch.float16)
+        self.q_norm = RMSNorm(d, dims.eps) if dims.qk_norm else None
+        self.k_norm = RMSNorm(d, dims.eps) if dims.qk_norm else None
 
     def forward(
         self,
@@ -108,8 +119,11 @@ class Attention(nn.Module):
         kvh, d = dims.kv_heads, dims.head_dim
         # Every reshape has at most one -1 (for S) and otherwise constants, so the ONNX graph
         # has constant shape inputs and shape inference can make every gear fully static.
-        q = self.q_proj(x).reshape(1, -1, dims.heads, d).transpose(1, 2)  # [1,H,S,d]
-        k = self.k_proj(x).reshape(1, -1, kvh, d).transpose(1, 2)  # [1,kvh,S,d]
+        q = self.q_proj(x).reshape(1, -1, dims.heads, d)  # [1,S,H,d]
+        k = self.k_proj(x).reshape(1, -1, kvh, d)  # [1,S,kvh,d]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # per head, over head_dim (Qwen3)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1,H,S,d], [1,kvh,S,d]
         v = self.v_proj(x).reshape(1, -1, kvh, d).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -151,6 +165,11 @@ class Layer(nn.Module):
         self.self_attn = Attention(dims)
         self.post_attention_layernorm = RMSNorm(dims.hidden, dims.eps)
         self.mlp = MLP(dims)
+        # GLM-4's extra norms on each branch's output (HF names kept for the weight copy).
+        self.post_self_attn_layernorm = (
+            RMSNorm(dims.hidden, dims.eps) if dims.sandwich_norms else None
+        )
+        self.post_mlp_layernorm = RMSNorm(dims.hidden, dims.eps) if dims.sandwich_norms else None
 
     def forward(
         self,
@@ -163,12 +182,17 @@ class Layer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Residual attention then residual MLP."""
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, allowed, past_k, past_v)
+        if self.post_self_attn_layernorm is not None:
+            attn = self.post_self_attn_layernorm(attn)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        if self.post_mlp_layernorm is not None:
+            mlp = self.post_mlp_layernorm(mlp)
+        return x + mlp, k, v
 
 
 class AscendDecoder(nn.Module):
-    """Llama/Qwen2 decoder over a fixed-length fp16 KV buffer (module docstring has the I/O).
+    """Llama-family decoder over a fixed-length fp16 KV buffer (module docstring has the I/O).
 
     Args:
         dims: hyper-parameters.

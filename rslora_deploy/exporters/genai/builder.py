@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from rslora_deploy.artifact import Artifact
-from rslora_deploy.errors import ExportError
+from rslora_deploy.errors import ExportError, UnsupportedError
 from rslora_deploy.exporters.genai import layout
 from rslora_deploy.exporters.genai.options import GenaiExportConfig
 from rslora_deploy.profiles import DeviceProfile
@@ -40,6 +40,54 @@ from rslora_deploy.profiles import DeviceProfile
 logger = logging.getLogger(__name__)
 
 GENAI_CONFIG = "genai_config.json"
+
+#: Architectures transformers 5.24 builds that the onnxruntime-genai 0.18 builder cannot read
+#: (its GLM support is the remote-code ``ChatGLMModel`` only; ``GlmForCausalLM`` and
+#: ``Glm4ForCausalLM`` end in ``NotImplementedError: ... is not currently supported``).
+BUILDER_REFUSES = frozenset({"GlmForCausalLM", "Glm4ForCausalLM"})
+#: The builder's own words for an architecture it has no class for.
+_BUILDER_NOT_SUPPORTED = "is not currently supported"
+
+
+def check_architecture(model_dir: Path, profile: DeviceProfile) -> None:
+    """Refuse, before the builder runs, an architecture it cannot read.
+
+    Raises:
+        UnsupportedError: naming the architecture, the profile and the profiles that take it.
+    """
+    from rslora_deploy.model_view import model_view
+
+    arch = model_view(model_dir).architecture
+    if arch in BUILDER_REFUSES:
+        raise unsupported_architecture(arch, profile)
+
+
+def unsupported_architecture(arch: str, profile: DeviceProfile) -> UnsupportedError:
+    """The one-line error for an architecture the builder cannot read on ``profile``."""
+    taking = profiles_taking(arch)
+    others = (
+        f"profiles that take it: {', '.join(taking)}" if taking else "no shipped profile takes it"
+    )
+    return UnsupportedError(
+        f"architecture {arch} cannot be exported on profile {profile.name!r}: its exporter "
+        f"{profile.exporter} runs the onnxruntime-genai 0.18 model builder, which has no {arch} "
+        f"model; {others}"
+    )
+
+
+def profiles_taking(arch: str) -> list[str]:
+    """Shipped profiles whose exporter takes ``arch``.
+
+    onnxruntime-genai takes all but :data:`BUILDER_REFUSES`, ascend-om its architecture table.
+    """
+    from rslora_deploy.exporters.ascend.weights import ARCHITECTURES
+    from rslora_deploy.profiles import list_profiles
+
+    accepts = {
+        "onnxruntime-genai": arch not in BUILDER_REFUSES,
+        "ascend-om": arch in ARCHITECTURES,
+    }
+    return [p.name for p in list_profiles() if accepts.get(str(p.exporter), False)]
 
 
 def builder_command(
@@ -82,6 +130,7 @@ def export_onnx(
     from rslora_deploy.model_view import model_view
 
     lay = layout.resolve(cfg, profile.export_target, profile.name)
+    check_architecture(quantized.path, profile)
     tied = model_view(quantized.path).tie_word_embeddings
     mixed = mixed_bits.mixed_bits(quantized.path)
     source = quantized.path
@@ -106,11 +155,13 @@ def export_onnx(
         import shutil
         import tempfile
 
+        last = _last_error(log_path)
+        if _BUILDER_NOT_SUPPORTED in last:  # an architecture not in BUILDER_REFUSES yet
+            raise unsupported_architecture(model_view(quantized.path).architecture, profile)
         kept = Path(tempfile.gettempdir()) / f"rslora-deploy-export-{os.getpid()}.log"
         shutil.copyfile(log_path, kept)
         raise ExportError(
-            f"onnxruntime-genai builder failed (exit {proc.returncode}): {_last_error(log_path)}; "
-            f"full log: {kept}"
+            f"onnxruntime-genai builder failed (exit {proc.returncode}): {last}; full log: {kept}"
         )
     max_length = cfg.max_length or profile.max_seq_len
     _set_max_length(out_dir / GENAI_CONFIG, max_length)

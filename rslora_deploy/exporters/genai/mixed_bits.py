@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from rslora_deploy.errors import ExportError, UnsupportedError
-from rslora_deploy.exporters.genai.fused import FUSED_NODES
+from rslora_deploy.exporters.genai.fused import hf_modules
 from rslora_deploy.quantizers import rtn_math
 from rslora_deploy.quantizers.checkpoint import (
     module_overrides,
@@ -157,11 +158,13 @@ def builder_view(checkpoint: Path, view_dir: Path, mixed: MixedBits) -> Path:
     return view_dir
 
 
-def node_modules(node_prefix: str) -> tuple[str, ...]:
+def node_modules(node_prefix: str, present: Collection[str] | None = None) -> tuple[str, ...]:
     """Hugging Face module names behind a builder ``MatMulNBits`` node, in output-row order.
 
     ``model.layers.3.attn.qkv_proj`` -> ``(model.layers.3.self_attn.q_proj, ...k_proj, ...v_proj)``;
-    ``model.layers.3.attn.o_proj`` -> ``(model.layers.3.self_attn.o_proj,)``.
+    ``model.layers.3.attn.o_proj`` -> ``(model.layers.3.self_attn.o_proj,)``. With ``present``
+    (the checkpoint's modules) holding ``model.layers.3.self_attn.qkv_proj`` itself (Phi-3), the
+    fused node is that one module (:func:`rslora_deploy.exporters.genai.fused.hf_modules`).
     """
     head, _, rest = node_prefix.partition(".attn.")
     if rest:
@@ -169,9 +172,7 @@ def node_modules(node_prefix: str) -> tuple[str, ...]:
     else:
         head, _, rest = node_prefix.partition(".mlp.")
         rest = "mlp." + rest
-    if rest in FUSED_NODES:
-        return tuple(f"{head}.{part}" for part in FUSED_NODES[rest])
-    return (f"{head}.{rest.replace('attn.', 'self_attn.', 1)}",)
+    return hf_modules(head, rest, present)
 
 
 def codes_8bit(gq: rtn_math.GroupQuant) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +232,7 @@ def rewrite_protected_nodes(
         if node.op_type != "MatMulNBits":
             continue
         prefix = node.input[1].rsplit(".MatMulNBits.", 1)[0]
-        modules = node_modules(prefix)
+        modules = node_modules(prefix, bits_of.keys())
         if not any(bits_of.get(m) == PROTECT_BITS for m in modules):
             continue
         codes = _node_codes(node, modules, tensors, bits_of)

@@ -20,12 +20,20 @@ from rslora_deploy.adapters.layers import apply_on_the_fly  # noqa: E402
 from rslora_deploy.adapters.merge_math import merge_deltas  # noqa: E402
 from rslora_deploy.testing.tiny import (  # noqa: E402
     example_inputs,
+    tiny_glm,
     tiny_gpt2,
     tiny_llama,
+    tiny_mistral,
+    tiny_phi3,
     tiny_qwen2,
+    tiny_qwen3,
 )
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: Phi-3's own fused modules (the HF model holds qkv_proj and gate_up_proj, not the parts).
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+#: GLM-4: split q/k/v (with biases), fused gate_up_proj.
+GLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 def _randomize(model: Any, seed: int) -> None:
@@ -83,6 +91,60 @@ CASES: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
         lambda: peft.LoraConfig(
             r=3, lora_alpha=5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
         ),
+    ),
+    (
+        "qwen3-lora",
+        tiny_qwen3,
+        lambda: peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False
+        ),
+    ),
+    (
+        "mistral-rslora",
+        tiny_mistral,
+        lambda: peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=LLAMA_TARGETS,
+            init_lora_weights=False,
+        ),  # fmt: skip
+    ),
+    (
+        "phi3-fused-lora",
+        tiny_phi3,
+        lambda: peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=PHI3_TARGETS, init_lora_weights=False
+        ),
+    ),
+    (
+        "phi3-fused-rslora",
+        tiny_phi3,
+        lambda: peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["qkv_proj", "gate_up_proj"],
+            init_lora_weights=False,
+        ),  # fmt: skip
+    ),
+    (
+        "glm4-lora",
+        tiny_glm,
+        lambda: peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=GLM_TARGETS, init_lora_weights=False
+        ),
+    ),
+    (
+        "glm-rslora",
+        lambda: tiny_glm(version=1),
+        lambda: peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=GLM_TARGETS,
+            init_lora_weights=False,
+        ),  # fmt: skip
     ),
     (
         "gpt2-conv1d",

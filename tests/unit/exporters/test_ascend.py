@@ -207,7 +207,8 @@ def test_bad_gear_lists_exit_1_naming_the_field(tiny_dir, tmp_path, capsys, expo
 
 def test_unsupported_architecture_lists_the_supported(tmp_path):
     src = save_tiny(tiny_gpt2(), tmp_path / "hf")
-    with pytest.raises(UnsupportedError, match="LlamaForCausalLM, Qwen2ForCausalLM"):
+    supported = "Glm4ForCausalLM, GlmForCausalLM, LlamaForCausalLM, MistralForCausalLM, "
+    with pytest.raises(UnsupportedError, match=supported + "Phi3ForCausalLM, Qwen2ForCausalLM"):
         build_decoder(src, 32)
 
 

@@ -232,3 +232,17 @@ def test_awq_refuses_gemma3_up_front(tmp_path):
     with pytest.raises(UnsupportedError, match="use --method gptq or rtn"):
         quantize_model(Artifact("hf", src), tmp_path / "q", QuantizeConfig(method="awq"))
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("model_type", ["phi3", "glm", "glm4"])
+def test_gptqmodel_refuses_fused_gate_up_up_front(method, model_type, tmp_path):
+    """gptqmodel 7.6.0 mishandles Phi-3's/GLM's fused gate_up_proj (issue #18): refused at once."""
+    from rslora_deploy.errors import UnsupportedError
+
+    src = tmp_path / model_type
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(UnsupportedError, match=f"model_type '{model_type}'.*; use --method rtn$"):
+        quantize_model(Artifact("hf", src), tmp_path / "q", QuantizeConfig(method=method))
+    assert not (tmp_path / "q").exists()
