@@ -313,9 +313,8 @@ def _verify_package(root: Path, generate: bool, label: Path) -> dict[str, Any]:
     check_model_paths(root)
     result: dict[str, Any] = {"package": str(label), "manifest": "ok"}
     manifest = json.loads((root / MANIFEST).read_text())
-    prof = DeviceProfile.model_validate(manifest["profile"])
     if manifest.get("adapters"):
-        exporter = get_exporter(prof.exporter)
+        exporter = get_exporter(DeviceProfile.model_validate(manifest["profile"]).exporter)
         result["adapters"] = {
             record["name"]: exporter.check_runtime_adapter(
                 root / "model", root / record["file"], record["name"]
@@ -323,6 +322,7 @@ def _verify_package(root: Path, generate: bool, label: Path) -> dict[str, Any]:
             for record in manifest["adapters"]
         }
     if generate:
+        prof = DeviceProfile.model_validate(manifest["profile"])
         with tempfile.TemporaryDirectory() as tmp:
             smoke = get_exporter(prof.exporter).smoke_test(root / "model", prof, Path(tmp))
         result["smoke_test"] = smoke
